@@ -1,0 +1,1 @@
+"""Training, evaluation, tracking and sweep orchestration (entry point: search/run.py)."""

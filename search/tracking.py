@@ -1,0 +1,123 @@
+"""MLflow set-up and run-level logging: where runs go and what every run records."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_STORE = REPO_ROOT / "mlruns"
+PACKAGES = ("tensorflow", "keras", "mlflow", "optuna", "hydra-core", "scikit-learn", "numpy")
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else SQLite under <repo>/mlruns/.
+
+    MLflow 3 refuses a plain folder store for the registry, so the default is a database.
+    """
+    if uri:
+        return str(uri)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    DEFAULT_STORE.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
+
+
+def default_artifact_root(tracking_uri: str, artifact_root: str | None = None) -> str | None:
+    """Artifacts beside a local SQLite store; a tracking server decides its own root."""
+    if artifact_root:
+        return str(artifact_root)
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        return (db.parent / "artifacts").as_uri()
+    return None
+
+
+def setup_tracking(tracking: DictConfig | dict) -> str:
+    """Point MLflow at the configured store and select (or create) the experiment.
+
+    Returns:
+        The experiment id.
+    """
+    uri = resolve_tracking_uri(tracking.get("uri"))
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    name = tracking.get("experiment") or "Default"
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        root = default_artifact_root(uri, tracking.get("artifact_root"))
+        try:
+            experiment_id = mlflow.create_experiment(name, artifact_location=root)
+        except mlflow.exceptions.MlflowException:
+            # Another worker created it between our lookup and create.
+            experiment_id = mlflow.get_experiment_by_name(name).experiment_id
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def flatten_config(cfg: DictConfig) -> dict[str, Any]:
+    """Dotted-key params for MLflow (its param values are strings of at most 6000 chars)."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = json.dumps(node) if isinstance(node, list) else node
+
+    walk(container, "")
+    return flat
+
+
+def git_commit() -> str | None:
+    """The repo's HEAD commit, or None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide a run's numbers."""
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def log_run_context(cfg: DictConfig) -> None:
+    """Log the composed config (flattened params + YAML), versions and git commit."""
+    params = flatten_config(cfg)
+    # log_params caps batch size at 100; chunk so big configs still go through.
+    items = list(params.items())
+    for start in range(0, len(items), 90):
+        mlflow.log_params(dict(items[start : start + 90]))
+    mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
+    versions = package_versions()
+    mlflow.log_dict(versions, "environment/versions.json")
+    tags = {f"version.{k}": v for k, v in versions.items()}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    mlflow.set_tags(tags)

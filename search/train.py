@@ -1,0 +1,342 @@
+"""Train one model from a composed config: data → model → fit → evaluate → track.
+
+`train(cfg)` is what `search/run.py` runs for every job, single run or sweep trial. It returns
+the configured objective so a Hydra sweeper can optimise it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+import numpy as np
+import optuna
+import tensorflow as tf
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from search import evaluate as ev
+from search import tracking
+
+log = logging.getLogger(__name__)
+
+PARENT_RUN_ENV = "MLFLOW_PARENT_RUN_ID"
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Puts the optimizer's current learning rate into the epoch logs.
+
+    Keras only adds `learning_rate` to the logs when a LR callback runs; with a
+    LearningRateSchedule object nothing reports it, so the curve would be missing in MLflow.
+    """
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None and "learning_rate" not in logs:
+            logs["learning_rate"] = float(
+                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+            )
+
+
+class EpochMetricsToMlflow(mlflow.keras.MlflowCallback):
+    """MLflow's Keras callback, minus its per-evaluation logging.
+
+    During fit() the validation metrics already arrive as val_* in the epoch logs;
+    MlflowCallback.on_test_end would add step-0 duplicates (validation_loss, ...) each epoch.
+    """
+
+    def on_test_end(self, logs: dict | None = None) -> None:
+        return None
+
+
+def configure_runtime(seed: int, deterministic: bool, threads: int | None) -> None:
+    """Seed Python/NumPy/TF, size TF's thread pools and let GPUs allocate memory lazily."""
+    threads = threads or int(os.environ.get("SWEEPER_THREADS_PER_WORKER", "0")) or None
+    if threads:
+        # Must precede TF's first op; raises once the runtime is initialised (then keep as is).
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
+        except RuntimeError:
+            log.debug("TF runtime already initialised; thread pools unchanged")
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            pass
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Stable short hash of the resolved task config (what defines the model)."""
+    text = OmegaConf.to_yaml(cfg, resolve=True, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def objective_names(cfg: DictConfig) -> list[str]:
+    """The metric name(s) a sweeper optimises; test metrics are refused (never tune on test)."""
+    names = cfg.objective if OmegaConf.is_list(cfg.objective) else [cfg.objective]
+    names = [str(n) for n in names]
+    for name in names:
+        if name.startswith("test_"):
+            raise ValueError(
+                f"objective={name!r}: tuning on the test split is not allowed; "
+                "use a val_* metric (e.g. val_loss, val_roc_auc)"
+            )
+    return names
+
+
+def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer, binary: bool) -> None:
+    """Loss and per-epoch indicator metrics matching the output head."""
+    if binary:
+        loss = "binary_crossentropy"
+        metrics = [
+            keras.metrics.BinaryAccuracy(name="accuracy"),
+            keras.metrics.Precision(name="precision"),
+            keras.metrics.Recall(name="recall"),
+            keras.metrics.AUC(name="auc"),
+        ]
+    else:
+        loss = "sparse_categorical_crossentropy"
+        metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+
+
+def output_directory() -> Path:
+    """Hydra's job output folder, or a temporary one when called outside Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return Path(tempfile.mkdtemp(prefix="xray-run-"))
+
+
+def sweep_trial() -> tuple[optuna.trial.Trial | None, dict[str, Any] | None]:
+    """The Optuna trial this job runs for, when a sweeper launched it."""
+    from hydra_plugins.optuna_pruning_sweeper.trial_context import current_trial, trial_info
+
+    trial = current_trial()
+    return trial, (trial_info() if trial is not None else None)
+
+
+def run_tags(cfg: DictConfig, info: dict[str, Any] | None) -> dict[str, str]:
+    """Tags that let the MLflow UI filter and group runs."""
+    tags = {"model.builder": str(cfg.model.get("_target_", "?")).rsplit(".", 1)[-1]}
+    if info:
+        tags.update({
+            "optuna.study": str(info["study"]),
+            "optuna.trial_number": str(info["trial_number"]),
+            "optuna.sampler": str(info["sampler"]),
+            "optuna.pruner": str(info["pruner"]),
+            "optuna.trial_state": "RUNNING",
+        })
+    return tags
+
+
+def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float]:
+    """Train and evaluate one model; track everything in MLflow.
+
+    Returns:
+        The objective value (a list for several objectives), from the best checkpoint's
+        evaluation on the validation split.
+    """
+    objectives = objective_names(cfg)
+    output_dir = Path(output_dir) if output_dir else output_directory()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    configure_runtime(int(cfg.seed), bool(cfg.trainer.deterministic), cfg.trainer.threads)
+
+    log.info("Loading data (%s)", cfg.data.source)
+    data = instantiate(cfg.data, seed=int(cfg.seed), _convert_="all")
+    n_classes = len(data.class_names)
+    binary = n_classes == 2
+    log.info(
+        "Data: %d train / %d val / %d test, classes %s, input %s, fingerprint %s",
+        data.n_train, data.n_val, data.n_test, data.class_names, data.input_shape,
+        data.fingerprint[:12],
+    )
+
+    keras.backend.clear_session()  # a sweep worker may train several models in one process
+    keras.utils.set_random_seed(int(cfg.seed))
+    model = instantiate(cfg.model, input_shape=tuple(data.input_shape), num_classes=n_classes)
+    schedule = instantiate(
+        cfg.lr_schedule,
+        initial_learning_rate=float(cfg.optimizer.learning_rate),
+        steps_per_epoch=int(data.steps_per_epoch),
+        epochs=int(cfg.trainer.max_epochs),
+    )
+    optimizer = instantiate(cfg.optimizer, learning_rate=schedule.learning_rate)
+    compile_model(model, optimizer, binary)
+
+    trial, info = sweep_trial()
+    tracking.setup_tracking(cfg.tracking)
+    parent = os.environ.get(PARENT_RUN_ENV) or None
+    run_name = cfg.tracking.get("run_name") or (
+        f"trial-{info['trial_number']}" if info else None
+    )
+    run = mlflow.start_run(run_name=run_name, parent_run_id=parent, tags=run_tags(cfg, info))
+    log.info("MLflow run %s (%s)", run.info.run_id, mlflow.get_tracking_uri())
+    status, state = "FAILED", "FAIL"
+    try:
+        tracking.log_run_context(cfg)
+        mlflow.log_params({
+            "data.fingerprint": data.fingerprint,
+            "data.n_train": data.n_train,
+            "data.n_val": data.n_val,
+            "data.n_test": data.n_test,
+            "model.n_params": model.count_params(),
+            "config_hash": config_hash(cfg),
+        })
+        mlflow.log_dict(data.source_info, "data/source_info.json")
+
+        checkpoint = output_dir / "checkpoints" / "best.keras"
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        monitor = str(cfg.trainer.monitor)
+        callbacks: list[keras.callbacks.Callback] = [
+            keras.callbacks.TerminateOnNaN(),
+            keras.callbacks.EarlyStopping(
+                monitor=monitor, patience=int(cfg.trainer.patience),
+                min_delta=float(cfg.trainer.min_delta), restore_best_weights=True,
+            ),
+            keras.callbacks.ModelCheckpoint(checkpoint, monitor=monitor, save_best_only=True),
+            *schedule.callbacks,
+            LearningRateLogger(),
+            EpochMetricsToMlflow(),
+        ]
+        if trial is not None:
+            from optuna_integration import KerasPruningCallback
+
+            callbacks.append(KerasPruningCallback(trial, monitor))
+
+        try:
+            model.fit(
+                data.train,
+                steps_per_epoch=int(data.steps_per_epoch),
+                epochs=int(cfg.trainer.max_epochs),
+                validation_data=data.val,
+                class_weight=data.class_weight,
+                callbacks=callbacks,
+                verbose=int(cfg.trainer.verbose),
+            )
+        except optuna.TrialPruned:
+            state, status = "PRUNED", "KILLED"
+            log_curves(model.history.history)
+            raise
+        history = model.history.history
+        log_curves(history)
+        losses = history.get("loss", [])
+        if not losses or any(not math.isfinite(v) for v in losses):
+            bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), 0)
+            raise FloatingPointError(
+                f"training loss became NaN/inf at epoch {bad + 1}; lower "
+                "optimizer.learning_rate or enable a clipnorm (optimizer.clipnorm=1.0)"
+            )
+        if not checkpoint.exists():
+            raise FloatingPointError(f"no finite {monitor} was seen, so no checkpoint was saved")
+        best = keras.models.load_model(checkpoint, safe_mode=True)
+        results = evaluate_and_log(cfg, best, data, binary)
+        results["n_params"] = float(best.count_params())
+        results["epochs_trained"] = float(len(losses))
+        results["best_epoch"] = float(int(np.argmin(history[monitor])) + 1
+                                      if monitor in history else len(losses))
+        mlflow.log_metrics({k: results[k] for k in ("epochs_trained", "best_epoch")})
+        if cfg.tracking.get("log_model", True):
+            log_keras_model(cfg, best, data, results)
+        (output_dir / "metrics.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(results)))
+        status, state = "FINISHED", "COMPLETE"
+    finally:
+        mlflow.flush_async_logging()
+        if info:
+            mlflow.set_tag("optuna.trial_state", state)
+        mlflow.end_run(status=status)
+
+    missing = [name for name in objectives if name not in results]
+    if missing:
+        raise KeyError(f"objective {missing} not among the evaluated metrics: {sorted(results)}")
+    values = [float(results[name]) for name in objectives]
+    log.info("Objective %s = %s", objectives, values)
+    return values[0] if len(values) == 1 else values
+
+
+def log_curves(history: dict[str, list[float]]) -> None:
+    """The loss/accuracy curve figure (also for pruned or stopped trials)."""
+    if history.get("loss"):
+        mlflow.log_figure(ev.history_figure(history), "curves/loss_accuracy.png")
+
+
+def predict_split(model: keras.Model, dataset: tf.data.Dataset) -> np.ndarray:
+    """Full predictions of a split (binary: positive-class scores)."""
+    return ev.positive_scores(model.predict(dataset, verbose=0))
+
+
+def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: Any, binary: bool) -> dict:
+    """Evaluate val and test at a threshold chosen on val; log metrics, matrices and curves."""
+    results: dict[str, float] = {}
+    val_loss = float(model.evaluate(data.val, verbose=0, return_dict=True)["loss"])
+    val_scores = predict_split(model, data.val)
+    threshold = None
+    if binary:
+        threshold = ev.choose_threshold(
+            data.y_val, val_scores, cfg.evaluation.threshold_rule,
+            float(cfg.evaluation.min_sensitivity),
+        )
+        mlflow.log_metric("threshold", threshold)
+    splits = [("val", data.y_val, val_scores, val_loss)]
+    if data.n_test:
+        test_loss = float(model.evaluate(data.test, verbose=0, return_dict=True)["loss"])
+        splits.append(("test", data.y_test, predict_split(model, data.test), test_loss))
+    for split, y, scores, loss in splits:
+        result = ev.evaluate_split(split, y, scores, data.class_names, threshold, loss)
+        results.update({f"{split}_{k}": v for k, v in result.metrics.items()})
+        # eval_ prefix: val_loss/val_accuracy already name Keras' per-epoch series.
+        mlflow.log_metrics({f"eval_{split}_{k}": v for k, v in result.metrics.items()
+                            if math.isfinite(v)})
+        mlflow.log_figure(ev.confusion_figure(result), f"evaluation/{split}_confusion.png")
+        mlflow.log_dict(
+            {"labels": result.class_names, "matrix": result.confusion.tolist(),
+             "threshold": threshold, "rows": "true", "columns": "predicted"},
+            f"evaluation/{split}_confusion.json",
+        )
+        mlflow.log_dict(result.report, f"evaluation/{split}_classification_report.json")
+        mlflow.log_figure(
+            ev.roc_pr_figure(split, y, scores, data.class_names), f"evaluation/{split}_roc_pr.png"
+        )
+        log.info(
+            "%s: loss %.4f  acc %.4f  ROC AUC %.4f  sensitivity %.4f  specificity %.4f",
+            split, result.metrics["loss"], result.metrics["accuracy"], result.metrics["roc_auc"],
+            result.metrics["sensitivity"], result.metrics["specificity"],
+        )
+    if threshold is not None:
+        mlflow.log_dict(
+            {"threshold": threshold, "rule": str(cfg.evaluation.threshold_rule),
+             "min_sensitivity": float(cfg.evaluation.min_sensitivity), "chosen_on": "val"},
+            "evaluation/threshold.json",
+        )
+    return results
+
+
+def log_keras_model(cfg: DictConfig, model: keras.Model, data: Any, results: dict) -> None:
+    """Log the best checkpoint as an MLflow Keras model with signature, example and metadata."""
+    example = next(iter(data.val.take(1)))[0][:1].numpy()
+    signature = mlflow.models.infer_signature(example, model.predict(example, verbose=0))
+    metadata = {
+        "class_names": list(data.class_names),
+        "preprocessing": dict(data.preprocessing),
+        "threshold": results.get("val_threshold"),
+        "threshold_rule": str(cfg.evaluation.threshold_rule),
+        "data_fingerprint": data.fingerprint,
+        "config_hash": config_hash(cfg),
+    }
+    info = mlflow.keras.log_model(
+        model, name="model", signature=signature, input_example=example, metadata=metadata
+    )
+    mlflow.log_dict(metadata, "model_metadata.json")
+    mlflow.set_tag("best_model_uri", info.model_uri)

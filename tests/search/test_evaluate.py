@@ -1,0 +1,70 @@
+"""Threshold rules and metrics on hand-checkable predictions."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from search import evaluate as ev
+
+Y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+S = np.array([0.05, 0.2, 0.45, 0.7, 0.4, 0.6, 0.8, 0.85, 0.9, 0.95])
+
+
+def test_max_f1_threshold_maximises_f1():
+    t = ev.choose_threshold(Y, S, "max_f1")
+    f1_at = ev.evaluate_split("val", Y, S, ["n", "p"], t).metrics["f1"]
+    for other in np.unique(S):
+        assert f1_at >= ev.evaluate_split("val", Y, S, ["n", "p"], other).metrics["f1"] - 1e-12
+    assert t == pytest.approx(0.4)  # all six positives caught with two false alarms: F1 0.857
+
+
+def test_youden_threshold():
+    # tpr - fpr: at 0.6 → 5/6 - 1/4 = 0.583; at 0.4 → 1 - 2/4 = 0.5; at 0.8 → 4/6 - 0 = 0.667
+    assert ev.choose_threshold(Y, S, "youden") == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize(("target", "expected"), [(1.0, 0.4), (0.8, 0.6), (0.5, 0.85)])
+def test_min_sensitivity_takes_highest_threshold_reaching_target(target, expected):
+    t = ev.choose_threshold(Y, S, "min_sensitivity", target)
+    assert t == pytest.approx(expected)
+    assert ev.evaluate_split("val", Y, S, ["n", "p"], t).metrics["sensitivity"] >= target
+
+
+def test_bad_rule_and_single_class_raise():
+    with pytest.raises(ValueError, match="threshold_rule"):
+        ev.choose_threshold(Y, S, "median")
+    with pytest.raises(ValueError, match="one class"):
+        ev.choose_threshold(np.ones(4), np.linspace(0, 1, 4))
+
+
+def test_binary_metrics_and_confusion():
+    r = ev.evaluate_split("test", Y, S, ["normal", "pneumonia"], 0.5, loss=0.3)
+    # predictions ≥ 0.5: [0,0,0,1,0,1,1,1,1,1] → tn 3 fp 1 fn 1 tp 5
+    assert r.confusion.tolist() == [[3, 1], [1, 5]]
+    assert r.metrics["sensitivity"] == pytest.approx(5 / 6)
+    assert r.metrics["specificity"] == pytest.approx(3 / 4)
+    assert r.metrics["roc_auc"] == pytest.approx(roc_auc_score(Y, S))
+    assert r.metrics["loss"] == 0.3
+    assert r.report["pneumonia"]["support"] == 6
+
+
+def test_multiclass_metrics_by_argmax():
+    y = np.array([0, 1, 2, 2])
+    p = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.5, 0.2, 0.3]])
+    r = ev.evaluate_split("val", y, p, ["normal", "bacteria", "virus"])
+    assert r.confusion.tolist() == [[1, 0, 0], [0, 1, 0], [1, 0, 1]]
+    assert r.metrics["accuracy"] == pytest.approx(0.75)
+    assert 0.0 <= r.metrics["roc_auc"] <= 1.0
+
+
+def test_positive_scores_squeezes_single_unit():
+    assert ev.positive_scores(np.array([[0.2], [0.9]])).shape == (2,)
+    assert ev.positive_scores(np.ones((3, 3)) / 3).shape == (3, 3)
+
+
+def test_figures_render():
+    r = ev.evaluate_split("val", Y, S, ["normal", "pneumonia"], 0.5)
+    assert ev.confusion_figure(r).axes
+    assert len(ev.roc_pr_figure("val", Y, S, ["normal", "pneumonia"]).axes) == 2
+    fig = ev.history_figure({"loss": [1, 0.5], "val_loss": [1.1, 0.7], "accuracy": [0.5, 0.8]})
+    assert len(fig.axes) == 2
