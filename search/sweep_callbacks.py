@@ -1,0 +1,139 @@
+"""Hydra callbacks that give a sweep its MLflow parent run, its report and stale-run cleanup.
+
+Hydra calls `on_multirun_start` before the sweeper asks its first trial and `on_multirun_end`
+after the last one finished, both in the sweeper's process. Trial jobs run in worker
+processes; they find the parent run through the MLFLOW_PARENT_RUN_ID environment variable,
+which spawned workers inherit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import optuna
+from hydra.experimental.callback import Callback
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from search import report, tracking
+
+log = logging.getLogger(__name__)
+
+PARENT_RUN_ENV = "MLFLOW_PARENT_RUN_ID"
+STUDY_ENV = "OPTUNA_SWEEPER_STUDY"
+STORAGE_ENV = "OPTUNA_SWEEPER_STORAGE"
+
+
+class MlflowSweepCallback(Callback):
+    """One MLflow parent run per sweep; the best trial and the Optuna report logged at the end."""
+
+    def __init__(self, report_dir_name: str = "sweep_report") -> None:
+        self.report_dir_name = report_dir_name
+        self.run_id: str | None = None
+        self.started = 0.0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        tracking.setup_tracking(config.tracking)
+        sweeper = config.hydra.sweeper
+        study = sweeper.get("study_name")
+        tags = {"sweep.parent": "true", "sweep.dir": str(config.hydra.sweep.dir)}
+        if study:
+            tags["optuna.study"] = str(study)
+        run = mlflow.start_run(run_name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
+        self.run_id = run.info.run_id
+        self.started = time.time()
+        os.environ[PARENT_RUN_ENV] = self.run_id
+        mlflow.log_text(OmegaConf.to_yaml(sweeper, resolve=False), "sweep/sweeper.yaml")
+        mlflow.log_params({
+            "sweeper.n_trials": sweeper.get("n_trials"),
+            "sweeper.n_jobs": sweeper.get("n_jobs"),
+            "sweeper.sampler": str(sweeper.get("sampler", {}).get("_target_", "")),
+            "sweeper.pruner": str((sweeper.get("pruner") or {}).get("_target_", "")),
+            "sweeper.direction": str(sweeper.get("direction")),
+            "objective": str(config.get("objective")),
+        })
+        log.info("MLflow parent run %s for the sweep", self.run_id)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.run_id is None:
+            return
+        client = MlflowClient()
+        study = load_sweep_study()
+        if study is not None:
+            mlflow.set_tag("optuna.study", study.study_name)
+            close_stale_runs(client, study, keep=self.run_id)
+            summary = report.summarize(study)
+            log_best_trial(client, study, summary)
+            mlflow.log_dict(summary, "sweep/summary.json")
+            for state, count in summary["counts"].items():
+                mlflow.log_metric(f"trials_{state.lower()}", count)
+            folder = Path(config.hydra.sweep.dir) / self.report_dir_name
+            report.write_report(study, folder)
+            mlflow.log_artifacts(str(folder), self.report_dir_name)
+            log.info("Sweep report: %s", folder / "sweep_report.html")
+        mlflow.log_metric("sweep_wall_seconds", time.time() - self.started)
+        mlflow.end_run()
+        os.environ.pop(PARENT_RUN_ENV, None)
+
+
+def load_sweep_study() -> optuna.Study | None:
+    """The study the sweeper used (it exports its name and storage to the environment)."""
+    name, storage = os.environ.get(STUDY_ENV), os.environ.get(STORAGE_ENV)
+    if not (name and storage):
+        log.warning("no %s/%s in the environment: sweep report skipped", STUDY_ENV, STORAGE_ENV)
+        return None
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def child_runs(client: MlflowClient, study: str, extra: str = "") -> list:
+    """Trial runs of a study, in every experiment of the store."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    query = f"tags.`optuna.study` = '{study}'" + (f" and {extra}" if extra else "")
+    return client.search_runs(experiments, filter_string=query, max_results=5000)
+
+
+def close_stale_runs(client: MlflowClient, study: optuna.Study, keep: str) -> int:
+    """End runs left RUNNING by a killed sweep: trial runs whose trial has finished, and
+    other parent runs of this study once no trial is running any more."""
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    alive = any(t.state == optuna.trial.TrialState.RUNNING for t in trials.values())
+    closed = 0
+    for run in child_runs(client, study.study_name, "attributes.status = 'RUNNING'"):
+        if run.info.run_id == keep:
+            continue
+        number = run.data.tags.get("optuna.trial_number")
+        if number is None:
+            if run.data.tags.get("sweep.parent") == "true" and not alive:
+                client.set_terminated(run.info.run_id, "KILLED")
+                closed += 1
+            continue
+        trial = trials.get(int(number))
+        if trial is not None and trial.state.is_finished():
+            client.set_tag(run.info.run_id, "optuna.trial_state", trial.state.name)
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed += 1
+    if closed:
+        log.info("closed %d MLflow run(s) left RUNNING by an interrupted sweep", closed)
+    return closed
+
+
+def log_best_trial(client: MlflowClient, study: optuna.Study, summary: dict) -> None:
+    """Best params and value on the parent run, plus the best trial's run id and eval metrics."""
+    best = summary.get("best")
+    if not best:
+        return
+    mlflow.log_params({f"best.{k}": v for k, v in best["params"].items()})
+    mlflow.log_metric("best_value", best["value"])
+    runs = child_runs(client, study.study_name, f"tags.`optuna.trial_number` = '{best['number']}'")
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    if finished:
+        run = finished[0]
+        mlflow.set_tag("best_run_id", run.info.run_id)
+        mlflow.log_metrics({
+            f"best_{k}": v for k, v in run.data.metrics.items() if k.startswith("eval_")
+        })

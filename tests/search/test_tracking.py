@@ -1,0 +1,40 @@
+"""Tracking store resolution and config flattening against a real SQLite MLflow store."""
+
+import mlflow
+from omegaconf import OmegaConf
+
+from search import tracking
+
+
+def test_uri_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    default = tracking.resolve_tracking_uri(None)
+    assert default == f"sqlite:///{tracking.REPO_ROOT / 'mlruns' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///from-env.db")
+    assert tracking.resolve_tracking_uri(None) == "sqlite:///from-env.db"
+    assert tracking.resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_artifacts_sit_beside_sqlite_store(tmp_path):
+    root = tracking.default_artifact_root(f"sqlite:///{tmp_path}/mlflow.db")
+    assert root == (tmp_path / "artifacts").as_uri()
+    assert tracking.default_artifact_root("http://127.0.0.1:5000") is None
+
+
+def test_flatten_config_dotted_keys():
+    cfg = OmegaConf.create({"a": {"b": 1, "c": [1, 2]}, "d": "x"})
+    assert tracking.flatten_config(cfg) == {"a.b": 1, "a.c": "[1, 2]", "d": "x"}
+
+
+def test_setup_tracking_creates_experiment_with_local_artifacts(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    exp_id = tracking.setup_tracking({"uri": None, "experiment": "t-exp"})
+    assert tracking.setup_tracking({"uri": None, "experiment": "t-exp"}) == exp_id
+    exp = mlflow.get_experiment(exp_id)
+    assert exp.artifact_location == (tmp_path / "artifacts").as_uri()
+    cfg = OmegaConf.create({"seed": 3, "model": {"depth": 2}})
+    with mlflow.start_run() as run:
+        tracking.log_run_context(cfg)
+    got = mlflow.get_run(run.info.run_id)
+    assert got.data.params == {"seed": "3", "model.depth": "2"}
+    assert got.data.tags["version.tensorflow"].startswith("2.21")
