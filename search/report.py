@@ -1,7 +1,7 @@
 """Sweep report from a finished Optuna study, made with Optuna's own visualisations.
 
-Each plot is written twice: into one interactive HTML page (plotly) and as a PNG (Optuna's matplotlib backend,
-because plotly's PNG export needs kaleido plus a Chrome install this machine may not have).
+Each plot is written twice: into one interactive HTML page (plotly) and as a PNG (Optuna's
+matplotlib backend, because plotly's PNG export needs kaleido plus a Chrome install).
 """
 
 from __future__ import annotations

@@ -6,12 +6,14 @@ the configured objective so a Hydra sweeper can optimise it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import os
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import keras
@@ -55,6 +57,20 @@ class EpochMetricsToMlflow(mlflow.keras.MlflowCallback):
         return None
 
 
+def _save_keras_flavor(path: str, **kwargs: Any) -> None:
+    """mlflow.keras.save_model, with its target folder created first.
+
+    MLflow 3.17's Keras flavour writes input_example.json before it creates the model folder,
+    so `mlflow.keras.log_model(..., input_example=...)` fails with FileNotFoundError.
+    """
+    os.makedirs(path, exist_ok=True)
+    mlflow.keras.save_model(path=path, **kwargs)
+
+
+# Stands in for the `mlflow.keras` module in Model.log (same flavour name, same saver).
+KERAS_FLAVOR = SimpleNamespace(__name__="mlflow.keras", save_model=_save_keras_flavor)
+
+
 def configure_runtime(seed: int, deterministic: bool, threads: int | None) -> None:
     """Seed Python/NumPy/TF, size TF's thread pools and let GPUs allocate memory lazily."""
     threads = threads or int(os.environ.get("SWEEPER_THREADS_PER_WORKER", "0")) or None
@@ -66,10 +82,8 @@ def configure_runtime(seed: int, deterministic: bool, threads: int | None) -> No
         except RuntimeError:
             log.debug("TF runtime already initialised; thread pools unchanged")
     for gpu in tf.config.list_physical_devices("GPU"):
-        try:
+        with contextlib.suppress(RuntimeError):
             tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:
-            pass
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -335,8 +349,9 @@ def log_keras_model(cfg: DictConfig, model: keras.Model, data: Any, results: dic
         "data_fingerprint": data.fingerprint,
         "config_hash": config_hash(cfg),
     }
-    info = mlflow.keras.log_model(
-        model, name="model", signature=signature, input_example=example, metadata=metadata
+    info = mlflow.models.Model.log(
+        artifact_path=None, name="model", flavor=KERAS_FLAVOR, model=model, signature=signature,
+        input_example=example, metadata=metadata,
     )
     mlflow.log_dict(metadata, "model_metadata.json")
     mlflow.set_tag("best_model_uri", info.model_uri)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -49,3 +52,165 @@ def make_npz(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+# ----------------------------------------------------------------------------------------------
+# search: configs composed from conf/ and a real MLflow SQLite store holding trained, logged
+# runs (registry, pull and predict tests).
+# ----------------------------------------------------------------------------------------------
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# A CNN that trains in seconds on 10% of the built-in PneumoniaMNIST (test split ~47 images).
+TINY_RUN = (
+    "data.subset_fraction=0.1",
+    "data.batch_size=32",
+    "trainer.max_epochs=2",
+    "trainer.patience=5",
+    "trainer.verbose=0",
+    "model.depth=2",
+    "model.base_filters=8",
+    "model.dense_units=16",
+)
+
+
+@pytest.fixture(scope="session")
+def compose_cfg() -> Callable[..., Any]:
+    """``compose_cfg(*overrides)`` -> the DictConfig search/run.py would get (no hydra key)."""
+    from hydra import compose, initialize_config_dir
+
+    def make(*overrides: str, config_name: str = "config") -> Any:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name, overrides=list(overrides))
+
+    return make
+
+
+@contextlib.contextmanager
+def fast_mlflow_keras_logging() -> Iterator[None]:
+    """Skip mlflow.keras' pip requirement inference in tests.
+
+    It imports TensorFlow in a subprocess (~15 s per logged model on 2 cores); the flavour's
+    default requirements are enough for tests.
+    """
+    import mlflow.keras.save as keras_save
+
+    def default_requirements(path: str, flavor: str, fallback: list | None = None) -> list:
+        return list(fallback or [])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(keras_save, "infer_pip_requirements", default_requirements)
+        yield
+
+
+def log_run_like_train(cfg: Any, invert_labels: bool, epochs: int) -> tuple[str, Any]:
+    """Train a CNN outside search.train.train (e.g. on inverted labels: a deliberately poor
+    model) and log it with train.py's own functions, so the run looks exactly like a trial's."""
+    import keras
+    import mlflow
+    from hydra.utils import instantiate
+
+    from search import tracking
+    from search.train import compile_model, config_hash, evaluate_and_log, log_keras_model
+
+    data = instantiate(cfg.data, seed=int(cfg.seed), _convert_="all")
+    keras.utils.set_random_seed(int(cfg.seed))
+    model = instantiate(cfg.model, input_shape=tuple(data.input_shape), num_classes=2)
+    compile_model(model, keras.optimizers.Adam(1e-3), binary=True)
+    train = data.train.map(lambda x, y: (x, 1.0 - y)) if invert_labels else data.train
+    model.fit(train, steps_per_epoch=data.steps_per_epoch, epochs=epochs, verbose=0)
+    tracking.setup_tracking(cfg.tracking)
+    with mlflow.start_run(run_name=cfg.tracking.run_name) as run:
+        tracking.log_run_context(cfg)
+        mlflow.log_params({"data.fingerprint": data.fingerprint, "config_hash": config_hash(cfg)})
+        results = evaluate_and_log(cfg, model, data, binary=True)
+        log_keras_model(cfg, model, data, results)
+    return run.info.run_id, model
+
+
+@dataclass
+class TrainedStore:
+    """A SQLite MLflow store with three finished runs logged the way search/train.py logs."""
+
+    root: Path
+    good_run_id: str  # search.train.train, 2 epochs: held-out ROC AUC ~0.85+
+    poor_run_id: str  # same config and data, trained on inverted labels: ROC AUC << 0.5
+    other_data_run_id: str  # another data seed (other split, other fingerprint)
+    good_checkpoint: Path  # the good run's best.keras, as train() left it
+    poor_model: Any  # the poor run's Keras model, still in memory
+
+    @property
+    def db(self) -> Path:
+        return self.root / "mlflow.db"
+
+
+@pytest.fixture(scope="session")
+def trained_store(tmp_path_factory: pytest.TempPathFactory, compose_cfg: Callable[..., Any]
+                  ) -> Iterator[TrainedStore]:
+    """Train and log the three runs once per session (~30 s on 2 CPU cores)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from search.train import train
+
+    root = tmp_path_factory.mktemp("trained-store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    common = (*TINY_RUN, f"tracking.artifact_root={(root / 'artifacts').as_uri()}",
+              "tracking.experiment=registry-tests")
+    with pytest.MonkeyPatch.context() as patch, fast_mlflow_keras_logging():
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        train(compose_cfg(*common, "seed=3", "tracking.run_name=good"), output_dir=root / "good")
+        good = MlflowClient(uri).search_runs(
+            [mlflow.get_experiment_by_name("registry-tests").experiment_id],
+            filter_string="attributes.run_name = 'good'",
+        )[0].info.run_id
+        poor, poor_model = log_run_like_train(
+            compose_cfg(*common, "seed=3", "tracking.run_name=poor"), invert_labels=True, epochs=2
+        )
+        other, _ = log_run_like_train(
+            compose_cfg(*common, "seed=4", "tracking.run_name=other-data"),
+            invert_labels=False, epochs=1,
+        )
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    yield TrainedStore(root, good, poor, other, root / "good" / "checkpoints" / "best.keras",
+                       poor_model)
+
+
+@dataclass
+class StoreCopy:
+    """A private copy of the trained store's database (artifacts stay shared, read-only)."""
+
+    db: Path
+    runs: TrainedStore
+
+    @property
+    def uri(self) -> str:
+        return f"sqlite:///{self.db}"
+
+    def new_parent_run(self, **tags: str) -> str:
+        """A finished run standing for a sweep's parent run."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.uri)
+        experiment = client.get_experiment_by_name("registry-tests").experiment_id
+        run = client.create_run(experiment, tags={"sweep.parent": "true", **tags})
+        client.set_terminated(run.info.run_id)
+        return run.info.run_id
+
+
+@pytest.fixture
+def registry_store(tmp_path: Path, trained_store: TrainedStore,
+                   monkeypatch: pytest.MonkeyPatch) -> Iterator[StoreCopy]:
+    """The trained store with an empty registry, private to one test and made current."""
+    import mlflow
+
+    copy = StoreCopy(tmp_path / "mlflow.db", trained_store)
+    shutil.copyfile(trained_store.db, copy.db)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", copy.uri)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    mlflow.set_tracking_uri(copy.uri)
+    mlflow.set_registry_uri(copy.uri)
+    yield copy
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)

@@ -235,5 +235,12 @@ def test_cnn_yaml_builds_the_documented_default_model() -> None:
         "block2_dropout",
         "dense0_dropout",
     ]
-    assert layer_names.index("block2_bn0") == layer_names.index("block2_act0") + 1
+    assert not any(n.endswith("_bn0") for n in layer_names)  # default: no batch norm
     assert model.get_layer("block2_conv0").filters == 128
+
+
+def test_batch_norm_momentum_is_configurable():
+    model = build_cnn((28, 28, 1), 2, depth=2, batch_norm="before_activation", bn_momentum=0.8)
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(bns) == 2
+    assert all(bn.momentum == 0.8 for bn in bns)

@@ -1,0 +1,242 @@
+"""Typed configs of the Optuna pruning sweeper, registered in Hydra's ConfigStore.
+
+Select the sweeper in a search-space file (``# @package _global_``)::
+
+    defaults:
+      - override /hydra/sweeper: optuna_pruning
+      - override /hydra/sweeper/sampler: tpe       # tpe random cmaes gp nsgaii grid
+      - override /hydra/sweeper/pruner: median     # median successive_halving hyperband nop none
+
+    hydra:
+      sweeper:
+        n_trials: 40
+        n_jobs: 2
+        direction: minimize
+        storage: sqlite:///${hydra:runtime.cwd}/mlruns/optuna.db
+        study_name: cnn_small
+        params:
+          optimizer: choice(adam, sgd)
+          optimizer.lr: tag(log, interval(1e-4, 1e-1))
+          model.depth: int(interval(2, 5))
+
+This module is imported by Hydra's plugin scan in every Hydra process, so it stays light:
+no Optuna import here.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+PROVIDER = "optuna_pruning_sweeper"
+
+
+# --- samplers (group hydra/sweeper/sampler) -------------------------------------------------
+
+
+@dataclass
+class SamplerConfig:
+    """Base of the sampler configs: a ``_target_`` and a seed.
+
+    With a seed, every sweeper process that joins a study offsets it by its session index
+    (0 for the first), so a resumed or a second concurrent sweep does not replay the
+    first one's random draws.
+    """
+
+    _target_: str = MISSING
+    seed: int | None = None
+
+
+@dataclass
+class TPESamplerConfig(SamplerConfig):
+    """optuna.samplers.TPESampler (handles conditional / dynamic spaces)."""
+
+    _target_: str = "optuna.samplers.TPESampler"
+    # None = Optuna's default: multivariate for one objective, independent for several.
+    multivariate: bool | None = None
+    # Decompose a conditional space into groups (needs multivariate).
+    group: bool = False
+    n_startup_trials: int = 10
+    n_ei_candidates: int = 24
+    # Running trials count as bad so parallel workers spread out.
+    constant_liar: bool = True
+
+
+@dataclass
+class RandomSamplerConfig(SamplerConfig):
+    """optuna.samplers.RandomSampler."""
+
+    _target_: str = "optuna.samplers.RandomSampler"
+
+
+@dataclass
+class CmaEsSamplerConfig(SamplerConfig):
+    """optuna.samplers.CmaEsSampler (needs ``pip install cmaes``)."""
+
+    _target_: str = "optuna.samplers.CmaEsSampler"
+    x0: dict[str, Any] | None = None
+    sigma0: float | None = None
+    n_startup_trials: int = 1
+    consider_pruned_trials: bool = False
+    popsize: int | None = None
+    use_separable_cma: bool = False
+    with_margin: bool = False
+    lr_adapt: bool = False
+
+
+@dataclass
+class GPSamplerConfig(SamplerConfig):
+    """optuna.samplers.GPSampler (needs ``pip install torch``)."""
+
+    _target_: str = "optuna.samplers.GPSampler"
+    n_startup_trials: int = 10
+    deterministic_objective: bool = False
+
+
+@dataclass
+class NSGAIISamplerConfig(SamplerConfig):
+    """optuna.samplers.NSGAIISampler (multi-objective)."""
+
+    _target_: str = "optuna.samplers.NSGAIISampler"
+    population_size: int = 50
+    mutation_prob: float | None = None
+    crossover_prob: float = 0.9
+    swapping_prob: float = 0.5
+
+
+@dataclass
+class GridSamplerConfig(SamplerConfig):
+    """optuna.samplers.GridSampler: the grid is built from the choice()/range() params.
+
+    ``n_trials`` is capped at the grid size; interval() params are refused.
+    """
+
+    _target_: str = "optuna.samplers.GridSampler"
+
+
+# --- pruners (group hydra/sweeper/pruner) ---------------------------------------------------
+
+
+@dataclass
+class MedianPrunerConfig:
+    """optuna.pruners.MedianPruner: prune below the median of earlier trials at a step."""
+
+    _target_: str = "optuna.pruners.MedianPruner"
+    n_startup_trials: int = 5
+    n_warmup_steps: int = 0
+    interval_steps: int = 1
+    n_min_trials: int = 1
+
+
+@dataclass
+class SuccessiveHalvingPrunerConfig:
+    """optuna.pruners.SuccessiveHalvingPruner (asynchronous successive halving)."""
+
+    _target_: str = "optuna.pruners.SuccessiveHalvingPruner"
+    min_resource: Any = "auto"
+    reduction_factor: int = 4
+    min_early_stopping_rate: int = 0
+    bootstrap_count: int = 0
+
+
+@dataclass
+class HyperbandPrunerConfig:
+    """optuna.pruners.HyperbandPruner."""
+
+    _target_: str = "optuna.pruners.HyperbandPruner"
+    min_resource: int = 1
+    max_resource: Any = "auto"
+    reduction_factor: int = 3
+    bootstrap_count: int = 0
+
+
+@dataclass
+class NopPrunerConfig:
+    """optuna.pruners.NopPruner: never prune."""
+
+    _target_: str = "optuna.pruners.NopPruner"
+
+
+# --- the sweeper (group hydra/sweeper) ------------------------------------------------------
+
+
+@dataclass
+class OptunaPruningSweeperConf:
+    """Config of ``hydra/sweeper: optuna_pruning``; every key is ``hydra.sweeper.<key>``."""
+
+    _target_: str = "hydra_plugins.optuna_pruning_sweeper.sweeper.OptunaPruningSweeper"
+    # The sweeper builds sampler and pruner itself (seed offsets, grid space, clear errors).
+    _recursive_: bool = False
+    defaults: list[Any] = field(
+        default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "median"}, "_self_"]
+    )
+
+    sampler: Any = MISSING
+    pruner: Any = MISSING
+    # "minimize" / "maximize", or a list of them for multi-objective.
+    direction: Any = "minimize"
+    # Any RDB URL; null = sqlite:///<hydra.runtime.cwd>/mlruns/optuna.db
+    storage: str | None = None
+    # null = "<hydra.job.name>" plus "-<search_space choice>" when that group is selected.
+    study_name: str | None = None
+    # Counted trials the study should hold in total (a resumed study continues to this).
+    n_trials: int = 20
+    # Concurrent trials of this sweeper process (each in its own worker process).
+    n_jobs: int = 1
+    # Seconds after which no new trial is asked; running ones finish. null = no limit.
+    timeout: float | None = None
+    # Stop (non-zero exit) when FAIL / finished > this, once enough trials finished.
+    max_failure_rate: float = 0.5
+    # Finished trials needed before the failure rate applies; null = max(3, n_jobs).
+    failure_rate_min_trials: int | None = None
+    # Trials a worker process runs before it is replaced; 1 = fresh process per trial,
+    # null = reuse for the whole sweep.
+    trials_per_worker: int | None = 1
+    # OMP/TF threads per worker; null = cores // n_jobs.
+    threads_per_worker: int | None = None
+    # Seconds between heartbeats of a running trial; null disables stale-trial detection.
+    heartbeat_interval: int | None = 30
+    # Seconds without heartbeat before a RUNNING trial is failed; null = 2 * interval.
+    grace_period: int | None = None
+    # Times a stale (killed) trial is re-queued with the same params; null = unlimited.
+    max_retry: int | None = 3
+    # True: when the stored study has another search space, start "<name>-<k>" instead of
+    # refusing.
+    new_study: bool = False
+    # Search space: key -> override grammar string (choice/range/interval/int/tag), or
+    # {values: <grammar>, when: {other_key: [allowed values]}} for an explicit condition.
+    params: dict[str, Any] | None = None
+
+
+def register_configs() -> None:
+    """Store the sweeper, sampler and pruner configs in Hydra's ConfigStore."""
+    cs = ConfigStore.instance()
+    cs.store(
+        group="hydra/sweeper",
+        name="optuna_pruning",
+        node=OptunaPruningSweeperConf,
+        provider=PROVIDER,
+    )
+    samplers = {
+        "tpe": TPESamplerConfig,
+        "random": RandomSamplerConfig,
+        "cmaes": CmaEsSamplerConfig,
+        "gp": GPSamplerConfig,
+        "nsgaii": NSGAIISamplerConfig,
+        "grid": GridSamplerConfig,
+    }
+    for name, node in samplers.items():
+        cs.store(group="hydra/sweeper/sampler", name=name, node=node, provider=PROVIDER)
+    pruners = {
+        "median": MedianPrunerConfig,
+        "successive_halving": SuccessiveHalvingPrunerConfig,
+        "hyperband": HyperbandPrunerConfig,
+        "nop": NopPrunerConfig,
+        "none": NopPrunerConfig,
+    }
+    for name, node in pruners.items():
+        cs.store(group="hydra/sweeper/pruner", name=name, node=node, provider=PROVIDER)
+
+
+register_configs()

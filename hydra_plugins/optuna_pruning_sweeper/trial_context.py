@@ -1,0 +1,132 @@
+"""The running trial, as seen from the task function (the pruning contract).
+
+Before a job runs, the sweeper's worker process exports:
+
+=============================  ============================================================
+``OPTUNA_SWEEPER_STORAGE``     storage URL of the study (also set in the sweeper process)
+``OPTUNA_SWEEPER_STUDY``       study name actually used (also set in the sweeper process)
+``OPTUNA_SWEEPER_TRIAL_ID``    storage id of the running trial (worker only)
+``OPTUNA_SWEEPER_TRIAL_NUMBER``  trial number in the study (worker only)
+``OPTUNA_SWEEPER_SAMPLER``     sampler class name
+``OPTUNA_SWEEPER_PRUNER``      pruner config as JSON (``{"_target_": ..., ...}``)
+``SWEEPER_THREADS_PER_WORKER`` threads granted to this worker (also OMP_NUM_THREADS, ...)
+=============================  ============================================================
+
+Use in a task (e.g. with optuna_integration's KerasPruningCallback)::
+
+    from hydra_plugins.optuna_pruning_sweeper.trial_context import current_trial, trial_info
+
+    trial = current_trial()          # None outside a sweep (plain run, tests)
+    if trial is not None:
+        callbacks.append(KerasPruningCallback(trial, "val_loss"))
+    info = trial_info()              # {study, trial_number, sampler, pruner} or None
+
+Report with ``trial.report(value, step)``, ask ``trial.should_prune()`` and raise
+``optuna.TrialPruned`` to stop: the worker then stores the trial as PRUNED (keeping the last
+reported value). Do not call ``study.tell`` yourself: the worker tells the final state.
+
+In the sweeper process itself (e.g. a Hydra callback at ``on_multirun_end``),
+``OPTUNA_SWEEPER_STUDY`` / ``OPTUNA_SWEEPER_STORAGE`` name the study, but
+``current_trial()`` is None there (no trial id).
+
+The study and storage are cached per process. Hydra re-executes plugin modules when it
+rescans plugins, so the cache is kept across re-execution.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import optuna
+
+ENV_STORAGE = "OPTUNA_SWEEPER_STORAGE"
+ENV_STUDY = "OPTUNA_SWEEPER_STUDY"
+ENV_TRIAL_ID = "OPTUNA_SWEEPER_TRIAL_ID"
+ENV_TRIAL_NUMBER = "OPTUNA_SWEEPER_TRIAL_NUMBER"
+ENV_SAMPLER = "OPTUNA_SWEEPER_SAMPLER"
+ENV_PRUNER = "OPTUNA_SWEEPER_PRUNER"
+ENV_THREADS = "SWEEPER_THREADS_PER_WORKER"
+
+# Survives Hydra's plugin rescan, which re-executes this module in place.
+_CACHE: dict[Any, Any] = globals().get("_CACHE", {})
+
+
+def storage_kwargs(url: str) -> dict[str, Any]:
+    """Engine options for RDBStorage: a long SQLite busy timeout for concurrent writers."""
+    if url.startswith("sqlite"):
+        return {"engine_kwargs": {"connect_args": {"timeout": 60}}}
+    return {}
+
+
+def build_pruner(pruner_json: str | None) -> optuna.pruners.BasePruner:
+    """Pruner from its JSON config (``{"_target_": ...}``); NopPruner when absent."""
+    import optuna
+    from hydra.utils import instantiate
+
+    spec = json.loads(pruner_json) if pruner_json else None
+    if not spec:
+        return optuna.pruners.NopPruner()
+    return instantiate(spec)
+
+
+def get_storage(storage_url: str) -> optuna.storages.RDBStorage:
+    """The process's RDBStorage for ``storage_url`` (created once)."""
+    key = ("storage", storage_url)
+    if key not in _CACHE:
+        import optuna
+
+        _CACHE[key] = optuna.storages.RDBStorage(storage_url, **storage_kwargs(storage_url))
+    return _CACHE[key]
+
+
+def load_study(storage_url: str, study_name: str, pruner_json: str | None = None) -> optuna.Study:
+    """The study, loaded once per process (RandomSampler: the sweeper process samples)."""
+    key = ("study", storage_url, study_name, pruner_json)
+    if key not in _CACHE:
+        import optuna
+
+        _CACHE[key] = optuna.load_study(
+            study_name=study_name,
+            storage=get_storage(storage_url),
+            sampler=optuna.samplers.RandomSampler(),
+            pruner=build_pruner(pruner_json),
+        )
+    return _CACHE[key]
+
+
+def current_trial() -> optuna.trial.Trial | None:
+    """The trial this process runs, or None outside a sweep."""
+    url = os.environ.get(ENV_STORAGE)
+    name = os.environ.get(ENV_STUDY)
+    trial_id = os.environ.get(ENV_TRIAL_ID)
+    if not (url and name and trial_id):
+        return None
+    key = ("trial", url, name, int(trial_id))
+    if key not in _CACHE:
+        import optuna
+
+        study = load_study(url, name, os.environ.get(ENV_PRUNER))
+        # Keep one Trial per process: drop the previous trial's object.
+        for k in [k for k in _CACHE if k[0] == "trial"]:
+            del _CACHE[k]
+        _CACHE[key] = optuna.trial.Trial(study, int(trial_id))
+    return _CACHE[key]
+
+
+def trial_info() -> dict[str, Any] | None:
+    """``{study, trial_number, sampler, pruner}`` of the running trial (for run tags)."""
+    name = os.environ.get(ENV_STUDY)
+    number = os.environ.get(ENV_TRIAL_NUMBER)
+    if not (name and number and os.environ.get(ENV_TRIAL_ID)):
+        return None
+    pruner = os.environ.get(ENV_PRUNER)
+    target = (json.loads(pruner) or {}).get("_target_", "") if pruner else ""
+    return {
+        "study": name,
+        "trial_number": int(number),
+        "sampler": os.environ.get(ENV_SAMPLER, ""),
+        "pruner": target.rsplit(".", 1)[-1] if target else "NopPruner",
+    }

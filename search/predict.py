@@ -1,0 +1,436 @@
+"""Predict with a registered or pulled model, offline, preprocessing exactly as training did.
+
+    python search/predict.py models:/pneumonia-cnn@champion xray.jpeg
+    python search/predict.py exports/pneumonia-cnn-v3 chest_xray/test --gradcam --out preds
+    python search/predict.py exports/pneumonia-cnn-v3 pneumoniamnist.npz --npz-key test_images
+
+MODEL: `models:/<name>@<alias>`, `models:/<name>/<version>`, a folder from search/pull.py,
+or an MLflow Keras model folder. INPUT: an image file; a folder of images (searched
+recursively; sub-folders named like the model's classes, case-insensitively, give labels);
+or a MedMNIST-layout .npz (`--npz-key`, default test_images if present, else the first
+*_images key; labels from `--labels-key` or the matching *_labels key).
+
+Writes to --out: predictions.csv (path or index, probability per class, predicted label at
+the stored threshold, true label if known), skipped.csv (unreadable inputs, never fatal),
+metrics.json + confusion.png when labels are known, gradcam/*.png + gradcam/index.html with
+--gradcam. Images go through `data.pipeline.preprocess_for_model`, the training pipeline's
+own decode → channels → bilinear resize → 1/255 scaling, so train and predict cannot drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from search.pull import LoadedModel, load_model_reference
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+DISPLAY_SIZE = 384  # longest side of a Grad-CAM overlay
+
+
+@dataclass
+class InputItem:
+    """One image to predict: a file, or one row of an npz array."""
+
+    key: str  # the file path, or the row index
+    label: int | None = None
+    path: Path | None = None
+    array: np.ndarray | None = None
+
+
+@dataclass
+class PredictionRun:
+    """What a prediction call produced."""
+
+    out: Path
+    rows: list[dict[str, Any]]
+    skipped: list[tuple[str, str]]
+    key_name: str  # "path" or "index"
+    metrics: dict[str, Any] | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _label_from_folders(path: Path, root: Path, classes: dict[str, int]) -> int | None:
+    """Label from the nearest parent folder named like a class (case-insensitive)."""
+    for part in reversed(path.relative_to(root).parts[:-1]):
+        if part.casefold() in classes:
+            return classes[part.casefold()]
+    return None
+
+
+def folder_items(root: Path, class_names: list[str]) -> list[InputItem]:
+    """Image files under `root` (recursive, sorted; dotfiles ignored), labelled when possible."""
+    classes = {name.casefold(): i for i, name in enumerate(class_names)}
+    files = sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    if not files:
+        raise FileNotFoundError(
+            f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}"
+        )
+    return [InputItem(str(p), _label_from_folders(p, root, classes), path=p) for p in files]
+
+
+def npz_items(
+    path: Path, class_names: list[str], npz_key: str | None = None, labels_key: str | None = None
+) -> list[InputItem]:
+    """Rows of a MedMNIST-layout npz: images key (default test_images, else the first
+    *_images) and, if present, its labels."""
+    with np.load(path, allow_pickle=False) as archive:
+        keys = list(archive.files)
+        if npz_key is None:
+            candidates = [k for k in keys if k.endswith("_images")]
+            npz_key = "test_images" if "test_images" in keys else (
+                candidates[0] if candidates else None)
+        if npz_key is None or npz_key not in keys:
+            raise KeyError(
+                f"{path} has no images key {npz_key!r} (keys: {keys}); pass --npz-key, e.g. "
+                "--npz-key val_images"
+            )
+        if labels_key is None and npz_key.endswith("_images"):
+            derived = npz_key.removesuffix("_images") + "_labels"
+            labels_key = derived if derived in keys else None
+        elif labels_key is not None and labels_key not in keys:
+            raise KeyError(f"{path} has no labels key {labels_key!r} (keys: {keys})")
+        images = archive[npz_key]
+        labels = archive[labels_key] if labels_key else None
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise ValueError(
+            f"{path}:{npz_key} must be uint8 images (N, H, W) or (N, H, W, C) as in MedMNIST, "
+            f"got {images.dtype} {images.shape}"
+        )
+    if labels is not None:
+        labels = np.asarray(labels).reshape(len(labels), -1)[:, 0].astype(int)
+        if len(labels) != len(images):
+            raise ValueError(f"{path}: {len(labels)} labels in {labels_key!r} for "
+                             f"{len(images)} images in {npz_key!r}")
+        if labels.min() < 0 or labels.max() >= len(class_names):
+            raise ValueError(f"{path}:{labels_key} holds labels outside 0..{len(class_names) - 1}"
+                             f" (model classes {class_names})")
+    log.info("npz input %s: %s %s%s", path, npz_key, images.shape,
+             f", labels {labels_key}" if labels is not None else "")
+    return [
+        InputItem(str(i), None if labels is None else int(labels[i]), array=images[i])
+        for i in range(len(images))
+    ]
+
+
+def collect_inputs(
+    source: str | Path, class_names: list[str], npz_key: str | None = None,
+    labels_key: str | None = None,
+) -> tuple[list[InputItem], str]:
+    """Items to predict and the CSV key column ("path" or "index")."""
+    source = Path(source)
+    if source.is_dir():
+        return folder_items(source, class_names), "path"
+    if not source.is_file():
+        raise FileNotFoundError(f"input {source} does not exist")
+    if source.suffix.lower() == ".npz":
+        return npz_items(source, class_names, npz_key, labels_key), "index"
+    return [InputItem(str(source), path=source)], "path"
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing (the training pipeline's own functions)
+
+
+def preprocess(item: InputItem, image_size: int, channels: int) -> np.ndarray:
+    """float32 (image_size, image_size, channels) in [0, 1]; raises on undecodable input."""
+    from data.pipeline import preprocess_for_model
+
+    if item.path is not None:
+        return preprocess_for_model(item.path.read_bytes(), image_size, channels).numpy()
+    return preprocess_for_model(item.array, image_size, channels).numpy()
+
+
+def display_image(item: InputItem, size: int = DISPLAY_SIZE) -> np.ndarray:
+    """The original image as float gray (H, W) in [0, 1], longest side `size` (for overlays)."""
+    import tensorflow as tf
+
+    if item.path is not None:
+        image = tf.io.decode_image(item.path.read_bytes(), channels=1, expand_animations=False)
+    else:
+        array = item.array if item.array.ndim == 3 else item.array[..., np.newaxis]
+        image = tf.convert_to_tensor(array)
+        if image.shape[-1] == 3:
+            image = tf.image.rgb_to_grayscale(image)
+    image = tf.image.resize(tf.cast(image, tf.float32), (size, size), method="bilinear",
+                            preserve_aspect_ratio=True, antialias=True)
+    return np.clip(image.numpy()[..., 0] / 255.0, 0.0, 1.0)
+
+
+def _batches(items: list[InputItem], size: int, image_size: int, channels: int,
+             skipped: list[tuple[str, str]]) -> Iterator[tuple[list[InputItem], np.ndarray]]:
+    """Preprocessed batches; an unreadable item is recorded in `skipped` and left out."""
+    import tensorflow as tf
+
+    batch: list[InputItem] = []
+    arrays: list[np.ndarray] = []
+    for item in items:
+        try:
+            arrays.append(preprocess(item, image_size, channels))
+        except (tf.errors.OpError, ValueError, OSError) as error:
+            message = getattr(error, "message", None) or str(error)
+            reason = f"{type(error).__name__}: {message.splitlines()[0][:300]}"
+            skipped.append((item.key, reason))
+            log.warning("skipped %s (%s)", item.key, reason)
+            continue
+        batch.append(item)
+        if len(batch) == size:
+            yield batch, np.stack(arrays)
+            batch, arrays = [], []
+    if batch:
+        yield batch, np.stack(arrays)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction
+
+
+def probabilities(outputs: np.ndarray) -> np.ndarray:
+    """Model outputs as (N, n_classes) probabilities (a sigmoid unit gives [1 - p, p])."""
+    outputs = np.asarray(outputs, dtype=np.float64)
+    if outputs.ndim == 2 and outputs.shape[1] == 1:
+        return np.concatenate([1.0 - outputs, outputs], axis=1)
+    return outputs
+
+
+def predicted_classes(probs: np.ndarray, threshold: float | None) -> np.ndarray:
+    """Class index per row: positive if p >= stored threshold (binary), else argmax."""
+    if probs.shape[1] == 2 and threshold is not None:
+        return (probs[:, 1] >= threshold).astype(int)
+    return probs.argmax(axis=1)
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[-80:] or "image"
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    return value
+
+
+def write_metrics(loaded: LoadedModel, labels: list[int],
+                  probs: np.ndarray, out: Path) -> dict[str, Any]:
+    """metrics.json and confusion.png for the labelled predictions (search.evaluate)."""
+    from search import evaluate as ev
+
+    scores = probs[:, 1] if probs.shape[1] == 2 else probs
+    threshold = loaded.threshold if probs.shape[1] == 2 else None
+    result = ev.evaluate_split("predict", np.asarray(labels), scores, loaded.class_names,
+                               threshold)
+    metrics = {
+        "n": len(labels),
+        "threshold": result.threshold,
+        "metrics": result.metrics,
+        "confusion_matrix": {
+            "labels": result.class_names, "matrix": result.confusion.tolist(),
+            "rows": "true", "columns": "predicted",
+        },
+        "classification_report": result.report,
+        "model": {k: loaded.info.get(k) for k in ("name", "version", "model_uri", "run_id")},
+    }
+    (out / "metrics.json").write_text(json.dumps(_json_ready(metrics), indent=2))
+    figure = ev.confusion_figure(result)
+    figure.savefig(out / "confusion.png", dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return metrics
+
+
+def predict(
+    model: str | Path | LoadedModel,
+    source: str | Path,
+    out: str | Path = "predictions",
+    gradcam: bool = False,
+    npz_key: str | None = None,
+    labels_key: str | None = None,
+    batch_size: int = 32,
+) -> PredictionRun:
+    """Predict every input; write predictions.csv (+ skipped.csv, metrics, Grad-CAM).
+
+    Args:
+        model: Registry URI, pulled folder, MLflow model folder, or an already loaded model.
+        source: Image file, folder of images, or MedMNIST-layout .npz.
+        out: Output folder (created).
+        gradcam: Also write Grad-CAM overlays and gradcam/index.html.
+        npz_key: Images key of an npz input.
+        labels_key: Labels key of an npz input.
+        batch_size: Images per forward pass.
+
+    Returns:
+        The rows written, the skipped inputs and, with labels, the metrics.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="predict-model-") as workdir:
+        loaded = model if isinstance(model, LoadedModel) else load_model_reference(model, workdir)
+        return _predict_loaded(loaded, source, out, gradcam, npz_key, labels_key, batch_size)
+
+
+def _predict_loaded(loaded: LoadedModel, source: str | Path, out: Path, gradcam: bool,
+                    npz_key: str | None, labels_key: str | None,
+                    batch_size: int) -> PredictionRun:
+    classes = loaded.class_names
+    prep = loaded.preprocessing
+    size, channels = int(prep["image_size"]), int(prep["channels"])
+    items, key_name = collect_inputs(source, classes, npz_key, labels_key)
+    threshold = loaded.threshold
+    skipped: list[tuple[str, str]] = []
+    rows: list[dict[str, Any]] = []
+    all_probs: list[np.ndarray] = []
+    sheet: list[dict[str, Any]] = []
+    grad_model = None
+    if gradcam:
+        from search import gradcam as gc
+
+        grad_model = gc.gradcam_model(loaded.model)
+    for batch, images in _batches(items, batch_size, size, channels, skipped):
+        outputs = loaded.model.predict(images, verbose=0)
+        probs = probabilities(outputs)
+        predicted = predicted_classes(probs, threshold)
+        all_probs.append(probs)
+        for item, p, c in zip(batch, probs, predicted, strict=True):
+            row: dict[str, Any] = {key_name: item.key}
+            row.update({f"prob_{name}": float(v) for name, v in zip(classes, p, strict=True)})
+            row["predicted"] = classes[int(c)]
+            row["label"] = "" if item.label is None else classes[item.label]
+            rows.append(row)
+        if gradcam:
+            sheet += _gradcam_batch(loaded, grad_model, batch, images, predicted, probs,
+                                    threshold, out, start=len(rows) - len(batch))
+    files = {"predictions": out / "predictions.csv"}
+    fieldnames = [key_name, *(f"prob_{c}" for c in classes), "predicted", "label"]
+    with open(files["predictions"], "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+    if skipped:
+        files["skipped"] = out / "skipped.csv"
+        with open(files["skipped"], "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow([key_name, "error"])
+            writer.writerows(skipped)
+    metrics = None
+    labelled = [i for i, row in enumerate(rows) if row["label"]]
+    if labelled:
+        probs = np.concatenate(all_probs)[labelled]
+        labels = [classes.index(rows[i]["label"]) for i in labelled]
+        metrics = write_metrics(loaded, labels, probs, out)
+        files["metrics"], files["confusion"] = out / "metrics.json", out / "confusion.png"
+    if gradcam:
+        from search import gradcam as gc
+
+        files["gradcam"] = gc.contact_sheet(
+            sheet, out / "gradcam" / "index.html",
+            title=f"Grad-CAM: {loaded.info.get('model_uri') or loaded.folder}",
+        )
+    return PredictionRun(out, rows, skipped, key_name, metrics, files)
+
+
+def _gradcam_batch(loaded: LoadedModel, grad_model: Any, batch: list[InputItem],
+                   images: np.ndarray, predicted: np.ndarray, probs: np.ndarray,
+                   threshold: float | None, out: Path, start: int) -> list[dict[str, Any]]:
+    """Overlays of one batch (each image's predicted class explained) + contact-sheet entries."""
+    from search import gradcam as gc
+
+    heatmaps, _ = gc.gradcam_heatmaps(loaded.model, images, class_index=predicted,
+                                      grad_model=grad_model)
+    entries = []
+    for offset, (item, heatmap) in enumerate(zip(batch, heatmaps, strict=True)):
+        index = start + offset
+        name = Path(item.key).name if item.path is not None else f"index {item.key}"
+        file_name = f"{index:05d}_{_safe_name(Path(item.key).stem)}.png"
+        gc.save_png(gc.overlay(display_image(item), heatmap), out / "gradcam" / file_name)
+        c = int(predicted[index - start])
+        caption = [f"predicted {loaded.class_names[c]} (p={probs[index - start, c]:.3f})"]
+        if threshold is not None and probs.shape[1] == 2:
+            caption.append(f"P({loaded.class_names[1]}) = {probs[index - start, 1]:.3f}, "
+                           f"threshold {threshold:.3f}")
+        if item.label is not None:
+            caption.append(f"true {loaded.class_names[item.label]}")
+        entries.append({"image": file_name, "name": name, "caption": caption})
+    return entries
+
+
+def main(argv: list[str] | None = None) -> int:
+    import mlflow
+
+    from search.tracking import resolve_tracking_uri
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="models:/name@alias, models:/name/N, or a pulled folder")
+    parser.add_argument("input", help="image file, folder of images, or MedMNIST .npz")
+    parser.add_argument("--out", default="predictions", help="output folder (default: predictions)")
+    parser.add_argument("--gradcam", action="store_true", help="write Grad-CAM overlays + HTML")
+    parser.add_argument("--npz-key", default=None, help="npz images key (default: test_images "
+                        "if present, else the first *_images)")
+    parser.add_argument("--labels-key", default=None,
+                        help="npz labels key (default: the images key's *_labels, if present)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--tracking-uri", default=None,
+                        help="for models:/ URIs; default: $MLFLOW_TRACKING_URI, else the repo's "
+                        "sqlite store")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet CLI
+    if args.model.startswith("models:/"):
+        uri = resolve_tracking_uri(args.tracking_uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+    try:
+        result = predict(args.model, args.input, args.out, gradcam=args.gradcam,
+                         npz_key=args.npz_key, labels_key=args.labels_key,
+                         batch_size=args.batch_size)
+    except (FileNotFoundError, KeyError, ValueError, LookupError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{len(result.rows)} prediction(s) -> {result.files['predictions']}")
+    for key, reason in result.skipped:
+        print(f"  skipped {key}: {reason}")
+    if result.skipped:
+        print(f"{len(result.skipped)} input(s) skipped -> {result.files['skipped']}")
+    if result.metrics:
+        m = result.metrics["metrics"]
+        print(f"metrics on {result.metrics['n']} labelled image(s) at threshold "
+              f"{result.metrics['threshold']}: accuracy {m['accuracy']:.4f}, ROC AUC "
+              f"{m['roc_auc']:.4f}, sensitivity {m['sensitivity']:.4f}, specificity "
+              f"{m['specificity']:.4f}")
+        print(f"  confusion (rows true, columns predicted) "
+              f"{result.metrics['confusion_matrix']['matrix']} -> {result.files['metrics']}")
+    if "gradcam" in result.files:
+        print(f"Grad-CAM contact sheet -> {result.files['gradcam']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

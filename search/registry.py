@@ -1,0 +1,659 @@
+"""Register a run's model and decide champion or challenger on a fair, held-out comparison.
+
+    python search/registry.py --sweep-run-id PARENT_RUN_ID   # the sweep's best trial
+    python search/registry.py --run-id RUN_ID [--name pneumonia-cnn] [--metric roc_auc]
+
+At the end of a sweep `promote_sweep_best` does the same for the best trial. Each call:
+
+1. registers the run's logged model (its `best_model_uri` tag) as a new version of the
+   registered model, with class names, preprocessing, threshold, config + hash, data
+   fingerprint and run link as version tags (re-running reuses the run's existing version);
+2. rebuilds the held-out split from the run's composed config (`data` with its `seed`; the
+   config's *test* split, never used for tuning) and scores the new version and the current
+   `@champion` on it, each at its own stored decision threshold (scikit-learn metrics);
+3. under a lock, gives the new version the `champion` alias if it beats the champion on the
+   metric (ROC AUC by default; sensitivity at the stored threshold breaks ties), else
+   `challenger`. The first version becomes champion. Aliases only, never stages.
+
+Concurrency: for a local SQLite store an `fcntl` lock file next to the database serialises
+read-champion → compare → set-alias across processes; if the champion changed while we
+evaluated, the new champion is evaluated inside the lock. For other stores (a tracking server)
+there is no cross-process lock: a compare-and-verify loop re-reads the alias after setting it
+and compares again when another writer moved it (best effort; it converges on the better model
+as long as each writer re-reads after the other's write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from search import pull
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = pull.DEFAULT_MODEL_NAME
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+DEFAULT_METRIC = "roc_auc"
+DEFAULT_TIE_BREAK = "sensitivity"
+# Metrics of search.evaluate.evaluate_split that can rank models (all: higher is better).
+RANKING_METRICS = ("roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity", "f1",
+                   "precision", "recall")
+TIE_TOLERANCE = 1e-9
+MAX_VERIFY_ROUNDS = 5
+LOCK_SUFFIX = ".promotion.lock"
+JSON_TAGS = ("class_names", "preprocessing")
+
+
+class NoHeldOutSplit(ValueError):
+    """The run's config has no test split to compare models on."""
+
+
+@dataclass
+class HeldOutScore:
+    """One model version's metrics on the held-out split, at its own stored threshold."""
+
+    version: int
+    metric: float
+    tie_break: float
+    threshold: float | None
+    metrics: dict[str, float]
+    data_fingerprint: str | None
+
+
+@dataclass
+class PromotionDecision:
+    """What happened to a new version, and why."""
+
+    model_name: str
+    version: int
+    run_id: str
+    alias: str  # champion | challenger
+    promoted: bool
+    metric: str
+    tie_break: str
+    reason: str
+    new_score: float | None = None
+    new_tie_break: float | None = None
+    champion_version: int | None = None  # the version compared against (None: no champion)
+    champion_score: float | None = None
+    champion_tie_break: float | None = None
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    new_metrics: dict[str, float] = field(default_factory=dict)
+    champion_metrics: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """Human-readable lines for the console."""
+
+        def fmt(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.4f}"
+
+        lines = [
+            f"{self.model_name} v{self.version} (run {self.run_id}) -> @{self.alias}"
+            f" ({'promoted' if self.promoted else 'not promoted'}): {self.reason}",
+            f"  held-out {self.metric}: new {fmt(self.new_score)}"
+            + (f" vs champion v{self.champion_version} {fmt(self.champion_score)}"
+               if self.champion_version is not None else ""),
+            f"  tie-break {self.tie_break}: new {fmt(self.new_tie_break)}"
+            + (f" vs champion {fmt(self.champion_tie_break)}"
+               if self.champion_version is not None else ""),
+        ]
+        if self.evaluation:
+            lines.append(f"  split: {self.evaluation.get('description')}")
+        lines += [f"  WARNING: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration
+
+
+def run_config(client: MlflowClient, run_id: str) -> DictConfig:
+    """The composed config a run logged as config/config.yaml."""
+    text = pull.run_config_text(client, run_id)
+    if text is None:
+        raise FileNotFoundError(
+            f"run {run_id} has no config/config.yaml artifact; only runs of search/train.py "
+            "can be promoted"
+        )
+    return OmegaConf.create(text)
+
+
+def run_model_metadata(client: MlflowClient, run_id: str) -> dict[str, Any]:
+    """The model metadata train.py logged as model_metadata.json."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, "model_metadata.json", tmp)
+        except (MlflowException, OSError) as error:
+            raise FileNotFoundError(
+                f"run {run_id} has no model_metadata.json: was it logged with "
+                "tracking.log_model=true by search/train.py?"
+            ) from error
+        return json.loads(Path(path).read_text())
+
+
+def version_tags(run_id: str, metadata: dict[str, Any], config_yaml: str) -> dict[str, str]:
+    """Model-version tags: what a version needs to be used and traced without its run."""
+    tags = {
+        "class_names": json.dumps(list(metadata["class_names"])),
+        "preprocessing": json.dumps(metadata["preprocessing"], sort_keys=True),
+        "threshold": json.dumps(metadata.get("threshold")),
+        "threshold_rule": str(metadata.get("threshold_rule")),
+        "threshold_chosen_on": "val",
+        "data_fingerprint": str(metadata.get("data_fingerprint")),
+        "config_hash": str(metadata.get("config_hash")),
+        "config": config_yaml,
+        "run_uri": f"runs:/{run_id}",
+        "run_id": run_id,
+    }
+    return tags
+
+
+def version_description(run: Any, metadata: dict[str, Any]) -> str:
+    trial = run.data.tags.get("optuna.trial_number")
+    study = run.data.tags.get("optuna.study")
+    origin = f"trial {trial} of study {study}" if trial is not None else "a single run"
+    return (
+        f"Keras model from run {run.info.run_id} ({origin}); decision threshold "
+        f"{metadata.get('threshold')} ({metadata.get('threshold_rule')}, chosen on val); "
+        f"config hash {metadata.get('config_hash')}; data fingerprint "
+        f"{metadata.get('data_fingerprint')}. Full config in the `config` tag."
+    )
+
+
+def existing_version(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
+    """A version of `name` already registered from this run (re-running promotion)."""
+    try:
+        found = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    except MlflowException:
+        return None
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def register_run_model(client: MlflowClient, run_id: str, model_name: str) -> ModelVersion:
+    """Register the run's logged model as a version of `model_name` (idempotent per run)."""
+    run = client.get_run(run_id)
+    if run.info.status != "FINISHED":
+        raise ValueError(f"run {run_id} is {run.info.status}, not FINISHED; nothing to register")
+    model_uri = run.data.tags.get("best_model_uri")
+    if not model_uri:
+        raise ValueError(
+            f"run {run_id} has no best_model_uri tag: it logged no model "
+            "(tracking.log_model=false, or it is not a search/train.py run)"
+        )
+    metadata = run_model_metadata(client, run_id)
+    config_yaml = pull.run_config_text(client, run_id) or ""
+    tags = version_tags(run_id, metadata, config_yaml)
+    mv = existing_version(client, model_name, run_id)
+    if mv is None:
+        # MLflow 3: models:/<model_id> registers the LoggedModel; the version keeps the run id.
+        mv = mlflow.register_model(model_uri, model_name, tags=tags)
+        log.info("registered %s as %s v%s", model_uri, model_name, mv.version)
+    else:
+        log.info("run %s is already %s v%s; reusing it", run_id, model_name, mv.version)
+        for key, value in tags.items():
+            client.set_model_version_tag(model_name, mv.version, key, value)
+    client.update_model_version(model_name, mv.version,
+                                description=version_description(run, metadata))
+    return client.get_model_version(model_name, mv.version)
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out evaluation
+
+
+def check_metric(metric: str) -> str:
+    """Accept `roc_auc` (also `test_roc_auc`/`eval_test_roc_auc`); refuse unrankable names."""
+    name = str(metric)
+    for prefix in ("eval_test_", "test_"):
+        name = name.removeprefix(prefix)
+    if name not in RANKING_METRICS:
+        raise ValueError(
+            f"registry.metric={metric!r} cannot rank models; use one of "
+            f"{', '.join(RANKING_METRICS)}"
+        )
+    return name
+
+
+class HeldOutEvaluator:
+    """Scores model versions on the held-out split rebuilt from one run's composed config.
+
+    Each model is fed the split preprocessed its own way (image size, channels): the split's
+    membership does not depend on them, which the data fingerprint confirms.
+    """
+
+    def __init__(self, cfg: DictConfig, metric: str = DEFAULT_METRIC,
+                 tie_break: str = DEFAULT_TIE_BREAK) -> None:
+        self.cfg = cfg
+        self.metric = check_metric(metric)
+        self.tie_break = check_metric(tie_break)
+        self._bundles: dict[tuple[int, int], Any] = {}
+        self._scores: dict[int, HeldOutScore] = {}
+        self.fingerprint: str | None = None
+        self.n_test: int | None = None
+        self.class_names: list[str] | None = None
+
+    def description(self) -> dict[str, Any]:
+        data = OmegaConf.to_container(self.cfg.data, resolve=True)
+        return {
+            "split": "test",
+            "seed": int(self.cfg.seed),
+            "n": self.n_test,
+            "data_fingerprint": self.fingerprint,
+            "source": data.get("source"),
+            "path": data.get("path") or data.get("root"),
+            "description": (
+                f"test split of the new run's config (seed {int(self.cfg.seed)}, "
+                f"{self.n_test} images, data fingerprint {str(self.fingerprint)[:12]})"
+            ),
+        }
+
+    def bundle(self, image_size: int, channels: int) -> Any:
+        key = (int(image_size), int(channels))
+        if key not in self._bundles:
+            from hydra.utils import instantiate
+
+            bundle = instantiate(self.cfg.data, seed=int(self.cfg.seed), image_size=key[0],
+                                 channels=key[1], _convert_="all")
+            if bundle.n_test == 0:
+                raise NoHeldOutSplit(
+                    "the run's config has no test split (data.test_fraction=0 and no given "
+                    "test split), so models cannot be compared on held-out data; sweep with "
+                    "data.test_fraction > 0"
+                )
+            if self.fingerprint is None:
+                self.fingerprint, self.n_test = bundle.fingerprint, bundle.n_test
+                self.class_names = list(bundle.class_names)
+            elif bundle.fingerprint != self.fingerprint:
+                raise RuntimeError(
+                    f"rebuilding the split at {key} gave fingerprint {bundle.fingerprint}, not "
+                    f"{self.fingerprint}: the split depends on preprocessing, so the comparison "
+                    "would not be fair"
+                )
+            self._bundles[key] = bundle
+        return self._bundles[key]
+
+    def score(self, client: MlflowClient, name: str, version: int | str) -> HeldOutScore:
+        """Metrics of one registered version (cached per version)."""
+        version = int(version)
+        if version in self._scores:
+            return self._scores[version]
+        from search import evaluate as ev
+
+        mv = client.get_model_version(name, str(version))
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = pull.download_version(mv, Path(tmp))
+            info = pull.version_info(client, mv, folder)
+            model = pull.load_keras_safely(folder)
+        prep = info["preprocessing"]
+        bundle = self.bundle(int(prep["image_size"]), int(prep["channels"]))
+        if list(info["class_names"]) != list(bundle.class_names):
+            raise ValueError(
+                f"{name} v{version} predicts {info['class_names']} but the held-out split has "
+                f"classes {bundle.class_names}; register models of another task under another "
+                "--name"
+            )
+        scores = ev.positive_scores(model.predict(bundle.test, verbose=0))
+        threshold = info.get("threshold")
+        result = ev.evaluate_split("heldout", bundle.y_test, scores, bundle.class_names,
+                                   None if threshold is None else float(threshold))
+        score = HeldOutScore(
+            version=version,
+            metric=result.metrics[self.metric],
+            tie_break=result.metrics[self.tie_break],
+            threshold=result.threshold,
+            metrics=result.metrics,
+            data_fingerprint=info.get("data_fingerprint"),
+        )
+        log.info("%s v%s on the held-out split: %s %.4f, %s %.4f", name, version, self.metric,
+                 score.metric, self.tie_break, score.tie_break)
+        self._scores[version] = score
+        return score
+
+
+def beats(new: HeldOutScore, champion: HeldOutScore) -> tuple[bool, str]:
+    """Whether `new` strictly beats `champion`: metric first, tie-break second."""
+    if math.isnan(new.metric):
+        return False, "the new version's metric is undefined (one class in the split?)"
+    if math.isnan(champion.metric) or new.metric > champion.metric + TIE_TOLERANCE:
+        return True, "higher metric than the champion"
+    if new.metric < champion.metric - TIE_TOLERANCE:
+        return False, "lower metric than the champion"
+    if new.tie_break > champion.tie_break + TIE_TOLERANCE:
+        return True, "metric tied; higher tie-break than the champion"
+    return False, "metric tied; tie-break not higher than the champion's"
+
+
+# ---------------------------------------------------------------------------------------------
+# Aliases under a lock
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI, else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///")).expanduser().resolve()
+
+
+@contextlib.contextmanager
+def promotion_lock(registry_uri: str) -> Iterator[bool]:
+    """Exclusive inter-process lock for a local SQLite registry; yields whether it locked.
+
+    The lock file sits next to the database (`mlflow.db.promotion.lock`); `flock` is released
+    by the kernel even if the holder dies. Other stores yield False (no lock, see the module
+    docstring for the best-effort protocol).
+    """
+    db = sqlite_path(registry_uri)
+    if db is None:
+        yield False
+        return
+    lock_file = db.with_name(db.name + LOCK_SUFFIX)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:
+    """The version holding @champion, or None."""
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def _decide_under_lock(
+    client: MlflowClient, name: str, mv: ModelVersion, evaluator: HeldOutEvaluator,
+    new: HeldOutScore | None, locked: bool,
+) -> tuple[bool, str, HeldOutScore | None]:
+    """Compare with the champion of the moment and move the aliases; loop when not locked."""
+    version = int(mv.version)
+    for _ in range(MAX_VERIFY_ROUNDS):
+        champ = current_champion(client, name)
+        champ_score = None
+        if champ is None:
+            promoted, reason = True, "first version with no champion: promoted"
+        elif int(champ.version) == version:
+            promoted, reason = True, "already the champion"
+        else:
+            if new is None:
+                raise NoHeldOutSplit(
+                    f"{name} has a champion (v{champ.version}) but the new run's config has no "
+                    "held-out test split to compare on; sweep with data.test_fraction > 0"
+                )
+            champ_score = evaluator.score(client, name, champ.version)  # cached if seen
+            promoted, reason = beats(new, champ_score)
+        if promoted:
+            client.set_registered_model_alias(name, CHAMPION, str(version))
+            if CHALLENGER in (client.get_model_version(name, str(version)).aliases or []):
+                client.delete_registered_model_alias(name, CHALLENGER)  # a re-promoted version
+        else:
+            client.set_registered_model_alias(name, CHALLENGER, str(version))
+        if locked:
+            return promoted, reason, champ_score
+        # Best effort without a lock: the champion must now be ours (promoted) or still the one
+        # we lost to; anything else means another writer moved it: compare again.
+        after = current_champion(client, name)
+        expected = version if promoted else (None if champ is None else int(champ.version))
+        if (None if after is None else int(after.version)) == expected:
+            return promoted, reason, champ_score
+        log.warning("@champion moved to v%s while promoting v%s; comparing again",
+                    None if after is None else after.version, version)
+    raise RuntimeError(f"@champion of {name} kept moving during {MAX_VERIFY_ROUNDS} rounds")
+
+
+def register_and_promote(
+    run_id: str,
+    model_name: str = DEFAULT_MODEL_NAME,
+    metric: str = DEFAULT_METRIC,
+    parent_run_id: str | None = None,
+    tie_break: str = DEFAULT_TIE_BREAK,
+) -> PromotionDecision:
+    """Register `run_id`'s model as a new version and give it @champion or @challenger.
+
+    Args:
+        run_id: A finished search/train.py run with a logged model.
+        model_name: Registered model name.
+        metric: Held-out metric that ranks models (higher is better).
+        parent_run_id: Run that receives the decision (the sweep's parent run); default: the
+            run's own parent, else the run itself.
+        tie_break: Metric compared when `metric` ties (sensitivity at the stored threshold).
+
+    Returns:
+        The decision (also printed, logged to the parent run and to the version's tags).
+
+    Uses the current tracking and registry URIs (`mlflow.set_tracking_uri`, or
+    $MLFLOW_TRACKING_URI).
+    """
+    client = MlflowClient()
+    metric, tie_break = check_metric(metric), check_metric(tie_break)
+    evaluator = HeldOutEvaluator(run_config(client, run_id), metric, tie_break)
+    mv = register_run_model(client, run_id, model_name)
+    version = int(mv.version)
+    warnings: list[str] = []
+
+    new: HeldOutScore | None
+    try:
+        new = evaluator.score(client, model_name, version)
+    except NoHeldOutSplit as error:
+        new = None
+        warnings.append(str(error))
+    if new is not None and new.data_fingerprint != evaluator.fingerprint:
+        warnings.append(
+            f"the split rebuilt from the run's config has data fingerprint "
+            f"{str(evaluator.fingerprint)[:12]}, the run logged {str(new.data_fingerprint)[:12]}"
+            " (did the data change since?)"
+        )
+    # Evaluate the champion seen now outside the lock (slow); inside the lock it is re-read and
+    # a different champion is evaluated there.
+    seen = current_champion(client, model_name)
+    if new is not None and seen is not None and int(seen.version) != version:
+        evaluator.score(client, model_name, seen.version)
+
+    registry_uri = mlflow.get_registry_uri()
+    with promotion_lock(registry_uri) as locked:
+        promoted, reason, champ_score = _decide_under_lock(
+            client, model_name, mv, evaluator, new, locked
+        )
+    if champ_score is not None and new is not None and (
+        champ_score.data_fingerprint != new.data_fingerprint
+    ):
+        warnings.append(
+            f"training data fingerprints differ (new {str(new.data_fingerprint)[:12]}, champion "
+            f"{str(champ_score.data_fingerprint)[:12]}): the champion may have trained on images "
+            "of this held-out split, or on other data"
+        )
+    decision = PromotionDecision(
+        model_name=model_name,
+        version=version,
+        run_id=run_id,
+        alias=CHAMPION if promoted else CHALLENGER,
+        promoted=promoted,
+        metric=metric,
+        tie_break=tie_break,
+        reason=reason,
+        new_score=None if new is None else new.metric,
+        new_tie_break=None if new is None else new.tie_break,
+        champion_version=None if champ_score is None else champ_score.version,
+        champion_score=None if champ_score is None else champ_score.metric,
+        champion_tie_break=None if champ_score is None else champ_score.tie_break,
+        evaluation=evaluator.description() if evaluator.fingerprint else {},
+        new_metrics={} if new is None else new.metrics,
+        champion_metrics={} if champ_score is None else champ_score.metrics,
+        warnings=warnings,
+    )
+    record_decision(client, decision, parent_run_id or client.get_run(run_id).data.tags.get(
+        "mlflow.parentRunId") or run_id)
+    print(decision.summary())
+    return decision
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def record_decision(client: MlflowClient, decision: PromotionDecision, target_run_id: str) -> None:
+    """Decision → version tags, and params/metrics/tags + promotion/decision.json on a run."""
+    name, version = decision.model_name, str(decision.version)
+    version_tags = {
+        "promotion.decision": decision.alias,
+        "promotion.reason": decision.reason,
+        "promotion.metric": decision.metric,
+        "promotion.score": str(decision.new_score),
+        "promotion.compared_with": (
+            f"v{decision.champion_version}" if decision.champion_version is not None else "none"
+        ),
+        "promotion.champion_score": str(decision.champion_score),
+        "promotion.eval_split": str(decision.evaluation.get("description", "none")),
+    }
+    if decision.warnings:
+        version_tags["promotion.warning"] = " | ".join(decision.warnings)
+    for key, value in version_tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+    run_tags = {
+        "promotion.model_name": name,
+        "promotion.version": version,
+        "promotion.alias": decision.alias,
+        "promotion.promoted": str(decision.promoted).lower(),
+        "promotion.reason": decision.reason,
+        "promotion.metric": decision.metric,
+        "promotion.compared_with": version_tags["promotion.compared_with"],
+        "promotion.model_uri": f"models:/{name}/{version}",
+    }
+    if decision.warnings:
+        run_tags["promotion.warning"] = " | ".join(decision.warnings)
+    for key, value in run_tags.items():
+        client.set_tag(target_run_id, key, value)
+    metrics = {
+        f"promotion_new_{decision.metric}": decision.new_score,
+        f"promotion_new_{decision.tie_break}": decision.new_tie_break,
+        f"promotion_champion_{decision.metric}": decision.champion_score,
+        f"promotion_champion_{decision.tie_break}": decision.champion_tie_break,
+    }
+    for key, value in metrics.items():
+        if _finite(value):
+            client.log_metric(target_run_id, key, float(value))
+    # Params are immutable: set them once; a later promotion into the same run keeps the first.
+    existing = client.get_run(target_run_id).data.params
+    params = {"promotion.registered_model": name, "promotion.metric": decision.metric,
+              "promotion.tie_break": decision.tie_break}
+    for key, value in params.items():
+        if key not in existing:
+            client.log_param(target_run_id, key, value)
+    client.log_dict(target_run_id, decision.to_dict(), "promotion/decision.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+
+
+def registry_options(config: DictConfig | dict | None) -> dict[str, Any]:
+    """`registry.*` keys of a composed config with their defaults."""
+    section = (config or {}).get("registry") or {}
+    return {
+        "enabled": bool(section.get("enabled", True)),
+        "model_name": str(section.get("model_name") or DEFAULT_MODEL_NAME),
+        "metric": str(section.get("metric") or DEFAULT_METRIC),
+        "tie_break": str(section.get("tie_break") or DEFAULT_TIE_BREAK),
+    }
+
+
+def promote_sweep_best(
+    config: DictConfig, parent_run_id: str, best_run_id: str | None = None
+) -> PromotionDecision | None:
+    """Hook for `on_multirun_end`: register and promote the sweep's best trial.
+
+    Args:
+        config: The composed sweep config (reads `registry.enabled/model_name/metric/tie_break`).
+        parent_run_id: The sweep's parent run (receives the decision).
+        best_run_id: The best trial's run; default: the parent run's `best_run_id` tag.
+
+    Returns:
+        The decision, or None when the registry is disabled or the sweep has no best run.
+    """
+    options = registry_options(config)
+    if not options["enabled"]:
+        log.info("registry.enabled=false: best trial not registered")
+        return None
+    client = MlflowClient()
+    best_run_id = best_run_id or client.get_run(parent_run_id).data.tags.get("best_run_id")
+    if not best_run_id:
+        log.warning("sweep run %s has no best_run_id (no finished trial?): nothing to register",
+                    parent_run_id)
+        return None
+    return register_and_promote(
+        best_run_id, model_name=options["model_name"], metric=options["metric"],
+        parent_run_id=parent_run_id, tie_break=options["tie_break"],
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from search.tracking import resolve_tracking_uri
+
+    parser = argparse.ArgumentParser(
+        description="Register a finished run's model (or a sweep's best trial) and decide "
+                    "champion/challenger on its held-out split."
+    )
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run-id", help="a finished search/train.py run")
+    which.add_argument("--sweep-run-id", help="a sweep's parent run (uses its best_run_id tag)")
+    parser.add_argument("--name", default=DEFAULT_MODEL_NAME, help="registered model name")
+    parser.add_argument("--metric", default=DEFAULT_METRIC, choices=RANKING_METRICS)
+    parser.add_argument("--tie-break", default=DEFAULT_TIE_BREAK, choices=RANKING_METRICS)
+    parser.add_argument("--tracking-uri", default=None,
+                        help="default: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlruns/mlflow.db")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet CLI
+    uri = resolve_tracking_uri(args.tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient()
+    run_id, parent = args.run_id, None
+    if args.sweep_run_id:
+        parent = args.sweep_run_id
+        run_id = client.get_run(parent).data.tags.get("best_run_id")
+        if not run_id:
+            print(f"error: sweep run {parent} has no best_run_id tag (did the sweep finish a "
+                  "trial?)", file=sys.stderr)
+            return 2
+    start = time.time()
+    decision = register_and_promote(run_id, model_name=args.name, metric=args.metric,
+                                    parent_run_id=parent, tie_break=args.tie_break)
+    log.info("promotion took %.1f s", time.time() - start)
+    return 0 if decision else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

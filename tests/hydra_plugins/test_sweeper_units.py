@@ -1,0 +1,239 @@
+"""Sweeper building blocks without a sweep: counting, samplers, pruners, trial context."""
+
+import importlib.util
+import math
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from hydra.core.config_store import ConfigStore
+from optuna.trial import TrialState, create_trial
+
+import hydra_plugins.optuna_pruning_sweeper.config  # noqa: F401 - registers the configs
+from hydra_plugins.optuna_pruning_sweeper import _impl, trial_context
+from hydra_plugins.optuna_pruning_sweeper.distributions import parse_search_space
+from hydra_plugins.optuna_pruning_sweeper.worker import resolve_task_function, values_from_return
+
+APP_DIR = Path(__file__).parent / "app"
+
+
+def _node(group: str, name: str):
+    return ConfigStore.instance().load(f"hydra/sweeper/{group}/{name}.yaml").node
+
+
+# --- counting rule ---------------------------------------------------------------------------
+
+
+def test_count_toward_budget_skips_retried_failures_and_waiting():
+    study = optuna.create_study()
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+
+    def add(state, **system_attrs):
+        study.add_trial(
+            create_trial(
+                state=state,
+                value=0.0 if state == TrialState.COMPLETE else None,
+                params={"x": 0.5},
+                distributions=dist,
+                system_attrs=system_attrs,
+            )
+        )
+
+    add(TrialState.COMPLETE)  # 0 counted
+    add(TrialState.PRUNED)  # 1 counted
+    add(TrialState.FAIL)  # 2 retried by 5 -> not counted
+    add(TrialState.FAIL)  # 3 counted (never retried)
+    add(TrialState.RUNNING)  # 4 in flight -> counted
+    add(TrialState.FAIL, failed_trial=2, retry_history=[2])  # 5 retry failed, retried by 6
+    add(TrialState.WAITING, failed_trial=2, retry_history=[2, 5])  # 6 queued -> not counted
+    trials = study.get_trials(deepcopy=False)
+    assert _impl.retried_numbers(trials) == {2, 5}
+    assert _impl.count_toward_budget(trials) == 4
+
+
+def test_space_differences_name_the_keys():
+    old = {**parse_search_space(["x=interval(0, 1)", "y=choice(a, b)", "e=3"]).fingerprint()}
+    new = {**parse_search_space(["x=interval(0, 2)", "z=choice(a, b)", "e=4"]).fingerprint()}
+    diffs = "\n".join(_impl.space_differences(old, new))
+    assert "'x' changed" in diffs
+    assert "'y' removed" in diffs
+    assert "'z' added" in diffs
+    assert "fixed: 'e' changed: e=3 -> e=4" in diffs
+    assert _impl.space_differences(old, old) == []
+
+
+def test_directions():
+    assert _impl.directions_of("maximize") == ["maximize"]
+    assert _impl.directions_of(["minimize", "maximize"]) == ["minimize", "maximize"]
+    with pytest.raises(ValueError, match="minimize"):
+        _impl.directions_of("down")
+
+
+@pytest.mark.parametrize(
+    ("value", "n", "expected"),
+    [(0.5, 1, [0.5]), (3, 1, [3.0]), ([0.5], 1, [0.5]), ((1, 2.0), 2, [1.0, 2.0])],
+)
+def test_values_from_return(value, n, expected):
+    assert values_from_return(value, n) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "n", "message"),
+    [
+        (float("nan"), 1, "non-finite"),
+        (math.inf, 1, "non-finite"),
+        ("abc", 1, "must return a float"),
+        (None, 1, "must return a float"),
+        (1.0, 2, "2 floats"),
+        ((1.0, float("nan")), 2, "non-finite"),
+    ],
+)
+def test_values_from_return_refuses(value, n, message):
+    with pytest.raises(ValueError, match=message):
+        values_from_return(value, n)
+
+
+@pytest.mark.parametrize(
+    ("visible", "expected"), [("0,1", ["0", "1"]), ("", []), ("-1", []), ("3", ["3"])]
+)
+def test_detect_gpus_from_cuda_visible_devices(monkeypatch, visible, expected):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert _impl.detect_gpus() == expected
+
+
+def test_resolve_task_function_unwraps_hydra_main(monkeypatch):
+    monkeypatch.syspath_prepend(str(APP_DIR))
+    fn = resolve_task_function("app", "main")
+    app = importlib.import_module("app")
+    assert fn is app.main.__wrapped__
+    with pytest.raises(RuntimeError, match="cannot find task function"):
+        resolve_task_function("app", "nope")
+    with pytest.raises(RuntimeError, match="inside a function"):
+        resolve_task_function("app", "f.<locals>.g")
+
+
+def test_ask_lock_excludes_across_instances(tmp_path):
+    url = f"sqlite:///{tmp_path}/o.db"
+    inside, overlaps = [0], []
+
+    def worker():
+        lock = _impl.AskLock(url, "s")  # own open file: flock excludes like another process
+        for _ in range(5):
+            with lock():
+                inside[0] += 1
+                overlaps.append(inside[0])
+                time.sleep(0.005)
+                inside[0] -= 1
+        lock.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert max(overlaps) == 1
+    assert (tmp_path / "o.db.ask.lock").exists()
+
+
+# --- samplers and pruners by name -------------------------------------------------------------
+
+SPACE = parse_search_space(["x=choice(0, 1)", "y=range(0, 3)"])
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        ("tpe", optuna.samplers.TPESampler),
+        ("random", optuna.samplers.RandomSampler),
+        ("nsgaii", optuna.samplers.NSGAIISampler),
+        ("grid", optuna.samplers.GridSampler),
+        ("cmaes", optuna.samplers.CmaEsSampler),
+        ("gp", optuna.samplers.GPSampler),
+    ],
+)
+def test_sampler_by_name(name, cls):
+    node = _node("sampler", name)
+    assert "seed" in node
+    needs = {"cmaes": ["cmaes"], "gp": ["torch", "scipy"]}.get(name, [])
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    if missing:
+        with pytest.raises(ImportError, match=f"pip install {missing[0]}"):
+            _impl.build_sampler(node, SPACE)
+        return
+    assert isinstance(_impl.build_sampler(node, SPACE), cls)
+
+
+def test_sampler_seed_offset_and_tpe_options():
+    node = _node("sampler", "tpe")
+    node.seed = 7
+    node.multivariate = True
+    node.group = True
+    sampler = _impl.build_sampler(node, SPACE, seed_offset=2)
+    assert sampler._multivariate and sampler._group and sampler._constant_liar
+    a = optuna.create_study(sampler=_impl.build_sampler(node, SPACE, seed_offset=0))
+    b = optuna.create_study(sampler=_impl.build_sampler(node, SPACE, seed_offset=1))
+    assert a.ask().suggest_float("x", 0, 1) != b.ask().suggest_float("x", 0, 1)
+
+
+def test_grid_sampler_refuses_intervals():
+    space = parse_search_space(["x=interval(0, 1)"])
+    with pytest.raises(ValueError, match="grid sampler needs discrete params: 'x'"):
+        _impl.build_sampler(_node("sampler", "grid"), space)
+    assert _impl.grid_size(SPACE) == 6
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        ("median", optuna.pruners.MedianPruner),
+        ("successive_halving", optuna.pruners.SuccessiveHalvingPruner),
+        ("hyperband", optuna.pruners.HyperbandPruner),
+        ("nop", optuna.pruners.NopPruner),
+        ("none", optuna.pruners.NopPruner),
+    ],
+)
+def test_pruner_by_name(name, cls):
+    assert isinstance(_impl.build_pruner(_node("pruner", name)), cls)
+
+
+def test_sweeper_config_defaults():
+    node = ConfigStore.instance().load("hydra/sweeper/optuna_pruning.yaml").node
+    assert node.n_trials == 20 and node.trials_per_worker == 1 and node.new_study is False
+    assert node._target_.endswith("sweeper.OptunaPruningSweeper")
+
+
+# --- trial context ----------------------------------------------------------------------------
+
+
+def test_trial_context_outside_a_sweep(monkeypatch):
+    for var in (trial_context.ENV_TRIAL_ID, trial_context.ENV_TRIAL_NUMBER):
+        monkeypatch.delenv(var, raising=False)
+    assert trial_context.current_trial() is None
+    assert trial_context.trial_info() is None
+
+
+def test_trial_context_rebuilds_the_running_trial(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path}/o.db"
+    study = optuna.create_study(study_name="ctx", storage=url)
+    asked = study.ask()
+    pruner = '{"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 0}'
+    monkeypatch.setenv(trial_context.ENV_STORAGE, url)
+    monkeypatch.setenv(trial_context.ENV_STUDY, "ctx")
+    monkeypatch.setenv(trial_context.ENV_TRIAL_ID, str(asked._trial_id))
+    monkeypatch.setenv(trial_context.ENV_TRIAL_NUMBER, str(asked.number))
+    monkeypatch.setenv(trial_context.ENV_SAMPLER, "TPESampler")
+    monkeypatch.setenv(trial_context.ENV_PRUNER, pruner)
+    trial = trial_context.current_trial()
+    assert trial is not None and trial.number == asked.number
+    assert trial_context.current_trial() is trial  # cached per process
+    assert isinstance(trial.study.pruner, optuna.pruners.MedianPruner)
+    trial.report(1.5, 0)
+    assert study.trials[0].intermediate_values == {0: 1.5}
+    assert trial_context.trial_info() == {
+        "study": "ctx",
+        "trial_number": asked.number,
+        "sampler": "TPESampler",
+        "pruner": "MedianPruner",
+    }

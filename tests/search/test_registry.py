@@ -1,0 +1,299 @@
+"""Registry and champion/challenger gate against a real SQLite MLflow store and real models."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from search import registry
+from search.registry import HeldOutScore
+
+REPO = Path(__file__).resolve().parents[2]
+NAME = "pneumonia-cnn"
+
+
+def score(metric: float, tie: float, version: int = 1) -> HeldOutScore:
+    return HeldOutScore(version, metric, tie, 0.5, {}, "fp")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure rules (fast)
+
+
+@pytest.mark.parametrize(
+    ("new", "champion", "wins"),
+    [
+        ((0.90, 0.5), (0.80, 0.9), True),  # higher metric wins whatever the tie-break
+        ((0.80, 0.9), (0.90, 0.5), False),
+        ((0.85, 0.9), (0.85, 0.8), True),  # tie on the metric: higher sensitivity wins
+        ((0.85, 0.8), (0.85, 0.9), False),
+        ((0.85, 0.8), (0.85, 0.8), False),  # a full tie keeps the champion
+        ((float("nan"), 1.0), (0.5, 0.5), False),
+        ((0.6, 0.5), (float("nan"), 0.5), True),
+    ],
+)
+def test_beats_metric_then_tie_break(new, champion, wins):
+    assert registry.beats(score(*new), score(*champion))[0] is wins
+
+
+def test_metric_names_are_checked():
+    assert registry.check_metric("roc_auc") == "roc_auc"
+    assert registry.check_metric("test_sensitivity") == "sensitivity"
+    assert registry.check_metric("eval_test_f1") == "f1"
+    with pytest.raises(ValueError, match="cannot rank models"):
+        registry.check_metric("val_loss")
+
+
+def test_registry_yaml_composes_with_documented_keys(compose_cfg):
+    text = (REPO / "conf" / "registry" / "default.yaml").read_text()
+    assert text.startswith("# ")
+    cfg = compose_cfg()
+    if "registry" not in cfg:  # until conf/config.yaml lists `- registry: default`
+        cfg = compose_cfg("+registry=default")
+    assert registry.registry_options(cfg) == {
+        "enabled": True, "model_name": NAME, "metric": "roc_auc", "tie_break": "sensitivity",
+    }
+    assert registry.registry_options(OmegaConf.create({}))["model_name"] == NAME
+
+
+def test_sqlite_lock_serialises_processes(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = (
+        "import sys, time; from search.registry import promotion_lock\n"
+        f"with promotion_lock({uri!r}) as locked:\n"
+        "    print('locked' if locked else 'none', time.time(), flush=True)\n"
+    )
+    with registry.promotion_lock(uri) as locked:
+        assert locked
+        held_until = time.time() + 1.0
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+    out, _ = proc.communicate(timeout=60)
+    word, stamp = out.split()
+    assert word == "locked" and float(stamp) >= held_until - 0.05
+    assert (tmp_path / f"mlflow.db{registry.LOCK_SUFFIX}").exists()
+    with registry.promotion_lock("http://127.0.0.1:5000") as locked:
+        assert locked is False
+
+
+# ---------------------------------------------------------------------------------------------
+# Against a real store (slow: trains three tiny CNNs once per session)
+
+
+def version_files(client: MlflowClient, version) -> Path:
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{version.version}"))
+
+
+@pytest.mark.slow
+def test_first_version_becomes_champion_with_all_fields(registry_store, capsys):
+    good = registry_store.runs.good_run_id
+    parent = registry_store.new_parent_run()
+    decision = registry.register_and_promote(good, parent_run_id=parent)
+
+    assert decision.promoted and decision.alias == "champion"
+    assert decision.champion_version is None and "first version" in decision.reason
+    assert 0.7 < decision.new_score <= 1.0  # scored anyway, for the record
+    printed = capsys.readouterr().out
+    assert f"{NAME} v{decision.version}" in printed and "@champion" in printed
+
+    client = MlflowClient()
+    run = client.get_run(good)
+    mv = client.get_model_version_by_alias(NAME, "champion")
+    assert int(mv.version) == decision.version and mv.run_id == good
+    assert mv.source == run.data.tags["best_model_uri"]
+    tags = mv.tags
+    assert json.loads(tags["class_names"]) == ["normal", "pneumonia"]
+    assert json.loads(tags["preprocessing"])["image_size"] == 28
+    assert json.loads(tags["threshold"]) == pytest.approx(run.data.metrics["threshold"])
+    assert tags["threshold_rule"] == "max_f1" and tags["threshold_chosen_on"] == "val"
+    assert tags["data_fingerprint"] == run.data.params["data.fingerprint"]
+    assert tags["config_hash"] == run.data.params["config_hash"]
+    assert yaml.safe_load(tags["config"])["seed"] == 3
+    assert tags["run_uri"] == f"runs:/{good}"
+    assert tags["promotion.decision"] == "champion" and tags["promotion.compared_with"] == "none"
+    assert good in mv.description
+
+    model_dir = version_files(client, mv)
+    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
+    assert mlmodel["signature"]["inputs"] and mlmodel["metadata"]["class_names"]
+    assert (model_dir / "data" / "model.keras").is_file()
+
+    parent_run = client.get_run(parent)
+    assert parent_run.data.tags["promotion.alias"] == "champion"
+    assert parent_run.data.tags["promotion.model_uri"] == f"models:/{NAME}/{decision.version}"
+    assert parent_run.data.params["promotion.metric"] == "roc_auc"
+    assert parent_run.data.metrics["promotion_new_roc_auc"] == pytest.approx(decision.new_score)
+    saved = client.download_artifacts(parent, "promotion/decision.json", str(model_dir.parent))
+    assert json.loads(Path(saved).read_text())["version"] == decision.version
+
+    again = registry.register_and_promote(good, parent_run_id=parent)  # idempotent per run
+    assert again.version == decision.version and again.reason == "already the champion"
+    assert len(client.search_model_versions(f"name='{NAME}'")) == 1
+
+
+@pytest.mark.slow
+def test_worse_version_becomes_challenger_and_champion_stays(registry_store):
+    runs = registry_store.runs
+    first = registry.register_and_promote(runs.good_run_id)
+    parent = registry_store.new_parent_run()
+    decision = registry.register_and_promote(runs.poor_run_id, parent_run_id=parent)
+
+    assert not decision.promoted and decision.alias == "challenger"
+    assert decision.champion_version == first.version
+    assert decision.new_score < decision.champion_score  # same split, same metric
+    assert decision.champion_score == pytest.approx(first.new_score)
+    assert decision.evaluation["n"] == first.evaluation["n"]
+    assert decision.warnings == []  # same data fingerprint
+    client = MlflowClient()
+    assert int(client.get_model_version_by_alias(NAME, "champion").version) == first.version
+    assert int(client.get_model_version_by_alias(NAME, "challenger").version) == decision.version
+    tags = client.get_run(parent).data.tags
+    assert tags["promotion.alias"] == "challenger" and tags["promotion.promoted"] == "false"
+    assert tags["promotion.compared_with"] == f"v{first.version}"
+
+
+@pytest.mark.slow
+def test_better_version_takes_champion(registry_store):
+    runs = registry_store.runs
+    poor = registry.register_and_promote(runs.poor_run_id)
+    assert poor.alias == "champion"  # first version, however poor
+    decision = registry.register_and_promote(runs.good_run_id, metric="roc_auc")
+    assert decision.promoted and decision.champion_version == poor.version
+    assert decision.new_score > decision.champion_score
+    client = MlflowClient()
+    assert int(client.get_model_version_by_alias(NAME, "champion").version) == decision.version
+    assert client.get_model_version(NAME, str(poor.version)).aliases == []
+
+
+@pytest.mark.slow
+def test_other_training_data_is_compared_with_a_warning(registry_store):
+    runs = registry_store.runs
+    registry.register_and_promote(runs.good_run_id)
+    parent = registry_store.new_parent_run()
+    decision = registry.register_and_promote(runs.other_data_run_id, parent_run_id=parent)
+    assert decision.champion_version is not None
+    assert decision.promoted == (decision.new_score > decision.champion_score)
+    assert any("fingerprints differ" in w for w in decision.warnings)
+    client = MlflowClient()
+    assert "fingerprints differ" in client.get_run(parent).data.tags["promotion.warning"]
+    version = client.get_model_version(NAME, str(decision.version))
+    assert "fingerprints differ" in version.tags["promotion.warning"]
+
+
+@pytest.mark.slow
+def test_sweep_hook_and_cli(registry_store, capsys):
+    runs = registry_store.runs
+    parent = registry_store.new_parent_run(best_run_id=runs.good_run_id)
+    off = OmegaConf.create({"registry": {"enabled": False}})
+    assert registry.promote_sweep_best(off, parent) is None
+    assert registry.promote_sweep_best(OmegaConf.create({}), registry_store.new_parent_run()) \
+        is None  # no best_run_id: nothing to register
+
+    cfg = OmegaConf.create({"registry": {"enabled": True, "model_name": "sweep-model",
+                                         "metric": "sensitivity"}})
+    decision = registry.promote_sweep_best(cfg, parent)
+    assert decision.model_name == "sweep-model" and decision.metric == "sensitivity"
+    assert MlflowClient().get_run(parent).data.tags["promotion.alias"] == "champion"
+
+    capsys.readouterr()
+    cli_parent = registry_store.new_parent_run(best_run_id=runs.poor_run_id)
+    code = registry.main(["--sweep-run-id", cli_parent, "--name", "sweep-model",
+                          "--metric", "roc_auc", "--tracking-uri", registry_store.uri])
+    assert code == 0
+    assert "@challenger" in capsys.readouterr().out
+    assert MlflowClient().get_run(cli_parent).data.tags["promotion.alias"] == "challenger"
+
+
+# ---------------------------------------------------------------------------------------------
+# Two promotions at once
+
+
+def _waiting_on(lock_file: Path, pid: int) -> bool:
+    """Whether `pid` is blocked on the flock of `lock_file` (/proc/locks lists waiters)."""
+    inode = os.stat(lock_file).st_ino
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "->" in fields and str(pid) in fields and any(
+            f.endswith(f":{inode}") for f in fields
+        ):
+            return True
+    return False
+
+
+def _promote_cli(run_id: str, uri: str) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "search" / "registry.py"), "--run-id", run_id],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux /proc/locks")
+@pytest.mark.parametrize("first", ["poor", "good", "free-for-all"])
+def test_concurrent_promotions_leave_the_better_champion(first, trained_store, tmp_path):
+    """Two CLI processes promote the good and the poor run into one SQLite registry at once.
+
+    The test holds the promotion lock until both have registered and evaluated (each saw no
+    champion) and block on the lock; then it lets `first` in alone (the other is SIGSTOPped),
+    so the second must notice the champion changed and re-evaluate inside the lock. In the
+    free-for-all round the kernel picks the order. The good model must end champion.
+    """
+    if not Path("/proc/locks").read_text().strip() and first != "free-for-all":
+        pytest.skip("/proc/locks is empty here")
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(trained_store.db, db)
+    uri = f"sqlite:///{db}"
+    lock_file = db.with_name(db.name + registry.LOCK_SUFFIX)
+    procs = {}
+    with registry.promotion_lock(uri):
+        procs["good"] = _promote_cli(trained_store.good_run_id, uri)
+        procs["poor"] = _promote_cli(trained_store.poor_run_id, uri)
+        deadline = time.time() + 240
+        while not all(_waiting_on(lock_file, p.pid) for p in procs.values()):
+            assert time.time() < deadline, "promotions never reached the lock"
+            assert all(p.poll() is None for p in procs.values()), [
+                p.communicate()[0][-3000:] for p in procs.values() if p.poll() is not None]
+            time.sleep(0.2)
+        second = None
+        if first != "free-for-all":
+            second = procs["good" if first == "poor" else "poor"]
+            os.kill(second.pid, signal.SIGSTOP)
+    try:
+        if second is not None:
+            out_first = procs[first].communicate(timeout=240)[0]
+            assert procs[first].returncode == 0, out_first[-3000:]
+            os.kill(second.pid, signal.SIGCONT)
+        outputs = {k: p.communicate(timeout=240)[0] for k, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
+                p.kill()
+    for key, p in procs.items():
+        assert p.returncode == 0, outputs[key][-3000:]
+
+    client = MlflowClient(uri, registry_uri=uri)
+    champion = client.get_model_version_by_alias(NAME, "champion")
+    assert champion.run_id == trained_store.good_run_id, outputs
+    challenger = client.get_model_version_by_alias(NAME, "challenger")
+    assert challenger.run_id == trained_store.poor_run_id
+    if first != "free-for-all":
+        # The second one in was compared with the first: champion changed under it.
+        loser_or_winner = "good" if first == "poor" else "poor"
+        run_id = getattr(trained_store, f"{loser_or_winner}_run_id")
+        version = client.search_model_versions(f"name='{NAME}' and run_id='{run_id}'")[0]
+        assert version.tags["promotion.compared_with"] != "none", outputs[loser_or_winner]
