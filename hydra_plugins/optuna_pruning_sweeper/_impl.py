@@ -18,8 +18,14 @@ Stale trials: at start and every ``heartbeat_interval`` seconds the sweeper runs
 ``optuna.storages.fail_stale_trials``: a RUNNING trial whose heartbeat stopped for
 ``grace_period`` seconds (its sweeper or machine died) becomes FAIL and a WAITING copy with
 the same params is queued (up to ``max_retry`` times). A sweeper that has nothing left to
-ask waits while other processes' trials are RUNNING, so a re-run after a crash ends with the
-crashed trial retried and exactly ``n_trials`` counted.
+ask but sees other processes' RUNNING trials waits up to ``grace_period + 2 *
+heartbeat_interval`` seconds for them to turn stale, so a re-run right after a crash ends
+with the crashed trial retried and exactly ``n_trials`` counted (a live trial outlasts the
+wait; its own sweeper finishes it). Ctrl-C: workers tell their trials FAIL and queue a
+retry, so re-running the same command continues without losing or repeating a trial.
+
+Workers tell through a study loaded with a RandomSampler, so a sampler's ``after_trial``
+hook does not run; Optuna's built-in samplers keep their state in the storage.
 
 For Hydra callbacks in the sweeper process: as soon as the study is open,
 ``OPTUNA_SWEEPER_STUDY`` and ``OPTUNA_SWEEPER_STORAGE`` are set in ``os.environ`` (the name
@@ -422,11 +428,7 @@ class ConditionResolver:
                 ) from compose_error
             log.debug("compose with %s failed (%s); using the option file", line, compose_error)
             # Keys of the option file are relative to the group's package.
-            return (
-                OmegaConf.create({"_": None})
-                if result.config is None
-                else _nest(group.key, result.config)
-            )
+            return _nest(group.key, result.config if result.config is not None else {})
 
 
 def _nest(dotted: str, cfg: Any) -> DictConfig:
@@ -659,7 +661,12 @@ class OptunaPruningSweeperImpl(Sweeper):
                 n_trials = size
         self.n_trials = n_trials
 
-        url = self.storage_url or self._default_storage()
+        url = _absolute_sqlite(self.storage_url or self._default_storage())
+        if url.startswith("sqlite") and (":memory:" in url or url.rstrip("/") == "sqlite:"):
+            raise ValueError(
+                f"hydra.sweeper.storage={url!r} cannot be shared with worker processes: "
+                "use a SQLite file (sqlite:///path/optuna.db) or a database server URL"
+            )
         base_name = self.study_name or self._default_study_name()
         fingerprint = {**space.fingerprint(), "directions": self.directions}
         pruner = build_pruner(self.pruner_cfg)
@@ -900,6 +907,13 @@ class _SweepLoop:
         """Run until the budget is used, the timeout passes or failures exceed the limit."""
         try:
             return self._run()
+        except KeyboardInterrupt:
+            log.warning(
+                "Interrupted: waiting for %d running trial(s) to be told FAIL and re-queued "
+                "(re-run the same command to continue the study).",
+                len(self.in_flight),
+            )
+            raise
         finally:
             self._shutdown()
 
@@ -1106,6 +1120,19 @@ def _pickle_payload(config_loader: Any, callbacks: Any, config: Any, state: Any)
         log.info("Hydra callbacks are not picklable (%s); workers re-create them.", e)
         callbacks = None
     return dumps((config_loader, callbacks, config, state))
+
+
+def _absolute_sqlite(url: str) -> str:
+    """SQLite URL with an absolute path: jobs may chdir, the study must not move."""
+    if not url.startswith("sqlite"):
+        return url
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    db = parsed.database
+    if not db or db == ":memory:" or db.startswith("file:") or os.path.isabs(db):
+        return url
+    return parsed.set(database=os.path.abspath(db)).render_as_string(hide_password=False)
 
 
 def _redact(url: str) -> str:

@@ -186,7 +186,8 @@ class OptunaPruningSweeperConf:
     n_jobs: int = 1
     # Seconds after which no new trial is asked; running ones finish. null = no limit.
     timeout: float | None = None
-    # Stop (non-zero exit) when FAIL / finished > this, once enough trials finished.
+    # Stop asking and exit non-zero (RuntimeError) when FAIL / finished > this, counted over
+    # this sweeper process's trials once enough of them finished.
     max_failure_rate: float = 0.5
     # Finished trials needed before the failure rate applies; null = max(3, n_jobs).
     failure_rate_min_trials: int | None = None

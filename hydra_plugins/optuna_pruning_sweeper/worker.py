@@ -1,10 +1,12 @@
 """What runs inside a sweeper worker process: one Hydra job per trial, then the tell.
 
 The sweeper gives each concurrent slot its own single-process
-``ProcessPoolExecutor(mp_context=spawn, max_tasks_per_child=trials_per_worker)``.
-``init_worker`` runs once per process: it sets the slot's environment (threads, GPU),
+``ProcessPoolExecutor(mp_context=spawn)``, replaced after ``trials_per_worker`` trials, and
+spawns it under the slot's environment (threads, ``CUDA_VISIBLE_DEVICES``), so the worker has
+them before the main script imports numpy or TF. ``init_worker`` runs once per process: it
 asks the kernel to kill the process when the sweeper dies (``PR_SET_PDEATHSIG``) and
-restores Hydra's state. ``run_trial`` then, per trial:
+restores Hydra's state (as hydra_joblib_launcher's ``execute_job`` does). ``run_trial`` then,
+per trial:
 
 1. exports the trial context (see ``trial_context``) and starts a heartbeat thread;
 2. runs the job like Hydra's joblib launcher does (``load_sweep_config`` + ``run_job``),
@@ -315,10 +317,15 @@ def requeue_trial(study: Any, failed_trial: Any, max_retry: int | None) -> None:
     The copy carries Optuna's retry system attrs, so the failed trial stops counting
     toward ``n_trials`` (see ``_impl.count_toward_budget``).
     """
+    import copy
     import warnings
 
     import optuna
 
+    failed_trial = copy.deepcopy(failed_trial)
+    failed_trial.user_attrs = {
+        k: v for k, v in failed_trial.user_attrs.items() if k not in ("fail_reason", "worker_pid")
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)

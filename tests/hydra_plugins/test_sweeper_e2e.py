@@ -73,6 +73,7 @@ class Sweep:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,  # its own process group, like a terminal job
         )
 
     def trials(self, study: str | None = None) -> list[optuna.trial.FrozenTrial]:
@@ -88,6 +89,15 @@ class Sweep:
 @pytest.fixture
 def sweep(tmp_path):
     return Sweep(tmp_path)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie awaiting its reaper counts as dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def states(trials):
@@ -210,6 +220,7 @@ def test_failure_rate_stops_the_sweep(sweep):
     assert sweep.summary()["stop_reason"] == "failure_rate"
 
 
+@pytest.mark.slow  # deliberate sleeps / grace periods
 def test_slots_stay_busy_without_batch_barrier(sweep):
     """n_jobs=2: while trial 0 runs long, the other slot runs trials 1, 2, 3 back to back.
 
@@ -237,6 +248,7 @@ def test_slots_stay_busy_without_batch_barrier(sweep):
         assert env["TF_NUM_INTRAOP_THREADS"] == "1"
 
 
+@pytest.mark.slow  # deliberate sleeps / grace periods
 def test_timeout_and_fresh_worker_per_trial(sweep):
     """timeout: no new trial after it, running ones finish; trials_per_worker=1: new pids."""
     sweep.run(
@@ -265,27 +277,35 @@ def test_two_sweepers_share_one_study(sweep):
     assert len(study.user_attrs["sweeper_sessions"]) == 2
 
 
+def wait_for_running_trial(sweep: Sweep, proc: subprocess.Popen, number: int) -> int:
+    """Wait until trial ``number`` runs in a worker; returns the worker's pid."""
+    storage = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+        try:
+            storage = storage or optuna.storages.RDBStorage(sweep.url)
+            study_id = storage.get_study_id_from_name(sweep.study)
+            trials = storage.get_all_trials(study_id, states=(TrialState.RUNNING,))
+        except (KeyError, OperationalError):  # study or tables not created yet
+            continue
+        running = [t for t in trials if t.number == number and "worker_pid" in t.user_attrs]
+        if running:
+            return running[0].user_attrs["worker_pid"]
+    proc.kill()
+    pytest.fail(f"trial {number} never ran:\n{proc.communicate(timeout=10)[0]}")
+
+
+@pytest.mark.slow  # deliberate sleeps / grace periods
 def test_killed_sweep_is_resumed_with_the_stale_trial_retried(sweep):
     """SIGKILL the sweeper mid-trial: its worker dies too; a re-run retries that trial."""
     overrides = ("hydra.sweeper.n_trials=3", "hydra.sweeper.grace_period=2", "hang_on=1")
     proc = sweep.start(*overrides)
-    deadline = time.monotonic() + 60
-    worker_pid = None
-    while time.monotonic() < deadline and worker_pid is None:
-        time.sleep(0.2)
-        if sweep.db.exists():
-            try:
-                trials = sweep.trials()
-            except (KeyError, OperationalError):  # study or tables not created yet
-                continue
-            running = [t for t in trials if t.state == TrialState.RUNNING and t.number == 1]
-            if running and "worker_pid" in running[0].user_attrs:
-                worker_pid = running[0].user_attrs["worker_pid"]
-    assert worker_pid is not None, proc.communicate(timeout=5)
+    worker_pid = wait_for_running_trial(sweep, proc, number=1)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
     for _ in range(50):  # PR_SET_PDEATHSIG: the worker follows its sweeper
-        if not Path(f"/proc/{worker_pid}").exists():
+        if not alive(worker_pid):
             break
         time.sleep(0.1)
     else:
@@ -302,6 +322,26 @@ def test_killed_sweep_is_resumed_with_the_stale_trial_retried(sweep):
     assert len(retry) == 1 and retry[0].params == before[1].params
     assert retry[0].state == TrialState.COMPLETE
     assert sweep.summary()["counted"] == 3
+
+
+@pytest.mark.slow  # deliberate sleeps
+def test_ctrl_c_requeues_running_trials(sweep):
+    """SIGINT to the process group (Ctrl-C): running trials are FAIL + re-queued, not lost."""
+    overrides = ("hydra.sweeper.n_trials=2", "hang_on=0")  # the retry has another number
+    proc = sweep.start(*overrides)
+    wait_for_running_trial(sweep, proc, number=0)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    interrupted = sweep.trials()
+    assert states(interrupted) == ["FAIL", "WAITING"]
+    assert interrupted[0].user_attrs["fail_reason"] == "interrupted (KeyboardInterrupt)"
+    assert "fail_reason" not in interrupted[1].user_attrs
+    sweep.run(*overrides)
+    trials = sweep.trials()
+    assert states(trials) == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[1].params == interrupted[0].params
+    assert sweep.summary()["counted"] == 2
 
 
 def test_multi_objective_pareto_front(sweep):
