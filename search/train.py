@@ -30,6 +30,7 @@ from search import tracking
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "MLFLOW_PARENT_RUN_ID"
+MODEL_PACKAGES = ("tensorflow", "keras", "numpy")
 
 
 class LearningRateLogger(keras.callbacks.Callback):
@@ -352,6 +353,10 @@ def log_keras_model(cfg: DictConfig, model: keras.Model, data: Any, results: dic
     info = mlflow.models.Model.log(
         artifact_path=None, name="model", flavor=KERAS_FLAVOR, model=model, signature=signature,
         input_example=example, metadata=metadata,
+        # Explicit requirements: inferring them makes MLflow load the model again in a fresh
+        # subprocess (TF import included), seconds per trial for the same answer.
+        pip_requirements=[f"{name}=={version}" for name, version in
+                          tracking.package_versions().items() if name in MODEL_PACKAGES],
     )
     mlflow.log_dict(metadata, "model_metadata.json")
     mlflow.set_tag("best_model_uri", info.model_uri)

@@ -1,0 +1,223 @@
+"""pull + predict: offline export, training preprocessing, labels, corrupt inputs, Grad-CAM."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+import yaml
+
+from data.loaders import BUILTIN_NPZ
+from models import build_cnn
+from search import predict as pr
+from search import pull, registry
+from search.pull import LoadedModel
+
+CLASSES = ["normal", "pneumonia"]
+
+
+@pytest.fixture(scope="module")
+def val_xrays() -> tuple[np.ndarray, np.ndarray]:
+    """48 real PneumoniaMNIST val images (uint8 28x28) and labels (N, 1), both classes."""
+    with np.load(BUILTIN_NPZ) as archive:
+        return archive["val_images"][:48], archive["val_labels"][:48]
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> LoadedModel:
+    """An untrained CNN with the metadata train.py stores (threshold 0.5)."""
+    keras.utils.set_random_seed(0)
+    model = build_cnn((28, 28, 1), 2, depth=2, base_filters=8, dense_units=16)
+    info = {"class_names": CLASSES, "threshold": 0.5,
+            "preprocessing": {"image_size": 28, "channels": 1, "scale": 1 / 255}}
+    return LoadedModel(model, info, Path("."))
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def expected_probabilities(model: keras.Model, images: np.ndarray) -> np.ndarray:
+    """P(pneumonia) computed by hand: at 28x28x1 the pipeline is exactly uint8 / 255."""
+    x = images.astype(np.float32)[..., np.newaxis] / 255.0
+    return model.predict(x, verbose=0)[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and outputs (fast: an in-memory model)
+
+
+def test_npz_default_key_labels_metrics(tiny_model, val_xrays, make_npz, tmp_path):
+    images, labels = val_xrays
+    path = make_npz(train_images=images[:4], train_labels=labels[:4], test_images=images,
+                    test_labels=labels)
+    result = pr.predict(tiny_model, path, tmp_path / "out")
+    rows = read_csv(result.files["predictions"])
+    assert [r["index"] for r in rows] == [str(i) for i in range(48)]  # test_images chosen
+    p = np.array([float(r["prob_pneumonia"]) for r in rows])
+    np.testing.assert_allclose(p, expected_probabilities(tiny_model.model, images), atol=1e-6)
+    np.testing.assert_allclose(p + [float(r["prob_normal"]) for r in rows], 1.0, atol=1e-6)
+    assert [r["predicted"] for r in rows] == [CLASSES[int(v >= 0.5)] for v in p]
+    assert [r["label"] for r in rows] == [CLASSES[int(v)] for v in labels[:, 0]]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["n"] == 48 and metrics["threshold"] == 0.5
+    for key in ("accuracy", "roc_auc", "sensitivity", "specificity"):
+        assert 0.0 <= metrics["metrics"][key] <= 1.0
+    matrix = np.array(metrics["confusion_matrix"]["matrix"])
+    assert matrix.sum() == 48 and matrix.sum(axis=1).tolist() == np.bincount(
+        labels[:, 0], minlength=2).tolist()
+    assert (tmp_path / "out" / "confusion.png").stat().st_size > 0
+
+
+def test_npz_key_choice_and_errors(tiny_model, val_xrays, make_npz, tmp_path):
+    images, labels = val_xrays
+    path = make_npz(val_images=images[:5], val_labels=labels[:5], train_images=images[:3])
+    rows = pr.predict(tiny_model, path, tmp_path / "a").rows  # first *_images, its labels
+    assert len(rows) == 5 and all(r["label"] for r in rows)
+    rows = pr.predict(tiny_model, path, tmp_path / "b", npz_key="train_images").rows
+    assert len(rows) == 3 and not any(r["label"] for r in rows)  # no train_labels: unlabelled
+    assert not (tmp_path / "b" / "metrics.json").exists()
+    with pytest.raises(KeyError, match="nope"):
+        pr.predict(tiny_model, path, tmp_path / "c", npz_key="nope")
+    with pytest.raises(KeyError, match="missing_labels"):
+        pr.predict(tiny_model, path, tmp_path / "c", labels_key="missing_labels")
+    bad = make_npz(test_images=images[:2], test_labels=np.array([[0], [5]]))
+    with pytest.raises(ValueError, match="outside"):
+        pr.predict(tiny_model, bad, tmp_path / "d")
+
+
+def test_folder_labels_corrupt_files_and_gradcam(tiny_model, chest_xray_tree, tmp_path):
+    normal = chest_xray_tree / "val" / "NORMAL"
+    real = sorted(normal.glob("*.jpeg"))[0].read_bytes()
+    (normal / "broken.jpeg").write_bytes(b"this is not an image")
+    (normal / "truncated.jpeg").write_bytes(real[: len(real) // 3])
+    (normal / "notes.txt").write_text("ignored: not an image suffix")
+    result = pr.predict(tiny_model, chest_xray_tree, tmp_path / "out", gradcam=True)
+
+    skipped = {Path(key).name for key, _ in result.skipped}
+    assert skipped == {"broken.jpeg", "truncated.jpeg"}
+    rows = read_csv(result.files["predictions"])
+    assert len(rows) == 16
+    labels = {Path(r["path"]).parent.name: r["label"] for r in rows}
+    assert labels == {"NORMAL": "normal", "PNEUMONIA": "pneumonia"}  # case-insensitive match
+    skipped_rows = read_csv(result.files["skipped"])
+    assert {Path(r["path"]).name for r in skipped_rows} == skipped and all(
+        r["error"] for r in skipped_rows)
+    assert result.metrics["n"] == 16
+    assert np.array(result.metrics["confusion_matrix"]["matrix"]).sum() == 16
+
+    pngs = sorted((tmp_path / "out" / "gradcam").glob("*.png"))
+    assert len(pngs) == 16
+    from PIL import Image
+
+    with Image.open(pngs[0]) as overlay:
+        assert overlay.mode == "RGB" and max(overlay.size) == pr.DISPLAY_SIZE
+    page = (tmp_path / "out" / "gradcam" / "index.html").read_text()
+    assert page.count("<img ") == 16 and "person" in page
+
+
+def test_single_image_without_label(tiny_model, chest_xray_sample_files, tmp_path):
+    image = chest_xray_sample_files[0]
+    result = pr.predict(tiny_model, image, tmp_path / "out")
+    assert len(result.rows) == 1 and result.rows[0]["path"] == str(image)
+    assert result.rows[0]["label"] == "" and result.metrics is None
+    from data.pipeline import preprocess_for_model
+
+    x = preprocess_for_model(image.read_bytes(), 28, 1).numpy()[np.newaxis]
+    expected = float(tiny_model.model.predict(x, verbose=0)[0, 0])
+    assert result.rows[0]["prob_pneumonia"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_cli_on_an_mlflow_model_folder(tiny_model, val_xrays, make_npz, tmp_path, capsys):
+    folder = tmp_path / "mlflow-model"
+    mlflow.keras.save_model(tiny_model.model, str(folder), metadata=tiny_model.info,
+                            pip_requirements=["keras"])  # skip the slow requirement inference
+    images, labels = val_xrays
+    path = make_npz(test_images=images[:10], test_labels=labels[:10])
+    assert pr.main([str(folder), str(path), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "10 prediction(s)" in out and "ROC AUC" in out
+    assert pr.main([str(tmp_path / "nowhere"), str(path)]) == 2
+
+
+def test_pull_reports_a_missing_alias(tmp_path, capsys, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'empty.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    try:
+        assert pull.main(["--alias", "champion", "--tracking-uri", uri]) == 2
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    assert "search/registry.py" in capsys.readouterr().err
+    assert pull.parse_model_uri("models:/m@champion") == ("m", "champion", None)
+    assert pull.parse_model_uri("models:/m/4") == ("m", None, 4)
+    with pytest.raises(ValueError, match="registry URI"):
+        pull.parse_model_uri("runs:/abc/model")
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the registry (slow: the trained store)
+
+
+@pytest.mark.slow
+def test_pull_then_predict_matches_the_in_memory_models(registry_store, val_xrays, make_npz,
+                                                        tmp_path):
+    runs = registry_store.runs
+    good = registry.register_and_promote(runs.good_run_id)
+    poor = registry.register_and_promote(runs.poor_run_id)
+    assert good.alias == "champion" and poor.alias == "challenger"
+
+    folder = tmp_path / "champion"
+    assert pull.main(["--out", str(folder), "--tracking-uri", registry_store.uri]) == 0
+    info = json.loads((folder / "model_info.json").read_text())
+    run = mlflow.get_run(runs.good_run_id)
+    assert info["version"] == good.version and info["aliases"] == ["champion"]
+    assert info["alias_requested"] == "champion" and info["run_id"] == runs.good_run_id
+    assert info["class_names"] == CLASSES and info["preprocessing"]["image_size"] == 28
+    assert info["threshold"] == pytest.approx(run.data.metrics["threshold"])
+    assert info["data_fingerprint"] == run.data.params["data.fingerprint"]
+    assert info["config_hash"] == run.data.params["config_hash"]
+    assert info["metrics"]["eval_test_roc_auc"] == pytest.approx(
+        run.data.metrics["eval_test_roc_auc"])
+    assert yaml.safe_load((folder / "config.yaml").read_text())["seed"] == 3
+    assert (folder / "model" / "MLmodel").is_file()
+    card = (folder / "MODEL_CARD.md").read_text()
+    for text in (f"v{good.version}", "champion", f"runs:/{runs.good_run_id}", "roc_auc",
+                 info["data_fingerprint"], info["config_hash"], "promotion.decision"):
+        assert text in card, text
+
+    images, labels = val_xrays
+    path = make_npz(test_images=images, test_labels=labels)
+    mlflow.set_tracking_uri("sqlite:////nonexistent/offline.db")  # the folder needs no store
+    result = pr.predict(folder, path, tmp_path / "pred-champion")
+    p = np.array([r["prob_pneumonia"] for r in result.rows])
+    checkpoint = keras.models.load_model(runs.good_checkpoint, safe_mode=True)
+    np.testing.assert_allclose(p, expected_probabilities(checkpoint, images), atol=1e-6)
+    threshold = info["threshold"]
+    assert [r["predicted"] for r in result.rows] == [CLASSES[int(v >= threshold)] for v in p]
+
+    mlflow.set_tracking_uri(registry_store.uri)
+    result = pr.predict(f"models:/pneumonia-cnn/{poor.version}", path, tmp_path / "pred-poor")
+    p = np.array([r["prob_pneumonia"] for r in result.rows])
+    np.testing.assert_allclose(p, expected_probabilities(runs.poor_model, images), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_predict_cli_registry_uri_folder_gradcam(registry_store, chest_xray_tree, tmp_path,
+                                                 capsys):
+    registry.register_and_promote(registry_store.runs.good_run_id)
+    out = tmp_path / "out"
+    code = pr.main(["models:/pneumonia-cnn@champion", str(chest_xray_tree), "--out", str(out),
+                    "--gradcam", "--tracking-uri", registry_store.uri])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "16 prediction(s)" in printed and "Grad-CAM contact sheet" in printed
+    assert len(read_csv(out / "predictions.csv")) == 16
+    assert json.loads((out / "metrics.json").read_text())["n"] == 16
+    assert (out / "gradcam" / "index.html").read_text().count("<img ") == 16
