@@ -233,6 +233,16 @@ def _waiting_on(lock_file: Path, pid: int) -> bool:
     return False
 
 
+def _stop(pid: int) -> None:
+    """SIGSTOP `pid` and wait until it is stopped: a signal is delivered asynchronously, and a
+    process still runnable when the lock is released could take it before stopping."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.time() + 30
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "Tt":
+        assert time.time() < deadline, f"process {pid} did not stop"
+        time.sleep(0.05)
+
+
 def _promote_cli(run_id: str, uri: str) -> subprocess.Popen:
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.Popen(
@@ -283,7 +293,7 @@ def test_concurrent_promotions_leave_the_better_champion(first, trained_store, t
         second = None
         if first != "free-for-all":
             second = procs["good" if first == "poor" else "poor"]
-            os.kill(second.pid, signal.SIGSTOP)
+            _stop(second.pid)
     try:
         if second is not None:
             out_first = procs[first].communicate(timeout=240)[0]
