@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.metadata
 import json
 import logging
 import os
 import platform
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,26 @@ def default_artifact_root(tracking_uri: str, artifact_root: str | None = None) -
     return None
 
 
+@contextlib.contextmanager
+def sqlite_init_lock(uri: str) -> Iterator[None]:
+    """Serialise the first connection to a local SQLite store across processes.
+
+    MLflow creates and migrates the schema on first connect; two sweep processes doing that
+    at once fail with "duplicate column name" (seen with two workers on a new store).
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".init.lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def setup_tracking(tracking: DictConfig | dict) -> str:
     """Point MLflow at the configured store and select (or create) the experiment.
 
@@ -51,6 +74,8 @@ def setup_tracking(tracking: DictConfig | dict) -> str:
         The experiment id.
     """
     uri = resolve_tracking_uri(tracking.get("uri"))
+    with sqlite_init_lock(uri):
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates/migrates schema
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     name = tracking.get("experiment") or "Default"

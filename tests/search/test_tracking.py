@@ -38,3 +38,17 @@ def test_setup_tracking_creates_experiment_with_local_artifacts(tmp_path, monkey
     got = mlflow.get_run(run.info.run_id)
     assert got.data.params == {"seed": "3", "model.depth": "2"}
     assert got.data.tags["version.tensorflow"].startswith("2.21")
+
+
+def _first_connect(uri: str) -> str:
+    return tracking.setup_tracking({"uri": uri, "experiment": "race"})
+
+
+def test_two_processes_creating_one_new_store_at_once(tmp_path):
+    """Two sweep processes on a new SQLite store: schema creation must not collide."""
+    import multiprocessing
+
+    uri = f"sqlite:///{tmp_path}/new.db"
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        ids = pool.map(_first_connect, [uri, uri])
+    assert ids[0] == ids[1]
