@@ -290,7 +290,6 @@ def predict(
         The rows written, the skipped inputs and, with labels, the metrics.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="predict-model-") as workdir:
         loaded = model if isinstance(model, LoadedModel) else load_model_reference(model, workdir)
         return _predict_loaded(loaded, source, out, gradcam, npz_key, labels_key, batch_size)
@@ -303,6 +302,7 @@ def _predict_loaded(loaded: LoadedModel, source: str | Path, out: Path, gradcam:
     prep = loaded.preprocessing
     size, channels = int(prep["image_size"]), int(prep["channels"])
     items, key_name = collect_inputs(source, classes, npz_key, labels_key)
+    out.mkdir(parents=True, exist_ok=True)  # only once model and inputs are known to be usable
     threshold = loaded.threshold
     skipped: list[tuple[str, str]] = []
     rows: list[dict[str, Any]] = []
@@ -387,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     from search.tracking import resolve_tracking_uri
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="models:/name@alias, models:/name/N, or a pulled folder")
     parser.add_argument("input", help="image file, folder of images, or MedMNIST .npz")

@@ -308,7 +308,9 @@ def model_card(info: dict[str, Any], has_config: bool = True) -> str:
         "| field | value |",
         "| --- | --- |",
         f"| registry URI | `{info['model_uri']}` |",
-        f"| run | `{info.get('run_uri')}` ({info.get('run_link')}) |",
+        f"| run | `{info.get('run_uri')}`"
+        + (f" ({info['run_link']})" if info.get("run_link") != info.get("run_uri") else "")
+        + " |",
         f"| tracking store | `{info.get('tracking_uri')}` |",
         f"| registered | {info.get('created')} |",
         f"| exported | {info.get('exported')} |",
@@ -364,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     from search.tracking import resolve_tracking_uri
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--alias", default=None, help="alias to pull (default: champion)")

@@ -310,7 +310,9 @@ class HeldOutEvaluator:
             model = pull.load_keras_safely(folder)
         prep = info["preprocessing"]
         bundle = self.bundle(int(prep["image_size"]), int(prep["channels"]))
-        if list(info["class_names"]) != list(bundle.class_names):
+        if [c.casefold() for c in info["class_names"]] != [
+            c.casefold() for c in bundle.class_names
+        ]:  # NORMAL (folder) and normal (npz) are one class
             raise ValueError(
                 f"{name} v{version} predicts {info['class_names']} but the held-out split has "
                 f"classes {bundle.class_names}; register models of another task under another "
@@ -522,6 +524,17 @@ def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
+def _json_ready(value: Any) -> Any:
+    """NaN/inf -> None, recursively (strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    return value
+
+
 def record_decision(client: MlflowClient, decision: PromotionDecision, target_run_id: str) -> None:
     """Decision → version tags, and params/metrics/tags + promotion/decision.json on a run."""
     name, version = decision.model_name, str(decision.version)
@@ -571,7 +584,7 @@ def record_decision(client: MlflowClient, decision: PromotionDecision, target_ru
     for key, value in params.items():
         if key not in existing:
             client.log_param(target_run_id, key, value)
-    client.log_dict(target_run_id, decision.to_dict(), "promotion/decision.json")
+    client.log_dict(target_run_id, _json_ready(decision.to_dict()), "promotion/decision.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -600,7 +613,12 @@ def promote_sweep_best(
         best_run_id: The best trial's run; default: the parent run's `best_run_id` tag.
 
     Returns:
-        The decision, or None when the registry is disabled or the sweep has no best run.
+        The decision, or None when the registry is disabled, the sweep has no best run or the
+        best run logged no model (a `promotion.skipped` tag on the parent run says why).
+
+    Raises:
+        Whatever registration or evaluation raised, after tagging the parent run with
+        `promotion.error` (the sweep's own results are already logged by then).
     """
     options = registry_options(config)
     if not options["enabled"]:
@@ -608,14 +626,23 @@ def promote_sweep_best(
         return None
     client = MlflowClient()
     best_run_id = best_run_id or client.get_run(parent_run_id).data.tags.get("best_run_id")
+    skipped = None
     if not best_run_id:
-        log.warning("sweep run %s has no best_run_id (no finished trial?): nothing to register",
-                    parent_run_id)
+        skipped = "the sweep has no best_run_id (no finished trial?)"
+    elif not client.get_run(best_run_id).data.tags.get("best_model_uri"):
+        skipped = f"best run {best_run_id} logged no model (tracking.log_model=false?)"
+    if skipped:
+        log.warning("nothing registered: %s", skipped)
+        client.set_tag(parent_run_id, "promotion.skipped", skipped)
         return None
-    return register_and_promote(
-        best_run_id, model_name=options["model_name"], metric=options["metric"],
-        parent_run_id=parent_run_id, tie_break=options["tie_break"],
-    )
+    try:
+        return register_and_promote(
+            best_run_id, model_name=options["model_name"], metric=options["metric"],
+            parent_run_id=parent_run_id, tie_break=options["tie_break"],
+        )
+    except Exception as error:
+        client.set_tag(parent_run_id, "promotion.error", f"{type(error).__name__}: {error}"[:5000])
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:

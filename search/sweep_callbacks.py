@@ -77,8 +77,14 @@ class MlflowSweepCallback(Callback):
             mlflow.log_artifacts(str(folder), self.report_dir_name)
             log.info("Sweep report: %s", folder / "sweep_report.html")
         mlflow.log_metric("sweep_wall_seconds", time.time() - self.started)
-        mlflow.end_run()
-        os.environ.pop(PARENT_RUN_ENV, None)
+        try:
+            if study is not None and len(study.directions) == 1:
+                from search.registry import promote_sweep_best
+
+                promote_sweep_best(config, self.run_id)
+        finally:
+            mlflow.end_run()
+            os.environ.pop(PARENT_RUN_ENV, None)
 
 
 def load_sweep_study() -> optuna.Study | None:

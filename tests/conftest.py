@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -85,23 +84,6 @@ def compose_cfg() -> Callable[..., Any]:
     return make
 
 
-@contextlib.contextmanager
-def fast_mlflow_keras_logging() -> Iterator[None]:
-    """Skip mlflow.keras' pip requirement inference in tests.
-
-    It imports TensorFlow in a subprocess (~15 s per logged model on 2 cores); the flavour's
-    default requirements are enough for tests.
-    """
-    import mlflow.keras.save as keras_save
-
-    def default_requirements(path: str, flavor: str, fallback: list | None = None) -> list:
-        return list(fallback or [])
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(keras_save, "infer_pip_requirements", default_requirements)
-        yield
-
-
 def log_run_like_train(cfg: Any, invert_labels: bool, epochs: int) -> tuple[str, Any]:
     """Train a CNN outside search.train.train (e.g. on inverted labels: a deliberately poor
     model) and log it with train.py's own functions, so the run looks exactly like a trial's."""
@@ -156,7 +138,7 @@ def trained_store(tmp_path_factory: pytest.TempPathFactory, compose_cfg: Callabl
     uri = f"sqlite:///{root / 'mlflow.db'}"
     common = (*TINY_RUN, f"tracking.artifact_root={(root / 'artifacts').as_uri()}",
               "tracking.experiment=registry-tests")
-    with pytest.MonkeyPatch.context() as patch, fast_mlflow_keras_logging():
+    with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         train(compose_cfg(*common, "seed=3", "tracking.run_name=good"), output_dir=root / "good")

@@ -134,7 +134,8 @@ def test_single_image_without_label(tiny_model, chest_xray_sample_files, tmp_pat
     assert result.rows[0]["prob_pneumonia"] == pytest.approx(expected, abs=1e-6)
 
 
-def test_cli_on_an_mlflow_model_folder(tiny_model, val_xrays, make_npz, tmp_path, capsys):
+def test_cli_on_an_mlflow_model_folder(tiny_model, val_xrays, make_npz, tmp_path, capsys,
+                                       monkeypatch):
     folder = tmp_path / "mlflow-model"
     mlflow.keras.save_model(tiny_model.model, str(folder), metadata=tiny_model.info,
                             pip_requirements=["keras"])  # skip the slow requirement inference
@@ -143,7 +144,9 @@ def test_cli_on_an_mlflow_model_folder(tiny_model, val_xrays, make_npz, tmp_path
     assert pr.main([str(folder), str(path), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "10 prediction(s)" in out and "ROC AUC" in out
+    monkeypatch.chdir(tmp_path)
     assert pr.main([str(tmp_path / "nowhere"), str(path)]) == 2
+    assert not (tmp_path / "predictions").exists()  # nothing written for a bad model path
 
 
 def test_pull_reports_a_missing_alias(tmp_path, capsys, monkeypatch):
