@@ -8,6 +8,7 @@ metric is only a per-epoch indicator.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import matplotlib
 
@@ -45,6 +46,17 @@ class SplitEvaluation:
     class_names: list[str]
     threshold: float | None = None
     extra: dict = field(default_factory=dict)
+
+
+def json_ready(value: Any) -> Any:
+    """NaN/inf -> None, recursively, so metric dicts are strict JSON."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
+    return value
 
 
 def positive_scores(probabilities: np.ndarray) -> np.ndarray:

@@ -23,7 +23,6 @@ import argparse
 import csv
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -227,14 +226,6 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[-80:] or "image"
 
 
-def _json_ready(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_ready(v) for v in value]
-    return value
 
 
 def write_metrics(loaded: LoadedModel, labels: list[int],
@@ -257,7 +248,7 @@ def write_metrics(loaded: LoadedModel, labels: list[int],
         "classification_report": result.report,
         "model": {k: loaded.info.get(k) for k in ("name", "version", "model_uri", "run_id")},
     }
-    (out / "metrics.json").write_text(json.dumps(_json_ready(metrics), indent=2))
+    (out / "metrics.json").write_text(json.dumps(ev.json_ready(metrics), indent=2))
     figure = ev.confusion_figure(result)
     figure.savefig(out / "confusion.png", dpi=120)
     import matplotlib.pyplot as plt

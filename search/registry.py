@@ -524,15 +524,6 @@ def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
-def _json_ready(value: Any) -> Any:
-    """NaN/inf -> None, recursively (strict JSON)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_ready(v) for v in value]
-    return value
 
 
 def record_decision(client: MlflowClient, decision: PromotionDecision, target_run_id: str) -> None:
@@ -584,7 +575,9 @@ def record_decision(client: MlflowClient, decision: PromotionDecision, target_ru
     for key, value in params.items():
         if key not in existing:
             client.log_param(target_run_id, key, value)
-    client.log_dict(target_run_id, _json_ready(decision.to_dict()), "promotion/decision.json")
+    from search.evaluate import json_ready
+
+    client.log_dict(target_run_id, json_ready(decision.to_dict()), "promotion/decision.json")
 
 
 # ---------------------------------------------------------------------------------------------
