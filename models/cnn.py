@@ -162,8 +162,8 @@ def build_cnn(
         l2: L2 penalty on conv and dense kernels; 0 disables it.
         bn_momentum: moving-statistics momentum of the batch-norm layers. 0.9, not Keras'
             0.99: at ~70 steps per epoch the 0.99 averages still lag after several epochs
-            (measured on PneumoniaMNIST: val accuracy 0.74 = all-pneumonia after 2 epochs,
-            against 0.95 with 0.9), so early epochs look hopeless and get pruned.
+            (benchmarks/bn_momentum.py: val predictions collapse to one class for the first
+            epochs), so early epochs look hopeless and get pruned.
         name: Model name.
 
     Returns:

@@ -74,6 +74,9 @@ class Sweep:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,  # its own process group, like a terminal job
+            # A shell that starts us in the background (`cmd &`, as a CI runner may) sets
+            # SIGINT to "ignore", and children inherit that: give the sweep a real Ctrl-C.
+            preexec_fn=_default_sigint,
         )
 
     def trials(self, study: str | None = None) -> list[optuna.trial.FrozenTrial]:
@@ -89,6 +92,10 @@ class Sweep:
 @pytest.fixture
 def sweep(tmp_path):
     return Sweep(tmp_path)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def alive(pid: int) -> bool:
