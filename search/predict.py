@@ -23,7 +23,6 @@ import argparse
 import csv
 import json
 import logging
-import os
 import re
 import sys
 import tempfile
@@ -373,9 +372,8 @@ def _gradcam_batch(loaded: LoadedModel, grad_model: Any, batch: list[InputItem],
 
 
 def main(argv: list[str] | None = None) -> int:
-    import mlflow
 
-    from search.tracking import resolve_tracking_uri
+    from search.tracking import setup_cli
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
@@ -393,12 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="for models:/ URIs; default: $MLFLOW_TRACKING_URI, else the repo's "
                         "sqlite store")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet CLI
-    if args.model.startswith("models:/"):
-        uri = resolve_tracking_uri(args.tracking_uri)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
+    setup_cli(args.tracking_uri)  # registry URIs need it; a pulled folder ignores it
     try:
         result = predict(args.model, args.input, args.out, gradcam=args.gradcam,
                          npz_key=args.npz_key, labels_key=args.labels_key,

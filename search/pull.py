@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import shutil
 import sys
@@ -363,7 +362,7 @@ def model_card(info: dict[str, Any], has_config: bool = True) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from search.tracking import resolve_tracking_uri
+    from search.tracking import setup_cli
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
@@ -376,11 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=None,
                         help="default: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlruns/mlflow.db")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet CLI
-    uri = resolve_tracking_uri(args.tracking_uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    setup_cli(args.tracking_uri)
     try:
         out = export_version(args.name, alias=args.alias, version=args.version, out=args.out)
     except (LookupError, FileExistsError, ValueError) as error:

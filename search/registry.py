@@ -31,7 +31,6 @@ import fcntl
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 import time
@@ -639,7 +638,7 @@ def promote_sweep_best(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from search.tracking import resolve_tracking_uri
+    from search.tracking import setup_cli
 
     parser = argparse.ArgumentParser(
         description="Register a finished run's model (or a sweep's best trial) and decide "
@@ -654,11 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=None,
                         help="default: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlruns/mlflow.db")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet CLI
-    uri = resolve_tracking_uri(args.tracking_uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    setup_cli(args.tracking_uri)
     client = MlflowClient()
     run_id, parent = args.run_id, None
     if args.sweep_run_id:

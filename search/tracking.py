@@ -37,6 +37,16 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
 
 
+def setup_cli(tracking_uri: str | None) -> str:
+    """Logging and tracking/registry URIs for the pull, predict and registry commands."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet CLI
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
 def default_artifact_root(tracking_uri: str, artifact_root: str | None = None) -> str | None:
     """Artifacts beside a local SQLite store; a tracking server decides its own root."""
     if artifact_root:
