@@ -20,13 +20,13 @@ from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from hydra_plugins.optuna_pruning_sweeper.trial_context import ENV_STORAGE as STORAGE_ENV
+from hydra_plugins.optuna_pruning_sweeper.trial_context import ENV_STUDY as STUDY_ENV
 from search import report, tracking
+from search.tracking import PARENT_RUN_ENV
 
 log = logging.getLogger(__name__)
 
-PARENT_RUN_ENV = "MLFLOW_PARENT_RUN_ID"
-STUDY_ENV = "OPTUNA_SWEEPER_STUDY"
-STORAGE_ENV = "OPTUNA_SWEEPER_STORAGE"
 
 
 class MlflowSweepCallback(Callback):

@@ -24,12 +24,12 @@ import tensorflow as tf
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from hydra_plugins.optuna_pruning_sweeper.trial_context import ENV_THREADS
 from search import evaluate as ev
 from search import tracking
 
 log = logging.getLogger(__name__)
 
-PARENT_RUN_ENV = "MLFLOW_PARENT_RUN_ID"
 MODEL_PACKAGES = ("tensorflow", "keras", "numpy")
 
 
@@ -74,7 +74,7 @@ KERAS_FLAVOR = SimpleNamespace(__name__="mlflow.keras", save_model=_save_keras_f
 
 def configure_runtime(seed: int, deterministic: bool, threads: int | None) -> None:
     """Seed Python/NumPy/TF, size TF's thread pools and let GPUs allocate memory lazily."""
-    threads = threads or int(os.environ.get("SWEEPER_THREADS_PER_WORKER", "0")) or None
+    threads = threads or int(os.environ.get(ENV_THREADS, "0")) or None
     if threads:
         # Must precede TF's first op; raises once the runtime is initialised (then keep as is).
         try:
@@ -180,6 +180,7 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
     )
 
     keras.backend.clear_session()  # a sweep worker may train several models in one process
+    # Re-seed after data building so weight init does not depend on how much RNG it used.
     keras.utils.set_random_seed(int(cfg.seed))
     model = instantiate(cfg.model, input_shape=tuple(data.input_shape), num_classes=n_classes)
     schedule = instantiate(
@@ -193,7 +194,7 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
 
     trial, info = sweep_trial()
     tracking.setup_tracking(cfg.tracking)
-    parent = os.environ.get(PARENT_RUN_ENV) or None
+    parent = os.environ.get(tracking.PARENT_RUN_ENV) or None
     run_name = cfg.tracking.get("run_name") or (
         f"trial-{info['trial_number']}" if info else None
     )
