@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -20,28 +19,23 @@ import optuna  # noqa: E402
 import optuna.visualization as vis  # noqa: E402
 import optuna.visualization.matplotlib as vis_mpl  # noqa: E402
 
+from search import sweep_context  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 
 def counts_by_state(study: optuna.Study) -> dict[str, int]:
     """Number of trials in each state (COMPLETE, PRUNED, FAIL, ...)."""
-    return dict(Counter(t.state.name for t in study.get_trials(deepcopy=False)))
+    return sweep_context.counts_by_state(study)
 
 
 def summarize(study: optuna.Study) -> dict[str, Any]:
-    """Best trial (or Pareto front), counts by state and the objective names."""
-    summary: dict[str, Any] = {"study": study.study_name, "counts": counts_by_state(study)}
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if not complete:
-        return summary
-    if len(study.directions) == 1:
-        best = study.best_trial
-        summary["best"] = {"number": best.number, "value": best.value, "params": best.params}
-    else:
-        summary["pareto_front"] = [
-            {"number": t.number, "values": t.values, "params": t.params} for t in study.best_trials
-        ]
-    return summary
+    """Best trial (or Pareto front), counts by state and the objective names.
+
+    Computed by the sweeper plugin's summary module, the same that writes
+    optuna_summary.yaml, so the two never disagree.
+    """
+    return sweep_context.study_summary(study)
 
 
 def _plots(study: optuna.Study) -> dict[str, tuple[Any, Any]]:

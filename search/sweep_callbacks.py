@@ -2,14 +2,13 @@
 
 Hydra calls `on_multirun_start` before the sweeper asks its first trial and `on_multirun_end`
 after the last one finished, both in the sweeper's process. Trial jobs run in worker
-processes; they find the parent run through the MLFLOW_PARENT_RUN_ID environment variable,
-which spawned workers inherit.
+processes; they find the parent run through `search.sweep_context` (an environment variable
+that spawned workers inherit).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,13 +19,9 @@ from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from hydra_plugins.optuna_pruning_sweeper.trial_context import ENV_STORAGE as STORAGE_ENV
-from hydra_plugins.optuna_pruning_sweeper.trial_context import ENV_STUDY as STUDY_ENV
-from search import report, tracking
-from search.tracking import PARENT_RUN_ENV
+from search import report, sweep_context, tracking
 
 log = logging.getLogger(__name__)
-
 
 
 class MlflowSweepCallback(Callback):
@@ -47,7 +42,7 @@ class MlflowSweepCallback(Callback):
         run = mlflow.start_run(run_name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
         self.run_id = run.info.run_id
         self.started = time.time()
-        os.environ[PARENT_RUN_ENV] = self.run_id
+        sweep_context.set_parent_run_id(self.run_id)
         mlflow.log_text(OmegaConf.to_yaml(sweeper, resolve=False), "sweep/sweeper.yaml")
         mlflow.log_params({
             "sweeper.n_trials": sweeper.get("n_trials"),
@@ -84,16 +79,16 @@ class MlflowSweepCallback(Callback):
                 promote_sweep_best(config, self.run_id)
         finally:
             mlflow.end_run()
-            os.environ.pop(PARENT_RUN_ENV, None)
+            sweep_context.set_parent_run_id(None)
 
 
 def load_sweep_study() -> optuna.Study | None:
     """The study the sweeper used (it exports its name and storage to the environment)."""
-    name, storage = os.environ.get(STUDY_ENV), os.environ.get(STORAGE_ENV)
-    if not (name and storage):
-        log.warning("no %s/%s in the environment: sweep report skipped", STUDY_ENV, STORAGE_ENV)
-        return None
-    return optuna.load_study(study_name=name, storage=storage)
+    study = sweep_context.sweep_study()
+    if study is None:
+        log.warning("no %s/%s in the environment: sweep report skipped",
+                    *sweep_context.STUDY_ENV_NAMES)
+    return study
 
 
 def child_runs(client: MlflowClient, study: str, extra: str = "") -> list:

@@ -21,8 +21,6 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STORE = REPO_ROOT / "mlruns"
-# The sweep callback exports its parent run id here; trial workers inherit it.
-PARENT_RUN_ENV = "MLFLOW_PARENT_RUN_ID"
 PACKAGES = ("tensorflow", "keras", "mlflow", "optuna", "hydra-core", "scikit-learn", "numpy")
 
 

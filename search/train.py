@@ -24,9 +24,8 @@ import tensorflow as tf
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from hydra_plugins.optuna_pruning_sweeper.trial_context import ENV_THREADS
 from search import evaluate as ev
-from search import tracking
+from search import sweep_context, tracking
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ KERAS_FLAVOR = SimpleNamespace(__name__="mlflow.keras", save_model=_save_keras_f
 
 def configure_runtime(seed: int, deterministic: bool, threads: int | None) -> None:
     """Seed Python/NumPy/TF, size TF's thread pools and let GPUs allocate memory lazily."""
-    threads = threads or int(os.environ.get(ENV_THREADS, "0")) or None
+    threads = threads or sweep_context.thread_budget()
     if threads:
         # Must precede TF's first op; raises once the runtime is initialised (then keep as is).
         try:
@@ -135,14 +134,6 @@ def output_directory() -> Path:
         return Path(tempfile.mkdtemp(prefix="xray-run-"))
 
 
-def sweep_trial() -> tuple[optuna.trial.Trial | None, dict[str, Any] | None]:
-    """The Optuna trial this job runs for, when a sweeper launched it."""
-    from hydra_plugins.optuna_pruning_sweeper.trial_context import current_trial, trial_info
-
-    trial = current_trial()
-    return trial, (trial_info() if trial is not None else None)
-
-
 def run_tags(cfg: DictConfig, info: dict[str, Any] | None) -> dict[str, str]:
     """Tags that let the MLflow UI filter and group runs."""
     tags = {"model.builder": str(cfg.model.get("_target_", "?")).rsplit(".", 1)[-1]}
@@ -192,9 +183,10 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
     optimizer = instantiate(cfg.optimizer, learning_rate=schedule.learning_rate)
     compile_model(model, optimizer, binary)
 
-    trial, info = sweep_trial()
+    trial = sweep_context.current_trial()
+    info = trial.info if trial is not None else None
     tracking.setup_tracking(cfg.tracking)
-    parent = os.environ.get(tracking.PARENT_RUN_ENV) or None
+    parent = sweep_context.parent_run_id()
     run_name = cfg.tracking.get("run_name") or (
         f"trial-{info['trial_number']}" if info else None
     )
@@ -230,7 +222,7 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
         if trial is not None:
             from optuna_integration import KerasPruningCallback
 
-            callbacks.append(KerasPruningCallback(trial, monitor))
+            callbacks.append(KerasPruningCallback(trial.trial, monitor))
 
         try:
             model.fit(

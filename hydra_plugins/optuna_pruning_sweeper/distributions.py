@@ -15,7 +15,7 @@ Mapping (``hydra.sweeper.params`` values and sweep overrides on the command line
 anything else (``key=value``)      a fixed override passed unchanged to every trial
 =================================  =================================================
 
-Conditional parameters (the rule; the sampling itself lives in ``_impl``):
+Conditional parameters (the rule; the sampling itself lives in ``conditions``):
 
 * A *swept group* is a ``choice(...)`` param whose key is a config group
   (``lr_schedule: choice(constant, exponential, cosine, plateau)``).

@@ -1,32 +1,200 @@
 """Hydra Sweeper plugin: Optuna with pruning, worker processes, resume and shared studies.
 
-A thin class: Hydra instantiates it from ``hydra/sweeper: optuna_pruning`` (see
-``config``); the work is done by ``_impl.OptunaPruningSweeperImpl``, imported lazily so
-that Hydra's plugin scan (every Hydra process) does not import Optuna.
+Hydra instantiates ``OptunaPruningSweeper`` from ``hydra/sweeper: optuna_pruning`` (see
+``config``); it keeps the typed config (``config.OptunaPruningSweeperConf``) and wires the
+parts together for one sweep:
+
+1. the search space from ``params`` and the command line (``distributions``) and its
+   conditional rule (``conditions``);
+2. the storage, the ask lock and the study, resumed or created (``storage``, ``study``),
+   with the sampler and pruner (``samplers``);
+3. the slot loop (``loop``) over local worker processes (``executors.local``);
+4. the summary (``summary``), written to ``<hydra.sweep.dir>/optuna_summary.yaml``.
+
+For Hydra callbacks in the sweeper process: as soon as the study is open,
+``OPTUNA_SWEEPER_STUDY`` and ``OPTUNA_SWEEPER_STORAGE`` are set in ``os.environ`` (the name
+actually used, e.g. after ``new_study=true``); the summary is written before
+``on_multirun_end``.
+
+Workers tell through a study loaded with a RandomSampler, so a sampler's ``after_trial``
+hook does not run; Optuna's built-in samplers keep their state in the storage.
+
+Hydra's plugin scan imports this module in every Hydra process: the parts keep Optuna
+imports inside their functions.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
 from typing import Any
 
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from . import storage as st
+from . import trial_context as tc
+from .conditions import ConditionResolver
+from .config import OptunaPruningSweeperConf
+from .distributions import SearchSpace, params_to_overrides, parse_search_space
+from .executors.local import (
+    LocalProcessExecutor,
+    available_cores,
+    detect_gpus,
+    worker_setup_common,
+)
+from .loop import SweepLoop
+from .samplers import (
+    build_pruner,
+    build_sampler,
+    check_sampler_dependencies,
+    grid_size,
+    pruner_json,
+    target_of,
+)
+from .study import default_study_name, directions_of, open_study
+from .summary import sweep_summary, write_summary
+
+log = logging.getLogger(__name__)
+
+
+def validate(conf: OptunaPruningSweeperConf) -> None:
+    """Refuse impossible settings before anything runs."""
+    if conf.n_trials < 0 or conf.n_jobs < 1:
+        raise ValueError(
+            f"need n_trials >= 0 and n_jobs >= 1, got {conf.n_trials}, {conf.n_jobs}"
+        )
+    if not 0.0 <= conf.max_failure_rate <= 1.0:
+        raise ValueError(f"max_failure_rate must be in [0, 1], got {conf.max_failure_rate}")
+    if conf.trials_per_worker is not None and conf.trials_per_worker < 0:
+        raise ValueError(
+            f"trials_per_worker must be >= 1 or null, got {conf.trials_per_worker}"
+        )
+    directions_of(conf.direction)
 
 
 class OptunaPruningSweeper(Sweeper):
     """Sweeper whose config keys are documented on ``config.OptunaPruningSweeperConf``."""
 
     def __init__(self, **config: Any) -> None:
-        from ._impl import OptunaPruningSweeperImpl
-
-        self.sweeper = OptunaPruningSweeperImpl(**config)
+        self.conf = OptunaPruningSweeperConf(**config)
+        validate(self.conf)
+        self.config: DictConfig | None = None
+        self.hydra_context: HydraContext | None = None
+        self.task_function: TaskFunction | None = None
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
-        self.sweeper.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        self.config = config
+        self.hydra_context = hydra_context
+        self.task_function = task_function
+
+    def search_space(self, arguments: list[str]) -> SearchSpace:
+        """``hydra.sweeper.params`` plus the command line's sweep overrides."""
+        params = self.conf.params
+        param_lines, conditions = params_to_overrides(
+            OmegaConf.to_container(params, resolve=False)
+            if isinstance(params, DictConfig)
+            else params
+        )
+        space = parse_search_space([*param_lines, *arguments], conditions)
+        if not space.params:
+            raise ValueError(
+                "The Optuna sweeper has nothing to sample: set hydra.sweeper.params "
+                "(e.g. in a search_space file) or pass choice()/interval() overrides."
+            )
+        return space
 
     def sweep(self, arguments: list[str]) -> dict[str, Any]:
         """Run the sweep; returns the summary also written to optuna_summary.yaml."""
-        return self.sweeper.sweep(arguments)
+        assert self.config is not None and self.hydra_context is not None
+        assert self.task_function is not None
+        t0 = time.monotonic()
+        config = self.config
+        directions = directions_of(self.conf.direction)
+
+        space = self.search_space(arguments)
+        resolver = ConditionResolver(space, self.hydra_context.config_loader, config)
+        target = target_of(self.conf.sampler)
+        check_sampler_dependencies(target)
+        n_trials = self.conf.n_trials
+        if target.endswith("GridSampler"):
+            size = grid_size(space)
+            if size < n_trials:
+                log.info("Grid sampler: n_trials %d -> %d (the grid size)", n_trials, size)
+                n_trials = size
+        conf = dataclasses.replace(self.conf, n_trials=n_trials)
+
+        url = st.absolute_sqlite(conf.storage or st.default_storage(config.hydra.runtime.cwd))
+        st.check_shareable(url)
+        base_name = conf.study_name or default_study_name(config)
+        fingerprint = {**space.fingerprint(), "directions": directions}
+        pruner = build_pruner(conf.pruner)
+        lock = st.AskLock(url, base_name)
+        with lock():  # also serializes table creation in a fresh database
+            storage = st.make_storage(
+                url, conf.heartbeat_interval, conf.grace_period, conf.max_retry
+            )
+            study, session = open_study(
+                storage, base_name, fingerprint, pruner, directions, conf.new_study
+            )
+        study.sampler = build_sampler(conf.sampler, space, seed_offset=session)
+        sampler_name = type(study.sampler).__name__
+        os.environ[tc.ENV_STUDY] = study.study_name
+        os.environ[tc.ENV_STORAGE] = url
+        os.environ[tc.ENV_SAMPLER] = sampler_name
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(config, sweep_dir / "multirun.yaml")
+
+        gpus = detect_gpus()
+        threads = conf.threads_per_worker or max(1, available_cores() // conf.n_jobs)
+        log.info(
+            "Optuna sweeper: study '%s' in %s | sampler %s | pruner %s | %s | n_trials %d | "
+            "n_jobs %d | %d threads/worker | GPUs %s | session %d",
+            study.study_name,
+            st.redact(url),
+            sampler_name,
+            type(pruner).__name__,
+            "/".join(directions),
+            n_trials,
+            conf.n_jobs,
+            threads,
+            gpus or "none",
+            session,
+        )
+        if gpus and conf.n_jobs > len(gpus):
+            log.warning("%d slots share %d GPUs", conf.n_jobs, len(gpus))
+
+        setup_common = worker_setup_common(
+            self.hydra_context,
+            self.task_function,
+            config,
+            url=url,
+            study_name=study.study_name,
+            sampler_name=sampler_name,
+            pruner_json=pruner_json(conf.pruner),
+            threads=threads,
+            n_objectives=len(directions),
+            heartbeat_interval=conf.heartbeat_interval,
+            max_retry=conf.max_retry,
+        )
+        executor = LocalProcessExecutor(setup_common, gpus, conf.trials_per_worker)
+        loop = SweepLoop(conf, study, storage, lock, resolver, executor, t0)
+        try:
+            stop_reason = loop.run()
+        finally:
+            lock.close()
+        summary = sweep_summary(
+            study, storage, url, n_trials, loop.outcomes, stop_reason, time.monotonic() - t0
+        )
+        write_summary(summary, sweep_dir)
+        if stop_reason == "failure_rate":
+            raise RuntimeError(loop.failure_message())
+        return summary

@@ -39,6 +39,9 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
+from .samplers import pruner_from_json
+from .storage import storage_kwargs
+
 if TYPE_CHECKING:
     import optuna
 
@@ -52,24 +55,6 @@ ENV_THREADS = "SWEEPER_THREADS_PER_WORKER"
 
 # Survives Hydra's plugin rescan, which re-executes this module in place.
 _CACHE: dict[Any, Any] = globals().get("_CACHE", {})
-
-
-def storage_kwargs(url: str) -> dict[str, Any]:
-    """Engine options for RDBStorage: a long SQLite busy timeout for concurrent writers."""
-    if url.startswith("sqlite"):
-        return {"engine_kwargs": {"connect_args": {"timeout": 60}}}
-    return {}
-
-
-def build_pruner(pruner_json: str | None) -> optuna.pruners.BasePruner:
-    """Pruner from its JSON config (``{"_target_": ...}``); NopPruner when absent."""
-    import optuna
-    from hydra.utils import instantiate
-
-    spec = json.loads(pruner_json) if pruner_json else None
-    if not spec:
-        return optuna.pruners.NopPruner()
-    return instantiate(spec)
 
 
 def get_storage(storage_url: str) -> optuna.storages.RDBStorage:
@@ -92,7 +77,7 @@ def load_study(storage_url: str, study_name: str, pruner_json: str | None = None
             study_name=study_name,
             storage=get_storage(storage_url),
             sampler=optuna.samplers.RandomSampler(),
-            pruner=build_pruner(pruner_json),
+            pruner=pruner_from_json(pruner_json),
         )
     return _CACHE[key]
 

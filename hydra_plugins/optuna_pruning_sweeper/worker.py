@@ -1,6 +1,6 @@
 """What runs inside a sweeper worker process: one Hydra job per trial, then the tell.
 
-The sweeper gives each concurrent slot its own single-process
+The local executor (``executors.local``) gives each concurrent slot its own single-process
 ``ProcessPoolExecutor(mp_context=spawn)``, replaced after ``trials_per_worker`` trials, and
 spawns it under the slot's environment (threads, ``CUDA_VISIBLE_DEVICES``), so the worker has
 them before the main script imports numpy or TF. ``init_worker`` runs once per process: it
@@ -315,7 +315,7 @@ def requeue_trial(study: Any, failed_trial: Any, max_retry: int | None) -> None:
     """Queue a WAITING copy of a failed trial, as Optuna does for stale trials.
 
     The copy carries Optuna's retry system attrs, so the failed trial stops counting
-    toward ``n_trials`` (see ``_impl.count_toward_budget``).
+    toward ``n_trials`` (see ``study.count_toward_budget``).
     """
     import copy
     import warnings

@@ -12,8 +12,10 @@ from hydra.core.config_store import ConfigStore
 from optuna.trial import TrialState, create_trial
 
 import hydra_plugins.optuna_pruning_sweeper.config  # noqa: F401 - registers the configs
-from hydra_plugins.optuna_pruning_sweeper import _impl, trial_context
+from hydra_plugins.optuna_pruning_sweeper import samplers, storage, trial_context
+from hydra_plugins.optuna_pruning_sweeper import study as sweep_study
 from hydra_plugins.optuna_pruning_sweeper.distributions import parse_search_space
+from hydra_plugins.optuna_pruning_sweeper.executors import local
 from hydra_plugins.optuna_pruning_sweeper.worker import resolve_task_function, values_from_return
 
 APP_DIR = Path(__file__).parent / "app"
@@ -49,26 +51,26 @@ def test_count_toward_budget_skips_retried_failures_and_waiting():
     add(TrialState.FAIL, failed_trial=2, retry_history=[2])  # 5 retry failed, retried by 6
     add(TrialState.WAITING, failed_trial=2, retry_history=[2, 5])  # 6 queued -> not counted
     trials = study.get_trials(deepcopy=False)
-    assert _impl.retried_numbers(trials) == {2, 5}
-    assert _impl.count_toward_budget(trials) == 4
+    assert sweep_study.retried_numbers(trials) == {2, 5}
+    assert sweep_study.count_toward_budget(trials) == 4
 
 
 def test_space_differences_name_the_keys():
     old = {**parse_search_space(["x=interval(0, 1)", "y=choice(a, b)", "e=3"]).fingerprint()}
     new = {**parse_search_space(["x=interval(0, 2)", "z=choice(a, b)", "e=4"]).fingerprint()}
-    diffs = "\n".join(_impl.space_differences(old, new))
+    diffs = "\n".join(sweep_study.space_differences(old, new))
     assert "'x' changed" in diffs
     assert "'y' removed" in diffs
     assert "'z' added" in diffs
     assert "fixed: 'e' changed: e=3 -> e=4" in diffs
-    assert _impl.space_differences(old, old) == []
+    assert sweep_study.space_differences(old, old) == []
 
 
 def test_directions():
-    assert _impl.directions_of("maximize") == ["maximize"]
-    assert _impl.directions_of(["minimize", "maximize"]) == ["minimize", "maximize"]
+    assert sweep_study.directions_of("maximize") == ["maximize"]
+    assert sweep_study.directions_of(["minimize", "maximize"]) == ["minimize", "maximize"]
     with pytest.raises(ValueError, match="minimize"):
-        _impl.directions_of("down")
+        sweep_study.directions_of("down")
 
 
 @pytest.mark.parametrize(
@@ -100,7 +102,7 @@ def test_values_from_return_refuses(value, n, message):
 )
 def test_detect_gpus_from_cuda_visible_devices(monkeypatch, visible, expected):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    assert _impl.detect_gpus() == expected
+    assert local.detect_gpus() == expected
 
 
 def test_resolve_task_function_unwraps_hydra_main(monkeypatch):
@@ -119,7 +121,7 @@ def test_ask_lock_excludes_across_instances(tmp_path):
     inside, overlaps = [0], []
 
     def worker():
-        lock = _impl.AskLock(url, "s")  # own open file: flock excludes like another process
+        lock = storage.AskLock(url, "s")  # own open file: flock excludes like another process
         for _ in range(5):
             with lock():
                 inside[0] += 1
@@ -160,9 +162,9 @@ def test_sampler_by_name(name, cls):
     missing = [m for m in needs if importlib.util.find_spec(m) is None]
     if missing:
         with pytest.raises(ImportError, match=f"pip install {missing[0]}"):
-            _impl.build_sampler(node, SPACE)
+            samplers.build_sampler(node, SPACE)
         return
-    assert isinstance(_impl.build_sampler(node, SPACE), cls)
+    assert isinstance(samplers.build_sampler(node, SPACE), cls)
 
 
 def test_sampler_seed_offset_and_tpe_options():
@@ -170,18 +172,18 @@ def test_sampler_seed_offset_and_tpe_options():
     node.seed = 7
     node.multivariate = True
     node.group = True
-    sampler = _impl.build_sampler(node, SPACE, seed_offset=2)
+    sampler = samplers.build_sampler(node, SPACE, seed_offset=2)
     assert sampler._multivariate and sampler._group and sampler._constant_liar
-    a = optuna.create_study(sampler=_impl.build_sampler(node, SPACE, seed_offset=0))
-    b = optuna.create_study(sampler=_impl.build_sampler(node, SPACE, seed_offset=1))
+    a = optuna.create_study(sampler=samplers.build_sampler(node, SPACE, seed_offset=0))
+    b = optuna.create_study(sampler=samplers.build_sampler(node, SPACE, seed_offset=1))
     assert a.ask().suggest_float("x", 0, 1) != b.ask().suggest_float("x", 0, 1)
 
 
 def test_grid_sampler_refuses_intervals():
     space = parse_search_space(["x=interval(0, 1)"])
     with pytest.raises(ValueError, match="grid sampler needs discrete params: 'x'"):
-        _impl.build_sampler(_node("sampler", "grid"), space)
-    assert _impl.grid_size(SPACE) == 6
+        samplers.build_sampler(_node("sampler", "grid"), space)
+    assert samplers.grid_size(SPACE) == 6
 
 
 @pytest.mark.parametrize(
@@ -195,7 +197,7 @@ def test_grid_sampler_refuses_intervals():
     ],
 )
 def test_pruner_by_name(name, cls):
-    assert isinstance(_impl.build_pruner(_node("pruner", name)), cls)
+    assert isinstance(samplers.build_pruner(_node("pruner", name)), cls)
 
 
 def test_sweeper_config_defaults():

@@ -14,9 +14,9 @@ import yaml
 
 from data.loaders import BUILTIN_NPZ
 from models import build_cnn
+from search import inputs, model_store, pull, registry
 from search import predict as pr
-from search import pull, registry
-from search.pull import LoadedModel
+from search.model_store import LoadedModel
 
 CLASSES = ["normal", "pneumonia"]
 
@@ -117,7 +117,7 @@ def test_folder_labels_corrupt_files_and_gradcam(tiny_model, chest_xray_tree, tm
     from PIL import Image
 
     with Image.open(pngs[0]) as overlay:
-        assert overlay.mode == "RGB" and max(overlay.size) == pr.DISPLAY_SIZE
+        assert overlay.mode == "RGB" and max(overlay.size) == inputs.DISPLAY_SIZE
     page = (tmp_path / "out" / "gradcam" / "index.html").read_text()
     assert page.count("<img ") == 16 and "person" in page
 
@@ -158,10 +158,10 @@ def test_pull_reports_a_missing_alias(tmp_path, capsys, monkeypatch):
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
     assert "search/registry.py" in capsys.readouterr().err
-    assert pull.parse_model_uri("models:/m@champion") == ("m", "champion", None)
-    assert pull.parse_model_uri("models:/m/4") == ("m", None, 4)
+    assert model_store.parse_model_uri("models:/m@champion") == ("m", "champion", None)
+    assert model_store.parse_model_uri("models:/m/4") == ("m", None, 4)
     with pytest.raises(ValueError, match="registry URI"):
-        pull.parse_model_uri("runs:/abc/model")
+        model_store.parse_model_uri("runs:/abc/model")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
+from search import champion as gate
 from search import registry
-from search.registry import HeldOutScore
+from search.champion import HeldOutScore
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "pneumonia-cnn"
@@ -44,15 +45,15 @@ def score(metric: float, tie: float, version: int = 1) -> HeldOutScore:
     ],
 )
 def test_beats_metric_then_tie_break(new, champion, wins):
-    assert registry.beats(score(*new), score(*champion))[0] is wins
+    assert gate.beats(score(*new), score(*champion))[0] is wins
 
 
 def test_metric_names_are_checked():
-    assert registry.check_metric("roc_auc") == "roc_auc"
-    assert registry.check_metric("test_sensitivity") == "sensitivity"
-    assert registry.check_metric("eval_test_f1") == "f1"
+    assert gate.check_metric("roc_auc") == "roc_auc"
+    assert gate.check_metric("test_sensitivity") == "sensitivity"
+    assert gate.check_metric("eval_test_f1") == "f1"
     with pytest.raises(ValueError, match="cannot rank models"):
-        registry.check_metric("val_loss")
+        gate.check_metric("val_loss")
 
 
 def test_registry_yaml_composes_with_documented_keys(compose_cfg):
@@ -71,25 +72,25 @@ def test_registry_yaml_composes_with_documented_keys(compose_cfg):
 def test_held_out_split_is_the_same_whatever_the_preprocessing(compose_cfg):
     """A champion with another input size/channels is scored on the very same test images."""
     cfg = compose_cfg("data.subset_fraction=0.1", "seed=5")
-    evaluator = registry.HeldOutEvaluator(cfg)
+    evaluator = gate.HeldOutEvaluator(cfg)
     small, large = evaluator.bundle(28, 1), evaluator.bundle(32, 3)
     assert small.fingerprint == large.fingerprint == evaluator.fingerprint
     assert small.y_test.tolist() == large.y_test.tolist() and evaluator.n_test > 0
     assert next(iter(large.test))[0].shape[1:] == (32, 32, 3)
-    none = registry.HeldOutEvaluator(compose_cfg("data.subset_fraction=0.1",
+    none = gate.HeldOutEvaluator(compose_cfg("data.subset_fraction=0.1",
                                                  "data.test_fraction=0"))
-    with pytest.raises(registry.NoHeldOutSplit, match="test_fraction"):
+    with pytest.raises(gate.NoHeldOutSplit, match="test_fraction"):
         none.bundle(28, 1)
 
 
 def test_sqlite_lock_serialises_processes(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code = (
-        "import sys, time; from search.registry import promotion_lock\n"
+        "import sys, time; from search.champion import promotion_lock\n"
         f"with promotion_lock({uri!r}) as locked:\n"
         "    print('locked' if locked else 'none', time.time(), flush=True)\n"
     )
-    with registry.promotion_lock(uri) as locked:
+    with gate.promotion_lock(uri) as locked:
         assert locked
         held_until = time.time() + 1.0
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -97,8 +98,8 @@ def test_sqlite_lock_serialises_processes(tmp_path):
     out, _ = proc.communicate(timeout=60)
     word, stamp = out.split()
     assert word == "locked" and float(stamp) >= held_until - 0.05
-    assert (tmp_path / f"mlflow.db{registry.LOCK_SUFFIX}").exists()
-    with registry.promotion_lock("http://127.0.0.1:5000") as locked:
+    assert (tmp_path / f"mlflow.db{gate.LOCK_SUFFIX}").exists()
+    with gate.promotion_lock("http://127.0.0.1:5000") as locked:
         assert locked is False
 
 
@@ -300,9 +301,9 @@ def test_concurrent_promotions_leave_the_better_champion(first, trained_store, t
     db = tmp_path / "mlflow.db"
     shutil.copyfile(trained_store.db, db)
     uri = f"sqlite:///{db}"
-    lock_file = db.with_name(db.name + registry.LOCK_SUFFIX)
+    lock_file = db.with_name(db.name + gate.LOCK_SUFFIX)
     procs = {}
-    with registry.promotion_lock(uri):
+    with gate.promotion_lock(uri):
         procs["good"] = _promote_cli(trained_store.good_run_id, uri)
         procs["poor"] = _promote_cli(trained_store.poor_run_id, uri)
         deadline = time.time() + 240

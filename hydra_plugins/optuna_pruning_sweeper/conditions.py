@@ -1,0 +1,161 @@
+"""The conditional-space resolver: which params and fixed overrides apply to a trial.
+
+The rule itself is documented in ``distributions``: a param under a swept config group is
+sampled only when the option chosen in that trial has the key (checked on the option's
+composed config); an explicit ``when:`` replaces the automatic rule. ``sample_trial`` asks
+the trial for the active params in dependency order and returns the trial's overrides.
+
+Hydra imports this module in every Hydra process (plugin scan): Optuna is imported inside
+the functions.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from .distributions import (
+    Param,
+    SearchSpace,
+    condition_parent,
+    explicit_condition_holds,
+    format_override,
+    suggest,
+)
+
+if TYPE_CHECKING:
+    import optuna
+
+log = logging.getLogger(__name__)
+
+
+class ConditionResolver:
+    """Decides which params and fixed overrides apply, given the options chosen so far."""
+
+    def __init__(self, space: SearchSpace, config_loader: Any, master_config: DictConfig) -> None:
+        self.space = space
+        self.config_loader = config_loader
+        self.master_config = master_config
+        from optuna.distributions import CategoricalDistribution
+
+        repo = getattr(config_loader, "repository", None)
+        self.groups: dict[str, Param] = {}  # config key -> swept group param
+        for p in space.params.values():
+            if isinstance(p.distribution, CategoricalDistribution) and repo is not None:
+                group_path = p.key.replace(".", "/")
+                if repo.group_exists(group_path):
+                    self._check_options(repo, group_path, p)
+                    self.groups[p.key] = p
+        self._parents = {
+            key: condition_parent(key, list(self.groups))
+            for key in [p.key for p in space.params.values()] + list(space.fixed)
+        }
+        self._base_lines = [f.line for f in space.fixed.values() if self._parents[f.key] is None]
+        self._composed: dict[tuple[str, Any], Any] = {}
+
+    @staticmethod
+    def _check_options(repo: Any, group_path: str, p: Param) -> None:
+        from optuna.distributions import CategoricalDistribution
+
+        assert isinstance(p.distribution, CategoricalDistribution)
+        missing = [c for c in p.distribution.choices if not repo.config_exists(f"{group_path}/{c}")]
+        if missing:
+            raise ValueError(
+                f"hydra.sweeper.params.{p.name}: option(s) {missing} not found in config group "
+                f"'{group_path}' (available: {repo.get_group_options(group_path)})"
+            )
+
+    def order(self) -> list[Param]:
+        """Params in sampling order: parents (shallow keys) first, explicit conditions last."""
+        return sorted(
+            self.space.params.values(),
+            key=lambda p: (p.when is not None, p.key.count("."), p.name),
+        )
+
+    def parent(self, key: str) -> Param | None:
+        """The swept group a key depends on (None for unconditional keys)."""
+        g = self._parents.get(key)
+        return self.groups[g] if g is not None else None
+
+    def is_active(
+        self, key: str, when: dict[str, list[str]] | None, chosen: dict[str, Any]
+    ) -> bool:
+        """Whether a param / fixed override with ``key`` applies to this trial."""
+        if when is not None:
+            return explicit_condition_holds(when, chosen)
+        group = self.parent(key)
+        if group is None:
+            return True
+        if group.name not in chosen:  # its group was not sampled itself
+            return False
+        return self.option_has_key(group, chosen[group.name], key)
+
+    def option_has_key(self, group: Param, option: Any, key: str) -> bool:
+        """Whether ``key`` exists when ``group`` is set to ``option``."""
+        cache_key = (group.name, option)
+        if cache_key not in self._composed:
+            self._composed[cache_key] = self._compose(group, option)
+        return _has_key(self._composed[cache_key], key)
+
+    def _compose(self, group: Param, option: Any) -> Any:
+        line = format_override(group.name, option)
+        try:
+            return self.config_loader.load_sweep_config(
+                self.master_config, [*self._base_lines, line]
+            )
+        except Exception as compose_error:  # noqa: BLE001 - fall back to the option's own file
+            repo = self.config_loader.repository
+            group_path = group.key.replace(".", "/")
+            result = repo.load_config(f"{group_path}/{option}")
+            if result is None:
+                raise RuntimeError(
+                    f"cannot tell which keys option '{option}' of swept group '{group.name}' "
+                    f"has: composing with {line!r} failed ({compose_error}) and "
+                    f"'{group_path}/{option}' was not found"
+                ) from compose_error
+            log.debug("compose with %s failed (%s); using the option file", line, compose_error)
+            # Keys of the option file are relative to the group's package.
+            return _nest(group.key, result.config if result.config is not None else {})
+
+
+def sample_trial(
+    trial: optuna.trial.Trial, resolver: ConditionResolver
+) -> tuple[dict[str, Any], list[str]]:
+    """Sample the active params of ``trial``; returns (params, override lines)."""
+    chosen: dict[str, Any] = {}
+    for p in resolver.order():
+        if resolver.is_active(p.key, p.when, chosen):
+            chosen[p.name] = suggest(trial, p)
+    lines = [
+        f.line for f in resolver.space.fixed.values() if resolver.is_active(f.key, None, chosen)
+    ]
+    lines += [format_override(name, value) for name, value in chosen.items()]
+    return chosen, lines
+
+
+def _has_key(cfg: Any, dotted: str) -> bool:
+    """Whether ``dotted`` exists in ``cfg`` (MISSING / unresolved values count as present)."""
+    node = cfg
+    for part in dotted.split("."):
+        if isinstance(node, DictConfig):
+            if part not in node.keys():  # noqa: SIM118 - `in node` is False for ???
+                return False
+            node = node._get_node(part)
+        elif isinstance(node, ListConfig) and part.isdigit() and int(part) < len(node):
+            node = node._get_node(int(part))
+        else:
+            return False
+    return True
+
+
+def _nest(dotted: str, cfg: Any) -> DictConfig:
+    root: dict[str, Any] = {}
+    node = root
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = cfg
+    return OmegaConf.create(root)
+

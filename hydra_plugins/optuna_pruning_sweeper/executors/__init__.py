@@ -1,0 +1,33 @@
+"""What runs a trial where: the sweep loop hands each trial to an executor's slot.
+
+An executor (``TrialExecutor``) owns ``n_jobs`` slots and runs one ``worker.TrialTask`` per
+slot at a time, returning a ``concurrent.futures.Future`` of the ``worker.TrialOutcome``.
+The loop decides (asks Optuna, samples, counts, stops); the executor only runs.
+
+``local.LocalProcessExecutor`` (today's only one): a spawned worker process per slot,
+recycled every ``trials_per_worker`` trials, each with its thread budget and GPU.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..worker import TrialTask
+
+
+class TrialExecutor(Protocol):
+    """The part of an executor the sweep loop uses."""
+
+    def submit(self, slot: int, task: TrialTask) -> Future:
+        """Start ``task`` on ``slot``; the future holds the worker's TrialOutcome."""
+
+    def failure_reason(self, slot: int, error: BaseException) -> str:
+        """Why a trial whose future raised ``error`` failed (and forget a dead worker)."""
+
+    def gpu_of(self, slot: int) -> str | None:
+        """The GPU id a slot uses (None: CPU only), for progress lines."""
+
+    def shutdown(self) -> None:
+        """Stop every worker (running trials are told FAIL by their workers)."""

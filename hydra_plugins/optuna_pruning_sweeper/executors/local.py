@@ -1,0 +1,212 @@
+"""Local worker processes: one spawned process per slot, recycled every few trials.
+
+Each slot has its own single-process ``ProcessPoolExecutor(mp_context=spawn)``, replaced
+after ``trials_per_worker`` trials, and spawned under the slot's environment (threads,
+``CUDA_VISIBLE_DEVICES``), so the worker has them before the main script imports numpy or
+TF. What runs inside the worker is ``worker.init_worker`` (once) and ``worker.run_trial``
+(per trial).
+
+Pickled objects (``worker.WorkerSetup``, ``init_worker``, ``run_trial``) are looked up on the
+``worker`` module when used, not bound at import: Hydra's plugin scan re-executes plugin
+modules in place, and pickle refuses a function or class that is no longer the module's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import pickle
+import shutil
+import subprocess
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import TYPE_CHECKING, Any
+
+from .. import trial_context as tc
+from .. import worker
+
+if TYPE_CHECKING:
+    from ..worker import TrialTask
+
+log = logging.getLogger(__name__)
+
+
+def detect_gpus() -> list[str]:
+    """GPU ids visible to workers, without importing a deep-learning framework.
+
+    ``CUDA_VISIBLE_DEVICES`` when set (empty or -1 = none), else ``nvidia-smi -L``.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [x.strip() for x in visible.split(",") if x.strip()]
+        return [] if not ids or ids[0] == "-1" else ids
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [
+        line.split(":", 1)[0].split()[1]
+        for line in out.stdout.splitlines()
+        if line.startswith("GPU ")
+    ]
+
+
+def available_cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def worker_setup_common(
+    hydra_context: Any,
+    task_function: Any,
+    config: Any,
+    *,
+    url: str,
+    study_name: str,
+    sampler_name: str,
+    pruner_json: str | None,
+    threads: int,
+    n_objectives: int,
+    heartbeat_interval: int | None,
+    max_retry: int | None,
+) -> dict[str, Any]:
+    """The ``WorkerSetup`` fields every slot shares (the slot adds its GPU to ``env``)."""
+    from hydra.core.singleton import Singleton
+
+    payload = _pickle_payload(
+        hydra_context.config_loader, hydra_context.callbacks, config, Singleton.get_state()
+    )
+    env = {
+        "OMP_NUM_THREADS": str(threads),
+        "TF_NUM_INTRAOP_THREADS": str(threads),
+        "TF_NUM_INTEROP_THREADS": str(threads),
+        tc.ENV_THREADS: str(threads),
+        tc.ENV_STUDY: study_name,
+        tc.ENV_STORAGE: url,
+        tc.ENV_SAMPLER: sampler_name,
+    }
+    return {
+        "payload": payload,
+        "env": env,
+        "parent_pid": os.getpid(),
+        "task_module": task_function.__module__,
+        "task_qualname": task_function.__qualname__,
+        "storage_url": url,
+        "study_name": study_name,
+        "pruner_json": pruner_json,
+        "n_objectives": n_objectives,
+        "heartbeat_interval": heartbeat_interval or None,
+        "max_retry": max_retry,
+    }
+
+
+class LocalProcessExecutor:
+    """Slots backed by spawned worker processes on this machine (one GPU per slot if any)."""
+
+    def __init__(
+        self, setup_common: dict[str, Any], gpus: list[str], trials_per_worker: int | None
+    ) -> None:
+        self.setup_common = setup_common
+        self.gpus = gpus
+        self.trials_per_worker = trials_per_worker or None  # 0 / null = reuse
+        self.executors: dict[int, ProcessPoolExecutor] = {}
+        self.slot_tasks: dict[int, int] = {}
+
+    def gpu_of(self, slot: int) -> str | None:
+        return self.gpus[slot % len(self.gpus)] if self.gpus else None
+
+    def _slot_env(self, slot: int) -> dict[str, str]:
+        env = dict(self.setup_common["env"])
+        gpu = self.gpu_of(slot)
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        return env
+
+    def _executor(self, slot: int) -> ProcessPoolExecutor:
+        """The slot's single-process executor; replaced after ``trials_per_worker`` trials.
+
+        The sweeper recycles workers itself (rather than ``max_tasks_per_child``, whose
+        replacement process is spawned by the executor's thread at any moment) so that
+        every worker is spawned here, in ``submit``, under the slot's environment.
+        """
+        limit = self.trials_per_worker
+        if slot in self.executors and limit is not None and self.slot_tasks[slot] >= limit:
+            self.executors.pop(slot).shutdown(wait=True)  # idle: the slot is free
+        if slot not in self.executors:
+            setup = worker.WorkerSetup(**{**self.setup_common, "env": self._slot_env(slot)})
+            self.executors[slot] = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=worker.init_worker,
+                initargs=(setup,),
+            )
+            self.slot_tasks[slot] = 0
+        return self.executors[slot]
+
+    def submit(self, slot: int, task: TrialTask) -> Future:
+        # A new worker is spawned inside submit(): it inherits the slot's environment from
+        # process start, before the main script (and numpy / TF) is imported.
+        for attempt in (1, 2):
+            executor = self._executor(slot)
+            try:
+                with _environ(self._slot_env(slot)):
+                    fut = executor.submit(worker.run_trial, task)
+            except BrokenProcessPool:
+                self.executors.pop(slot, None)
+                if attempt == 2:
+                    raise
+                continue
+            self.slot_tasks[slot] += 1
+            return fut
+        raise AssertionError("unreachable")
+
+    def failure_reason(self, slot: int, error: BaseException) -> str:
+        if isinstance(error, BrokenProcessPool):
+            self.executors.pop(slot, None)
+            return "worker process died abruptly (killed by a signal or out of memory?)"
+        return f"{type(error).__name__}: {error}"
+
+    def shutdown(self) -> None:
+        for ex in self.executors.values():
+            ex.shutdown(wait=True, cancel_futures=True)
+        self.executors.clear()
+
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the block (main thread only)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _pickle_payload(config_loader: Any, callbacks: Any, config: Any, state: Any) -> bytes:
+    """Pickle Hydra's state for spawned workers (cloudpickle: resolvers are lambdas)."""
+    try:
+        import cloudpickle as cp
+    except ImportError:  # plain pickle: workers keep their own OmegaConf resolvers
+        cp = None
+        state = {**state, "omegaconf_resolvers": None}
+    dumps = cp.dumps if cp is not None else pickle.dumps
+    try:
+        dumps(callbacks)
+    except Exception as e:  # noqa: BLE001 - workers re-create callbacks from the config
+        log.info("Hydra callbacks are not picklable (%s); workers re-create them.", e)
+        callbacks = None
+    return dumps((config_loader, callbacks, config, state))

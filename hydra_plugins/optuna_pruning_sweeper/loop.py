@@ -1,0 +1,283 @@
+"""The slot loop: keeps every slot busy, watches the limits, finds stale trials, reports.
+
+Decides (Optuna, in this process) and runs (an executor's slots, see ``executors``) stay
+apart: the loop asks a trial under the ask lock and samples its params here; the executor
+runs the job and the worker tells the final state (see ``worker``).
+
+Stale trials: at start and every ``heartbeat_interval`` seconds the loop runs
+``optuna.storages.fail_stale_trials``: a RUNNING trial whose heartbeat stopped for
+``grace_period`` seconds (its sweeper or machine died) becomes FAIL and a WAITING copy with
+the same params is queued (up to ``max_retry`` times). A loop that has nothing left to
+ask but sees other processes' RUNNING trials waits up to ``grace_period + 2 *
+heartbeat_interval`` seconds for them to turn stale, so a re-run right after a crash ends
+with the crashed trial retried and exactly ``n_trials`` counted (a live trial outlasts the
+wait; its own sweeper finishes it). Ctrl-C: workers tell their trials FAIL and queue a
+retry, so re-running the same command continues without losing or repeating a trial.
+
+Hydra imports this module in every Hydra process (plugin scan): Optuna is imported inside
+the functions. No ``from __future__ import annotations`` here: the scan executes the module
+before it is in ``sys.modules``, where dataclasses cannot resolve string annotations.
+"""
+
+import collections
+import contextlib
+import logging
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import worker
+from .conditions import ConditionResolver, sample_trial
+from .config import OptunaPruningSweeperConf
+from .executors import TrialExecutor
+from .storage import AskLock
+from .study import OVERRIDES_ATTR, ask_within_budget, count_toward_budget
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _InFlight:
+    trial_id: int
+    number: int
+    slot: int
+    started: float
+
+
+class SweepLoop:
+    """Keeps every slot busy: a new trial is submitted as soon as any slot frees."""
+
+    def __init__(
+        self,
+        conf: OptunaPruningSweeperConf,
+        study: "optuna.Study",
+        storage: "optuna.storages.RDBStorage",
+        lock: AskLock,
+        resolver: ConditionResolver,
+        executor: TrialExecutor,
+        t0: float,
+    ) -> None:
+        self.conf = conf
+        self.study = study
+        self.storage = storage
+        self.lock = lock
+        self.resolver = resolver
+        self.executor = executor
+        self.t0 = t0
+        self.in_flight: dict[Future, _InFlight] = {}
+        self.outcomes: list[worker.TrialOutcome] = []
+        self.min_finished = (
+            conf.failure_rate_min_trials
+            if conf.failure_rate_min_trials is not None
+            else max(3, conf.n_jobs)
+        )
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def run(self) -> str:
+        """Run until the budget is used, the timeout passes or failures exceed the limit."""
+        try:
+            return self._run()
+        except KeyboardInterrupt:
+            log.warning(
+                "Interrupted: waiting for %d running trial(s) to be told FAIL and re-queued "
+                "(re-run the same command to continue the study).",
+                len(self.in_flight),
+            )
+            raise
+        finally:
+            self.executor.shutdown()
+
+    def _run(self) -> str:
+        conf = self.conf
+        free = list(range(conf.n_jobs))
+        stop_reason: str | None = None
+        last_stale_check = -math.inf
+        idle_since: float | None = None
+        poll = 1.0
+        while True:
+            beat = conf.heartbeat_interval
+            if beat and time.monotonic() - last_stale_check >= min(beat, 10):
+                self._fail_stale()
+                self._beat_own()
+                last_stale_check = time.monotonic()
+            if stop_reason is None:
+                stop_reason = self._limit_reached()
+            while free and stop_reason is None:
+                trial = ask_within_budget(
+                    self.study, self.storage, self.lock, conf.n_trials, conf.heartbeat_interval
+                )
+                if trial is None:
+                    break
+                self._submit(trial, free.pop(0))
+            if not self.in_flight:
+                if stop_reason is not None:
+                    return stop_reason
+                if beat and self._foreign_running():
+                    # Another process's trial may be dead: it turns stale within the grace
+                    # period and is re-queued for us. A live one outlasts this wait.
+                    idle_since = time.monotonic() if idle_since is None else idle_since
+                    grace = conf.grace_period or 2 * beat
+                    if time.monotonic() - idle_since <= grace + 2 * beat:
+                        time.sleep(min(beat, 2))
+                        continue
+                return "n_trials"
+            idle_since = None
+            done, _ = wait(list(self.in_flight), timeout=poll, return_when=FIRST_COMPLETED)
+            for fut in done:
+                info = self.in_flight.pop(fut)
+                self._collect(fut, info)
+                free.append(info.slot)
+            free.sort()
+
+    def _limit_reached(self) -> str | None:
+        if self.conf.timeout is not None and self.elapsed() >= self.conf.timeout:
+            log.info("Timeout of %ss reached: no new trials.", self.conf.timeout)
+            return "timeout"
+        finished = len(self.outcomes)
+        fails = sum(1 for o in self.outcomes if o.state == "FAIL")
+        if finished >= self.min_finished and fails / finished > self.conf.max_failure_rate:
+            log.error(self.failure_message())
+            return "failure_rate"
+        return None
+
+    def failure_message(self) -> str:
+        finished = len(self.outcomes)
+        fails = [o for o in self.outcomes if o.state == "FAIL"]
+        reasons = collections.Counter(o.reason or "?" for o in fails).most_common(3)
+        listed = "\n".join(f"  {n}x {r[:300]}" for r, n in reasons)
+        return (
+            f"Sweep stopped: {len(fails)} of {finished} finished trials failed "
+            f"({len(fails) / max(finished, 1):.0%} > max_failure_rate "
+            f"{self.conf.max_failure_rate:.0%}) in study '{self.study.study_name}'. "
+            f"Most common fail reasons:\n{listed}\n"
+            "Fix the cause (see each trial's log in the sweep dir), or raise "
+            "hydra.sweeper.max_failure_rate."
+        )
+
+    def _submit(self, trial: "optuna.trial.Trial", slot: int) -> None:
+        try:
+            params, lines = sample_trial(trial, self.resolver)
+        except Exception as e:
+            info = _InFlight(trial._trial_id, trial.number, slot, time.monotonic())
+            self._tell_fail(info, f"sampling failed: {type(e).__name__}: {e}")
+            raise
+        trial.set_user_attr(OVERRIDES_ATTR, lines)
+        # worker.TrialTask, looked up now: the task is pickled (see executors.local).
+        task = worker.TrialTask(trial_id=trial._trial_id, number=trial.number, overrides=lines)
+        fut = self.executor.submit(slot, task)
+        self.in_flight[fut] = _InFlight(trial._trial_id, trial.number, slot, time.monotonic())
+        gpu = self.executor.gpu_of(slot)
+        log.info(
+            "[trial %d] started  slot %d%s | %s | elapsed %s",
+            trial.number,
+            slot,
+            f" gpu {gpu}" if gpu is not None else "",
+            " ".join(f"{k}={_fmt(v)}" for k, v in params.items()),
+            _hms(self.elapsed()),
+        )
+
+    def _collect(self, fut: Future, info: _InFlight) -> None:
+        try:
+            outcome: worker.TrialOutcome = fut.result()
+        except BaseException as e:  # noqa: BLE001 - the worker could not tell: tell here
+            reason = self.executor.failure_reason(info.slot, e)
+            outcome = worker.TrialOutcome(
+                number=info.number,
+                state="FAIL",
+                values=None,
+                reason=reason,
+                duration_s=time.monotonic() - info.started,
+                pid=-1,
+            )
+            self._tell_fail(info, reason)
+        self.outcomes.append(outcome)
+        self._progress(outcome)
+
+    def _tell_fail(self, info: _InFlight, reason: str) -> None:
+        from optuna.trial import TrialState
+
+        with contextlib.suppress(Exception):
+            self.storage.set_trial_user_attr(info.trial_id, "fail_reason", reason)
+        try:
+            self.study.tell(info.number, state=TrialState.FAIL, skip_if_finished=True)
+        except Exception:  # noqa: BLE001 - storage trouble: stale detection will fail it
+            log.exception("Could not tell trial %d as FAIL", info.number)
+
+    def _progress(self, o: worker.TrialOutcome) -> None:
+        trials = self.storage.get_all_trials(self.study._study_id, deepcopy=False)
+        counted = count_toward_budget(trials)
+        if o.values is not None:
+            value = " ".join(f"{v:.6g}" for v in o.values)
+        elif o.state == "PRUNED":
+            t = next((t for t in trials if t.number == o.number), None)
+            value = f"{t.value:.6g} (last report)" if t is not None and t.value is not None else "-"
+        else:
+            value = "-"
+        best = self._best_text(trials)
+        reason = f" | {o.reason[:200]}" if o.reason else ""
+        log.info(
+            "[trial %d] %-8s value %s | best %s | %.1fs | elapsed %s | %d/%d counted%s",
+            o.number,
+            o.state,
+            value,
+            best,
+            o.duration_s,
+            _hms(self.elapsed()),
+            counted,
+            self.conf.n_trials,
+            reason,
+        )
+
+    def _best_text(self, trials: Sequence["FrozenTrial"]) -> str:
+        done = [t for t in trials if t.state.name == "COMPLETE"]
+        if not done:
+            return "-"
+        if len(self.study.directions) > 1:
+            return f"pareto front of {len(self.study.best_trials)}"
+        best = self.study.best_trial
+        return f"{best.value:.6g} (#{best.number})"
+
+    def _fail_stale(self) -> None:
+        import optuna
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            try:
+                optuna.storages.fail_stale_trials(self.study)
+            except Exception:  # noqa: BLE001 - retried next interval
+                log.warning("fail_stale_trials failed", exc_info=True)
+
+    def _beat_own(self) -> None:
+        """Beat for own trials too (covers a worker still starting up)."""
+        for info in self.in_flight.values():
+            with contextlib.suppress(Exception):
+                self.storage.record_heartbeat(info.trial_id)
+
+    def _foreign_running(self) -> bool:
+        from optuna.trial import TrialState
+
+        own = {i.trial_id for i in self.in_flight.values()}
+        trials = self.storage.get_all_trials(
+            self.study._study_id, deepcopy=False, states=(TrialState.RUNNING,)
+        )
+        return any(t._trial_id not in own for t in trials)
+
+
+def _hms(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,112 @@
+"""The study summary, computed in one place for the sweeper and for the tracking callback.
+
+``study_summary`` is the outcome of a study (trial counts by state, the best trial or the
+Pareto front). ``sweep_summary`` adds what the sweeper knows about this session (storage,
+sampler, pruner, budget, stop reason) and is written to
+``<hydra.sweep.dir>/optuna_summary.yaml`` before Hydra's ``on_multirun_end``.
+
+Hydra imports this module in every Hydra process (plugin scan): Optuna is imported inside
+the functions.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from .storage import redact
+from .study import OVERRIDES_ATTR, count_toward_budget, retried_numbers
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+    from .worker import TrialOutcome
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "optuna_summary.yaml"
+
+
+def counts_by_state(trials: Sequence[FrozenTrial]) -> dict[str, int]:
+    """Number of trials in each state that occurs (COMPLETE, PRUNED, FAIL, ...)."""
+    return dict(collections.Counter(t.state.name for t in trials))
+
+
+def best_section(
+    study: optuna.Study, trials: Sequence[FrozenTrial], with_overrides: bool
+) -> dict[str, Any]:
+    """``{"best": ...}`` (one objective) or ``{"pareto_front": [...]}``; {} before a result.
+
+    ``with_overrides`` adds the best trial's override lines (the sweeper's summary file).
+    """
+    if not any(t.state.name == "COMPLETE" for t in trials):
+        return {}
+    if len(study.directions) == 1:
+        best = study.best_trial
+        entry: dict[str, Any] = {
+            "number": best.number,
+            "value": float(best.value),
+            "params": dict(best.params),
+        }
+        if with_overrides:
+            entry["overrides"] = list(best.user_attrs.get(OVERRIDES_ATTR, []))
+        return {"best": entry}
+    return {
+        "pareto_front": [
+            {"number": t.number, "values": [float(v) for v in t.values], "params": dict(t.params)}
+            for t in study.best_trials
+        ]
+    }
+
+
+def study_summary(study: optuna.Study) -> dict[str, Any]:
+    """Best trial (or Pareto front), counts by state and the study name."""
+    trials = study.get_trials(deepcopy=False)
+    summary: dict[str, Any] = {"study": study.study_name, "counts": counts_by_state(trials)}
+    summary.update(best_section(study, trials, with_overrides=False))
+    return summary
+
+
+def sweep_summary(
+    study: optuna.Study,
+    storage: optuna.storages.RDBStorage,
+    storage_url: str,
+    n_trials: int,
+    outcomes: Sequence[TrialOutcome],
+    stop_reason: str,
+    elapsed: float,
+) -> dict[str, Any]:
+    """The sweeper's summary of this session: the study's outcome plus budget and limits."""
+    from optuna.trial import TrialState
+
+    trials = storage.get_all_trials(study._study_id, deepcopy=False)
+    counts = counts_by_state(trials)
+    summary: dict[str, Any] = {
+        "study": study.study_name,
+        "storage": redact(storage_url),
+        "sampler": type(study.sampler).__name__,
+        "pruner": type(study.pruner).__name__,
+        "directions": [d.name.lower() for d in study.directions],
+        "n_trials": n_trials,
+        "counted": count_toward_budget(trials),
+        "states": {s.name: counts.get(s.name, 0) for s in TrialState},
+        "retried": len(retried_numbers(trials)),
+        "this_session": dict(collections.Counter(o.state for o in outcomes)),
+        "stop_reason": stop_reason,
+        "elapsed_s": round(elapsed, 1),
+    }
+    summary.update(best_section(study, trials, with_overrides=True))
+    return summary
+
+
+def write_summary(summary: dict[str, Any], sweep_dir: Path) -> None:
+    """Write ``optuna_summary.yaml`` into the sweep folder and log it."""
+    text = yaml.safe_dump(summary, sort_keys=False)
+    (sweep_dir / SUMMARY_FILE).write_text(text)
+    log.info("Sweep summary (%s):\n%s", sweep_dir / SUMMARY_FILE, text)

@@ -1,0 +1,76 @@
+"""MODEL_CARD.md of a pulled model version: what it is, how it scored, how to use it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def model_card(info: dict[str, Any], has_config: bool = True) -> str:
+    """MODEL_CARD.md for a pulled version."""
+    tags = info.get("version_tags") or {}
+    lines = [
+        f"# {info['name']} v{info['version']}",
+        "",
+        f"Aliases: {', '.join(info['aliases']) or 'none'}"
+        + (f" (pulled as `{info['alias_requested']}`)" if info.get("alias_requested") else ""),
+        "",
+        "| field | value |",
+        "| --- | --- |",
+        f"| registry URI | `{info['model_uri']}` |",
+        f"| run | `{info.get('run_uri')}`"
+        + (f" ({info['run_link']})" if info.get("run_link") != info.get("run_uri") else "")
+        + " |",
+        f"| tracking store | `{info.get('tracking_uri')}` |",
+        f"| registered | {info.get('created')} |",
+        f"| exported | {info.get('exported')} |",
+        f"| classes | {', '.join(map(str, info['class_names']))} |",
+        f"| decision threshold | {_fmt(info.get('threshold'))} "
+        f"(rule `{info.get('threshold_rule')}`, chosen on validation) |",
+        f"| data fingerprint | `{info.get('data_fingerprint')}` |",
+        f"| config hash | `{info.get('config_hash')}` |",
+        f"| preprocessing | `{json.dumps(info['preprocessing'], sort_keys=True)}` |",
+        "",
+        "## Metrics of the training run",
+        "",
+        "Computed by search/train.py on the run's own splits; `test` is that config's held-out",
+        "split (never used for tuning), not an official test set.",
+        "",
+        "| metric | val | test |",
+        "| --- | --- | --- |",
+    ]
+    metrics = info.get("metrics") or {}
+    names = sorted({k.split("_", 2)[2] for k in metrics if k.startswith("eval_")})
+    for metric in names:
+        val, test = metrics.get(f"eval_val_{metric}"), metrics.get(f"eval_test_{metric}")
+        lines.append(f"| {metric} | {_fmt(val) if val is not None else '-'} | "
+                     f"{_fmt(test) if test is not None else '-'} |")
+    promotion = {k: v for k, v in tags.items() if k.startswith("promotion.")}
+    if promotion:
+        lines += ["", "## Promotion", "", "| tag | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v} |" for k, v in sorted(promotion.items())]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```",
+        "python search/predict.py <this folder> image.jpeg|folder/|images.npz [--gradcam]",
+        "```",
+        "",
+        "Images are decoded to the model's channels, resized (bilinear, antialiased) to "
+        f"{info['preprocessing'].get('image_size')} px and scaled by 1/255, exactly as in "
+        "training (`data.pipeline.preprocess_for_model`).",
+        "",
+        "Files: `model/` (MLflow Keras model; loaded from `model/data/model.keras` with "
+        "`safe_mode=True`), `model_info.json`"
+        + (", `config.yaml` (composed Hydra config of the run)" if has_config else "") + ".",
+        "",
+        "Research use only: not a medical device, not validated for diagnosis. Training data: "
+        "Kermany et al. (2018) pediatric chest X-rays / MedMNIST v2 (CC BY 4.0).",
+        "",
+    ]
+    return "\n".join(lines)

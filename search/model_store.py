@@ -1,0 +1,291 @@
+"""Registered models: URIs, versions and aliases, download, safe loading and metadata.
+
+    models:/pneumonia-cnn@champion   models:/pneumonia-cnn/3   exports/pneumonia-cnn-v3/
+
+`export_version` writes a self-contained local folder for offline prediction:
+
+    model/            the MLflow Keras model (MLmodel, data/model.keras, input example)
+    model_info.json   name, version, aliases, run link, class names, preprocessing, threshold,
+                      data fingerprint, config hash, metrics
+    config.yaml       the run's composed Hydra config
+    MODEL_CARD.md     the same, for humans (`search.model_card`)
+
+`load_model_reference` loads a registry URI (through such an export), a pulled folder or a
+bare MLflow Keras model folder. Models are always loaded from the `.keras` file with Keras'
+safe mode on (no arbitrary code).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import yaml
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from search.model_card import model_card
+
+if TYPE_CHECKING:
+    import keras
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "pneumonia-cnn"
+DEFAULT_ALIAS = "champion"
+INFO_FILE = "model_info.json"
+MODEL_DIR = "model"
+CARD_FILE = "MODEL_CARD.md"
+CONFIG_FILE = "config.yaml"
+# Metadata keys train.py stores with every logged model (and registry.py copies to version tags).
+METADATA_KEYS = (
+    "class_names", "preprocessing", "threshold", "threshold_rule", "data_fingerprint",
+    "config_hash",
+)
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+@dataclass
+class LoadedModel:
+    """A Keras model with what prediction needs to use it exactly as training did."""
+
+    model: keras.Model
+    info: dict[str, Any]
+    folder: Path
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.info["class_names"])
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        return dict(self.info["preprocessing"])
+
+    @property
+    def threshold(self) -> float | None:
+        value = self.info.get("threshold")
+        return None if value is None else float(value)
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, int | None]:
+    """Split `models:/name@alias` or `models:/name/3` into (name, alias, version)."""
+    match = _URI.match(uri.strip())
+    if not match:
+        raise ValueError(
+            f"{uri!r} is not a registry URI; expected models:/<name>@<alias> "
+            f"(e.g. models:/{DEFAULT_MODEL_NAME}@champion) or models:/<name>/<version>"
+        )
+    version = match.group("version")
+    return match.group("name"), match.group("alias"), int(version) if version else None
+
+
+def resolve_version(
+    client: MlflowClient, name: str, alias: str | None = None, version: int | str | None = None
+) -> ModelVersion:
+    """The model version an alias points to, or a numbered version; errors name the fix."""
+    if version is not None:
+        try:
+            return client.get_model_version(name, str(version))
+        except MlflowException as error:
+            raise LookupError(
+                f"registered model {name!r} has no version {version} ({error.message}); list "
+                f"them with MlflowClient().search_model_versions(\"name='{name}'\")"
+            ) from error
+    alias = alias or DEFAULT_ALIAS
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as error:
+        raise LookupError(
+            f"no version of registered model {name!r} holds the alias {alias!r} "
+            f"({error.message}); promote one with `python search/registry.py --run-id RUN_ID "
+            f"--name {name}`, or pass --version N"
+        ) from error
+
+
+def mlmodel_metadata(model_dir: str | Path) -> dict[str, Any]:
+    """The `metadata` block of an MLflow model folder's MLmodel file ({} if absent)."""
+    mlmodel = Path(model_dir) / "MLmodel"
+    if not mlmodel.is_file():
+        raise FileNotFoundError(f"{model_dir} is not an MLflow model folder: no MLmodel file")
+    return dict(yaml.safe_load(mlmodel.read_text()).get("metadata") or {})
+
+
+def keras_file(model_dir: str | Path) -> Path:
+    """The `.keras` file inside an MLflow Keras model folder."""
+    model_dir = Path(model_dir)
+    spec = yaml.safe_load((model_dir / "MLmodel").read_text())
+    keras_flavor = (spec.get("flavors") or {}).get("keras")
+    if keras_flavor is None:
+        raise ValueError(f"{model_dir}/MLmodel has no keras flavor: not an MLflow Keras model")
+    if keras_flavor.get("save_exported_model"):
+        raise ValueError(
+            f"{model_dir} holds a TF SavedModel export, not a .keras file; re-log the model with "
+            "mlflow.keras.log_model(..., save_exported_model=False)"
+        )
+    data = model_dir / keras_flavor.get("data", "data")
+    path = data / "model.keras" if data.is_dir() else data.with_suffix(".keras")
+    if not path.is_file():
+        raise FileNotFoundError(f"no Keras model file at {path}")
+    return path
+
+
+def load_keras_safely(model_dir: str | Path) -> keras.Model:
+    """Load the model of an MLflow Keras folder with `safe_mode=True` (no lambda code runs)."""
+    import keras
+
+    return keras.models.load_model(keras_file(model_dir), safe_mode=True, compile=False)
+
+
+def run_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:
+    """The run's held-out evaluation metrics (eval_val_*, eval_test_*) and the threshold."""
+    metrics = client.get_run(run_id).data.metrics
+    return {k: float(v) for k, v in sorted(metrics.items())
+            if k.startswith(("eval_val_", "eval_test_")) or k == "threshold"}
+
+
+def run_link(client: MlflowClient, run_id: str) -> str:
+    """A clickable run address for a tracking server, else the runs:/ URI."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        experiment = client.get_run(run_id).info.experiment_id
+        return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    return f"runs:/{run_id}"
+
+
+def version_info(client: MlflowClient, mv: ModelVersion, model_dir: Path) -> dict[str, Any]:
+    """Everything known about a version: MLmodel metadata, version tags, run metrics."""
+    metadata = mlmodel_metadata(model_dir)
+    tags = dict(mv.tags or {})
+    info: dict[str, Any] = {key: metadata.get(key) for key in METADATA_KEYS}
+    for key in METADATA_KEYS:
+        if info[key] is None and key in tags:
+            info[key] = json.loads(tags[key]) if key in ("class_names", "preprocessing",
+                                                        "threshold") else tags[key]
+    if not info["class_names"] or not info["preprocessing"]:
+        raise ValueError(
+            f"model version {mv.name}/{mv.version} has no class_names/preprocessing metadata; "
+            "it was not logged by search/train.py"
+        )
+    info.update({
+        "name": mv.name,
+        "version": int(mv.version),
+        "aliases": sorted(mv.aliases or []),
+        "model_uri": f"models:/{mv.name}/{mv.version}",
+        "source": mv.source,
+        "run_id": mv.run_id,
+        "run_uri": f"runs:/{mv.run_id}" if mv.run_id else None,
+        "run_link": run_link(client, mv.run_id) if mv.run_id else None,
+        "tracking_uri": mlflow.get_tracking_uri(),
+        "description": mv.description,
+        "version_tags": tags,
+        "metrics": run_metrics(client, mv.run_id) if mv.run_id else {},
+        "created": time.strftime(
+            "%Y-%m-%d %H:%M:%S", time.gmtime(int(mv.creation_timestamp) / 1000)
+        ) + " UTC",
+    })
+    return info
+
+
+def download_version(mv: ModelVersion, dst: Path) -> Path:
+    """Copy a version's MLflow model folder to `dst` (created)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    path = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(dst)
+    )
+    return Path(path)
+
+
+def run_config_text(client: MlflowClient, run_id: str) -> str | None:
+    """The composed config YAML a run logged (config/config.yaml), if any."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, "config/config.yaml", tmp)
+        except (MlflowException, OSError):
+            return None
+        return Path(path).read_text()
+
+
+def export_version(
+    name: str = DEFAULT_MODEL_NAME,
+    alias: str | None = None,
+    version: int | str | None = None,
+    out: str | Path | None = None,
+    client: MlflowClient | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Export one registered version (by alias, default champion, or number) to a folder.
+
+    Returns:
+        The export folder (model/, model_info.json, config.yaml, MODEL_CARD.md).
+    """
+    client = client or MlflowClient()
+    mv = resolve_version(client, name, alias, version)
+    out = Path(out) if out else Path("exports") / f"{name}-v{mv.version}"
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} exists; pass another --out or remove it")
+        if (out / INFO_FILE).is_file() or not any(out.iterdir()):
+            shutil.rmtree(out)
+        else:
+            raise FileExistsError(
+                f"{out} exists and is not a pulled model folder; use another --out"
+            )
+    with tempfile.TemporaryDirectory() as tmp:
+        model_src = download_version(mv, Path(tmp) / "download")
+        out.mkdir(parents=True)
+        shutil.copytree(model_src, out / MODEL_DIR)
+    info = version_info(client, mv, out / MODEL_DIR)
+    info["alias_requested"] = None if version is not None else (alias or DEFAULT_ALIAS)
+    info["exported"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()) + " UTC"
+    config = run_config_text(client, mv.run_id) if mv.run_id else None
+    if config is not None:
+        (out / CONFIG_FILE).write_text(config)
+    (out / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
+    (out / CARD_FILE).write_text(model_card(info, has_config=config is not None))
+    load_keras_safely(out / MODEL_DIR)  # fail now, not on the offline machine
+    return out
+
+
+def load_exported(folder: str | Path) -> LoadedModel:
+    """Load a pulled folder (model_info.json) or a bare MLflow Keras model folder (MLmodel)."""
+    folder = Path(folder)
+    if (folder / INFO_FILE).is_file():
+        info = json.loads((folder / INFO_FILE).read_text())
+        return LoadedModel(load_keras_safely(folder / MODEL_DIR), info, folder)
+    if (folder / "MLmodel").is_file():
+        info = mlmodel_metadata(folder)
+        missing = [k for k in ("class_names", "preprocessing") if not info.get(k)]
+        if missing:
+            raise ValueError(
+                f"{folder}/MLmodel metadata lacks {missing}; log models with search/train.py "
+                "or pull a registered version with search/pull.py"
+            )
+        return LoadedModel(load_keras_safely(folder), info, folder)
+    raise FileNotFoundError(
+        f"{folder} is neither a pulled model folder ({INFO_FILE}) nor an MLflow model folder "
+        "(MLmodel); pull one with `python search/pull.py --out DIR`"
+    )
+
+
+def load_model_reference(reference: str | Path, workdir: str | Path | None = None) -> LoadedModel:
+    """Load `models:/name@alias`, `models:/name/N`, a pulled folder or an MLflow model folder.
+
+    Registry URIs are exported to `workdir` (a temporary folder if None) first, so predictions
+    always go through the same files an offline user has.
+    """
+    text = str(reference)
+    if text.startswith("models:/"):
+        name, alias, version = parse_model_uri(text)
+        workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="pulled-"))
+        folder = export_version(name, alias=alias, version=version, out=workdir / "model-export")
+        return load_exported(folder)
+    return load_exported(Path(text))

@@ -1,0 +1,112 @@
+"""The one seam between search/ and the sweeper plugin: what a job knows about its sweep.
+
+This is the only module under search/ that imports ``hydra_plugins.*``, and the only one
+that reads the sweep's environment variables. Training gets the trial's handle
+(``current_trial()``: report, should-prune, trial number, study, thread budget, parent run);
+the sweep callback gets the study (``sweep_study()``), its summary (``study_summary``) and
+sets the parent run that trial jobs attach to (``set_parent_run_id``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from hydra_plugins.optuna_pruning_sweeper import summary as _summary
+from hydra_plugins.optuna_pruning_sweeper import trial_context as _tc
+
+if TYPE_CHECKING:
+    import optuna
+
+# The sweep callback exports its parent run id here; trial workers inherit it.
+PARENT_RUN_ENV = "MLFLOW_PARENT_RUN_ID"
+# Where the sweeper names its study (for messages).
+STUDY_ENV_NAMES = (_tc.ENV_STUDY, _tc.ENV_STORAGE)
+
+
+@dataclass(frozen=True)
+class SweepTrial:
+    """The Optuna trial a job runs for, as the task sees it."""
+
+    trial: optuna.trial.Trial  # for Optuna's own callbacks (KerasPruningCallback)
+    number: int
+    study: str
+    sampler: str
+    pruner: str
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """``{study, trial_number, sampler, pruner}`` (for run tags)."""
+        return {
+            "study": self.study,
+            "trial_number": self.number,
+            "sampler": self.sampler,
+            "pruner": self.pruner,
+        }
+
+    def report(self, value: float, step: int) -> None:
+        """Report an intermediate objective value (the pruner decides on these)."""
+        self.trial.report(value, step)
+
+    def should_prune(self) -> bool:
+        """Whether the pruner wants this trial stopped (raise ``optuna.TrialPruned``)."""
+        return self.trial.should_prune()
+
+
+def current_trial() -> SweepTrial | None:
+    """The trial this job runs for, or None outside a sweep (a plain run, tests)."""
+    trial = _tc.current_trial()
+    if trial is None:
+        return None
+    info = _tc.trial_info()
+    if info is None:
+        return None
+    return SweepTrial(
+        trial=trial,
+        number=int(info["trial_number"]),
+        study=str(info["study"]),
+        sampler=str(info["sampler"]),
+        pruner=str(info["pruner"]),
+    )
+
+
+def thread_budget() -> int | None:
+    """TF threads the sweeper granted this worker (None outside a sweep)."""
+    return int(os.environ.get(_tc.ENV_THREADS, "0")) or None
+
+
+def parent_run_id() -> str | None:
+    """The sweep's MLflow parent run, which a trial's run nests under (None outside a sweep)."""
+    return os.environ.get(PARENT_RUN_ENV) or None
+
+
+def set_parent_run_id(run_id: str | None) -> None:
+    """Export (or, with None, clear) the parent run for the trial jobs of this sweep."""
+    if run_id is None:
+        os.environ.pop(PARENT_RUN_ENV, None)
+    else:
+        os.environ[PARENT_RUN_ENV] = run_id
+
+
+def sweep_study() -> optuna.Study | None:
+    """The study the sweeper used (it exports its name and storage to the environment).
+
+    None when they are not in the environment (``STUDY_ENV_NAMES``).
+    """
+    import optuna
+
+    name, storage = os.environ.get(_tc.ENV_STUDY), os.environ.get(_tc.ENV_STORAGE)
+    if not (name and storage):
+        return None
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def study_summary(study: optuna.Study) -> dict[str, Any]:
+    """Best trial (or Pareto front), counts by state and the study name (the plugin's)."""
+    return _summary.study_summary(study)
+
+
+def counts_by_state(study: optuna.Study) -> dict[str, int]:
+    """Number of trials in each state (COMPLETE, PRUNED, FAIL, ...)."""
+    return _summary.counts_by_state(study.get_trials(deepcopy=False))
