@@ -25,21 +25,19 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from . import worker
+from . import progress, worker
 from .conditions import ConditionResolver, sample_trial
 from .config import OptunaPruningSweeperConf
 from .executors import TrialExecutor
 from .storage import AskLock
-from .study import OVERRIDES_ATTR, ask_within_budget, count_toward_budget
+from .study import OVERRIDES_ATTR, ask_within_budget
 
 if TYPE_CHECKING:
     import optuna
-    from optuna.trial import FrozenTrial
 
 log = logging.getLogger(__name__)
 
@@ -176,14 +174,8 @@ class SweepLoop:
         task = worker.TrialTask(trial_id=trial._trial_id, number=trial.number, overrides=lines)
         fut = self.executor.submit(slot, task)
         self.in_flight[fut] = _InFlight(trial._trial_id, trial.number, slot, time.monotonic())
-        gpu = self.executor.gpu_of(slot)
-        log.info(
-            "[trial %d] started  slot %d%s | %s | elapsed %s",
-            trial.number,
-            slot,
-            f" gpu {gpu}" if gpu is not None else "",
-            " ".join(f"{k}={_fmt(v)}" for k, v in params.items()),
-            _hms(self.elapsed()),
+        progress.trial_started(
+            trial.number, slot, self.executor.gpu_of(slot), params, self.elapsed()
         )
 
     def _collect(self, fut: Future, info: _InFlight) -> None:
@@ -201,7 +193,8 @@ class SweepLoop:
             )
             self._tell_fail(info, reason)
         self.outcomes.append(outcome)
-        self._progress(outcome)
+        trials = self.storage.get_all_trials(self.study._study_id, deepcopy=False)
+        progress.trial_finished(outcome, trials, self.study, self.conf.n_trials, self.elapsed())
 
     def _tell_fail(self, info: _InFlight, reason: str) -> None:
         from optuna.trial import TrialState
@@ -212,40 +205,6 @@ class SweepLoop:
             self.study.tell(info.number, state=TrialState.FAIL, skip_if_finished=True)
         except Exception:  # noqa: BLE001 - storage trouble: stale detection will fail it
             log.exception("Could not tell trial %d as FAIL", info.number)
-
-    def _progress(self, o: worker.TrialOutcome) -> None:
-        trials = self.storage.get_all_trials(self.study._study_id, deepcopy=False)
-        counted = count_toward_budget(trials)
-        if o.values is not None:
-            value = " ".join(f"{v:.6g}" for v in o.values)
-        elif o.state == "PRUNED":
-            t = next((t for t in trials if t.number == o.number), None)
-            value = f"{t.value:.6g} (last report)" if t is not None and t.value is not None else "-"
-        else:
-            value = "-"
-        best = self._best_text(trials)
-        reason = f" | {o.reason[:200]}" if o.reason else ""
-        log.info(
-            "[trial %d] %-8s value %s | best %s | %.1fs | elapsed %s | %d/%d counted%s",
-            o.number,
-            o.state,
-            value,
-            best,
-            o.duration_s,
-            _hms(self.elapsed()),
-            counted,
-            self.conf.n_trials,
-            reason,
-        )
-
-    def _best_text(self, trials: Sequence["FrozenTrial"]) -> str:
-        done = [t for t in trials if t.state.name == "COMPLETE"]
-        if not done:
-            return "-"
-        if len(self.study.directions) > 1:
-            return f"pareto front of {len(self.study.best_trials)}"
-        best = self.study.best_trial
-        return f"{best.value:.6g} (#{best.number})"
 
     def _fail_stale(self) -> None:
         import optuna
@@ -271,13 +230,3 @@ class SweepLoop:
             self.study._study_id, deepcopy=False, states=(TrialState.RUNNING,)
         )
         return any(t._trial_id not in own for t in trials)
-
-
-def _hms(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}"
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
