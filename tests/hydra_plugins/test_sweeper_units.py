@@ -239,3 +239,22 @@ def test_trial_context_rebuilds_the_running_trial(tmp_path, monkeypatch):
         "sampler": "TPESampler",
         "pruner": "MedianPruner",
     }
+
+
+def test_plugin_scan_stays_light():
+    """Hydra imports (and re-executes) every plugin module in every Hydra process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from hydra.core.plugins import Plugins\n"
+        "from hydra.plugins.sweeper import Sweeper\n"
+        "names = [p.__name__ for p in Plugins.instance().discover(Sweeper)]\n"
+        "assert 'OptunaPruningSweeper' in names, names\n"
+        "heavy = [m for m in ('optuna', 'sqlalchemy', 'tensorflow', 'mlflow')\n"
+        "         if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
