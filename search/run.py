@@ -9,6 +9,10 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from search.config_checks import register_resolvers
+
+register_resolvers()  # ${objective_direction:...} in the search spaces (sweep direction)
+
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | list[float]:

@@ -8,6 +8,7 @@ that spawned workers inherit).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from search import report, sweep_context, tracking
+from search.config_checks import ConfigError, check_sweep_config
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +33,28 @@ class MlflowSweepCallback(Callback):
         self.report_dir_name = report_dir_name
         self.run_id: str | None = None
         self.started = 0.0
+        self.ended = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        tracking.setup_tracking(config.tracking)
+        # Hydra turns an Exception raised by a callback into a warning and sweeps on, so a
+        # config or store that cannot work ends the command here with SystemExit instead.
+        try:
+            check_sweep_config(config)
+            tracking.setup_tracking(config.tracking)
+        except (ConfigError, tracking.TrackingError) as error:
+            raise SystemExit(f"error: {error}") from None
         sweeper = config.hydra.sweeper
         study = sweeper.get("study_name")
-        tags = {"sweep.parent": "true", "sweep.dir": str(config.hydra.sweep.dir)}
+        tags = {"sweep.parent": "true", "sweep.dir": str(config.hydra.sweep.dir),
+                **tracking.process_tags()}
         if study:
             tags["optuna.study"] = str(study)
         run = mlflow.start_run(run_name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
         self.run_id = run.info.run_id
         self.started = time.time()
+        # Registered after MLflow's own exit hook, so it runs first: a sweep that never reached
+        # on_multirun_end (the sweeper raised, Ctrl-C) ends FAILED, not FINISHED.
+        atexit.register(self._end_if_unfinished)
         sweep_context.set_parent_run_id(self.run_id)
         mlflow.log_text(OmegaConf.to_yaml(sweeper, resolve=False), "sweep/sweeper.yaml")
         mlflow.log_params({
@@ -53,6 +66,21 @@ class MlflowSweepCallback(Callback):
             "objective": str(config.get("objective")),
         })
         log.info("MLflow parent run %s for the sweep", self.run_id)
+
+    def _end_if_unfinished(self) -> None:
+        if self.run_id is None or self.ended:
+            return
+        self.ended = True
+        try:
+            MlflowClient().set_tag(self.run_id, "sweep.ended",
+                                   "early: the sweep stopped before its end (see its log)")
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == self.run_id:
+                mlflow.end_run(status="FAILED")
+            else:
+                MlflowClient().set_terminated(self.run_id, "FAILED")
+        except Exception:  # noqa: BLE001 - at exit: the next command closes it (dead pid)
+            log.warning("could not mark the sweep's parent run %s FAILED", self.run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.run_id is None:
@@ -72,14 +100,32 @@ class MlflowSweepCallback(Callback):
             mlflow.log_artifacts(str(folder), self.report_dir_name)
             log.info("Sweep report: %s", folder / "sweep_report.html")
         mlflow.log_metric("sweep_wall_seconds", time.time() - self.started)
+        failure = session_failure(Path(config.hydra.sweep.dir))
         try:
             if study is not None and len(study.directions) == 1:
                 from search.registry import promote_sweep_best
 
                 promote_sweep_best(config, self.run_id)
+        except Exception as error:  # noqa: BLE001 - tagged on the run by promote_sweep_best
+            log.exception("registering the sweep's best trial failed")
+            failure = failure or (f"registering the sweep's best trial failed: "
+                                  f"{type(error).__name__}: {error}")
         finally:
-            mlflow.end_run()
+            self.ended = True
+            mlflow.end_run(status="FAILED" if failure else "FINISHED")
             sweep_context.set_parent_run_id(None)
+        if failure:
+            # Hydra would turn an exception into a warning and exit 0.
+            raise SystemExit(f"error: {failure}")
+
+
+def session_failure(sweep_dir: Path) -> str | None:
+    """Why this sweep session failed as a whole: it ran trials and none completed."""
+    counts = sweep_context.session_counts(sweep_dir)
+    if counts.get("FAIL") and not (counts.get("COMPLETE") or counts.get("PRUNED")):
+        return (f"none of this sweep's {counts['FAIL']} trial(s) completed; each trial's "
+                "fail_reason is in the study and its log in the sweep folder")
+    return None
 
 
 def load_sweep_study() -> optuna.Study | None:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import yaml
 
 from hydra_plugins.optuna_pruning_sweeper import summary as _summary
 from hydra_plugins.optuna_pruning_sweeper import trial_context as _tc
@@ -105,6 +108,15 @@ def sweep_study() -> optuna.Study | None:
 def study_summary(study: optuna.Study) -> dict[str, Any]:
     """Best trial (or Pareto front), counts by state and the study name (the plugin's)."""
     return _summary.study_summary(study)
+
+
+def session_counts(sweep_dir: Path) -> dict[str, int]:
+    """Trials by final state that this sweep session ran (the sweeper's summary file)."""
+    path = Path(sweep_dir) / _summary.SUMMARY_FILE
+    if not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text()) or {}
+    return {str(k): int(v) for k, v in (data.get("this_session") or {}).items()}
 
 
 def counts_by_state(study: optuna.Study) -> dict[str, int]:

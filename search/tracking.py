@@ -9,6 +9,8 @@ import json
 import logging
 import os
 import platform
+import re
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,15 +79,122 @@ def sqlite_init_lock(uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message names it and what to check."""
+
+
+def redact_uri(uri: str) -> str:
+    """A store URI without the password of a `user:password@` part."""
+    return re.sub(r"(//[^/:@]+):[^/@]*@", r"\1:***@", uri)
+
+
+def check_server(uri: str, timeout: float = 3.0) -> None:
+    """Fail within seconds, not after minutes of retries, when a tracking server is down."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered: the server is up (a proxy may not route /health)
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise TrackingError(
+            f"the MLflow tracking server {redact_uri(uri)} (tracking.uri or "
+            f"$MLFLOW_TRACKING_URI) does not answer within {timeout:.0f} s ({reason}); start it "
+            "(mlflow server --host 127.0.0.1 --port 5000 ...) or point tracking.uri elsewhere"
+        ) from None
+
+
+def open_store(uri: str) -> None:
+    """Create or migrate the store's schema; a corrupt or read-only SQLite file is named."""
+    try:
+        with sqlite_init_lock(uri):
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except PermissionError as error:
+        raise TrackingError(
+            f"cannot write the MLflow store {redact_uri(uri)}: {error}; make the folder "
+            "writable or set tracking.uri (or $MLFLOW_TRACKING_URI) to a writable place"
+        ) from None
+    except Exception as error:  # noqa: BLE001 - SQLAlchemy / MLflow errors, re-raised named
+        if not uri.startswith("sqlite:///"):
+            raise
+        db = Path(uri.removeprefix("sqlite:///"))
+        text = str(error).splitlines()[0][:300]
+        if "readonly" in text or "unable to open" in text:
+            hint = "make it (and its folder) writable, or set tracking.uri elsewhere"
+        else:
+            hint = ("it is not a usable MLflow SQLite database; it was not modified: move it "
+                    "aside (or restore a backup) and re-run, or set tracking.uri elsewhere")
+        raise TrackingError(f"the MLflow store {db} cannot be opened ({text}); {hint}") from None
+
+
+def host_id() -> str:
+    """This host and PID namespace (containers on one host may share a host name)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid").removeprefix("pid:")
+    except OSError:  # not Linux
+        namespace = ""
+    return f"{socket.gethostname()}{namespace}"
+
+
+def process_tags() -> dict[str, str]:
+    """Which process owns a run: lets a later command close runs of processes that died."""
+    return {"process.host": host_id(), "process.pid": str(os.getpid())}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_dead_runs(experiment_id: str) -> int:
+    """End RUNNING runs of processes on this host that no longer exist (status KILLED).
+
+    A run killed with SIGKILL (or a machine that lost power) cannot end its own run; the next
+    command that opens the store does it. Runs of other hosts are left to their own hosts.
+    """
+    client = mlflow.MlflowClient()
+    host = host_id()
+    runs = client.search_runs(
+        [experiment_id],
+        f"attributes.status = 'RUNNING' and tags.`process.host` = '{host}'",
+        max_results=1000,
+    )
+    closed = 0
+    for run in runs:
+        pid = run.data.tags.get("process.pid", "")
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            client.set_tag(run.info.run_id, "process.ended", "killed: its process died")
+            if "optuna.trial_state" in run.data.tags:
+                client.set_tag(run.info.run_id, "optuna.trial_state", "FAIL")
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed += 1
+    if closed:
+        log.info("closed %d MLflow run(s) left RUNNING by processes that died", closed)
+    return closed
+
+
 def setup_tracking(tracking: DictConfig | dict) -> str:
     """Point MLflow at the configured store and select (or create) the experiment.
+
+    Checks the store first (a server that does not answer, a corrupt or read-only SQLite
+    file: `TrackingError` naming it) and closes runs left RUNNING by dead processes.
 
     Returns:
         The experiment id.
     """
     uri = resolve_tracking_uri(tracking.get("uri"))
-    with sqlite_init_lock(uri):
-        mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates/migrates schema
+    check_server(uri)
+    open_store(uri)  # creates/migrates the schema
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     name = tracking.get("experiment") or "Default"
@@ -100,6 +209,7 @@ def setup_tracking(tracking: DictConfig | dict) -> str:
     else:
         experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
+    close_dead_runs(experiment_id)
     return experiment_id
 
 

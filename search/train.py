@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from search import evaluate as ev
 from search import sweep_context, tracking
+from search.config_checks import check_run_config, pruning_metric
 
 log = logging.getLogger(__name__)
 
@@ -95,19 +96,6 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def objective_names(cfg: DictConfig) -> list[str]:
-    """The metric name(s) a sweeper optimises; test metrics are refused (never tune on test)."""
-    names = cfg.objective if OmegaConf.is_list(cfg.objective) else [cfg.objective]
-    names = [str(n) for n in names]
-    for name in names:
-        if name.startswith("test_"):
-            raise ValueError(
-                f"objective={name!r}: tuning on the test split is not allowed; "
-                "use a val_* metric (e.g. val_loss, val_roc_auc)"
-            )
-    return names
-
-
 def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer, binary: bool) -> None:
     """Loss and per-epoch indicator metrics matching the output head."""
     if binary:
@@ -155,7 +143,8 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
         The objective value (a list for several objectives), from the best checkpoint's
         evaluation on the validation split.
     """
-    objectives = objective_names(cfg)
+    objectives = check_run_config(cfg)  # before any data is loaded
+    tracking.setup_tracking(cfg.tracking)  # an unusable store fails now, not after training
     output_dir = Path(output_dir) if output_dir else output_directory()
     output_dir.mkdir(parents=True, exist_ok=True)
     configure_runtime(int(cfg.seed), bool(cfg.trainer.deterministic), cfg.trainer.threads)
@@ -185,12 +174,12 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
 
     trial = sweep_context.current_trial()
     info = trial.info if trial is not None else None
-    tracking.setup_tracking(cfg.tracking)
     parent = sweep_context.parent_run_id()
     run_name = cfg.tracking.get("run_name") or (
         f"trial-{info['trial_number']}" if info else None
     )
-    run = mlflow.start_run(run_name=run_name, parent_run_id=parent, tags=run_tags(cfg, info))
+    tags = {**run_tags(cfg, info), **tracking.process_tags()}
+    run = mlflow.start_run(run_name=run_name, parent_run_id=parent, tags=tags)
     log.info("MLflow run %s (%s)", run.info.run_id, mlflow.get_tracking_uri())
     status, state = "FAILED", "FAIL"
     try:
@@ -219,10 +208,14 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
             LearningRateLogger(),
             EpochMetricsToMlflow(),
         ]
-        if trial is not None:
+        prune_on = pruning_metric(cfg) if trial is not None else None
+        if prune_on is not None:
             from optuna_integration import KerasPruningCallback
 
-            callbacks.append(KerasPruningCallback(trial.trial, monitor))
+            if prune_on != monitor:
+                log.info("pruning on %s (trainer.monitor=%s runs against objective=%s)",
+                         prune_on, monitor, cfg.objective)
+            callbacks.append(KerasPruningCallback(trial.trial, prune_on))
 
         try:
             model.fit(
@@ -249,6 +242,7 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
             )
         if not checkpoint.exists():
             raise FloatingPointError(f"no finite {monitor} was seen, so no checkpoint was saved")
+        check_divergence(losses, float(cfg.trainer.get("divergence_factor") or 0), n_classes)
         best = keras.models.load_model(checkpoint, safe_mode=True)
         results = evaluate_and_log(cfg, best, data, binary)
         results["n_params"] = float(best.count_params())
@@ -257,21 +251,58 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
                                       if monitor in history else len(losses))
         mlflow.log_metrics({k: results[k] for k in ("epochs_trained", "best_epoch")})
         if cfg.tracking.get("log_model", True):
-            log_keras_model(cfg, best, data, results)
+            try:
+                log_keras_model(cfg, best, data, results)
+            except Exception as error:
+                raise RuntimeError(
+                    f"logging the model to MLflow failed ({type(error).__name__}: {error}); "
+                    f"the trained best checkpoint is kept at {checkpoint}"
+                ) from error
         (output_dir / "metrics.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(results)))
+        missing = [name for name in objectives if name not in results]
+        if missing:  # a run whose objective cannot be read is not FINISHED
+            raise KeyError(f"objective {missing} not among the evaluated metrics: "
+                           f"{sorted(results)}")
+        values = [float(results[name]) for name in objectives]
         status, state = "FINISHED", "COMPLETE"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         mlflow.flush_async_logging()
         if info:
             mlflow.set_tag("optuna.trial_state", state)
         mlflow.end_run(status=status)
 
-    missing = [name for name in objectives if name not in results]
-    if missing:
-        raise KeyError(f"objective {missing} not among the evaluated metrics: {sorted(results)}")
-    values = [float(results[name]) for name in objectives]
     log.info("Objective %s = %s", objectives, values)
     return values[0] if len(values) == 1 else values
+
+
+class TrainingDiverged(FloatingPointError):
+    """Training ran away (finite but exploding loss, or one constant prediction)."""
+
+
+def check_divergence(losses: list[float], factor: float, n_classes: int) -> None:
+    """Refuse a run whose training loss rose past `factor` times a uniform guess's loss.
+
+    A learning rate of 1e3 gives a finite loss of ~1e22 and a model that predicts one class;
+    without this check it would be reported as a normal run. The bound is `factor` times
+    ln(n_classes), the loss of a uniform guess (0.69 for two classes): Keras' clipped
+    cross-entropy stays below ~16 even with class weights, so only exploding weights get
+    there, often within the first epoch. `factor` 0 = off.
+    """
+    if factor <= 0 or not losses:
+        return
+    bound = factor * math.log(max(n_classes, 2))
+    worst = max(losses)
+    if worst > bound:
+        epoch = losses.index(worst) + 1
+        raise TrainingDiverged(
+            f"training diverged: loss reached {worst:.4g} at epoch {epoch}, above "
+            f"trainer.divergence_factor={factor:g} x ln({max(n_classes, 2)}) = {bound:.3g}; "
+            "lower optimizer.learning_rate or enable a clipnorm "
+            "(optimizer.clipnorm=1.0)"
+        )
 
 
 def log_curves(history: dict[str, list[float]]) -> None:

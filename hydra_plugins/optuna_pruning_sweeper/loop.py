@@ -182,7 +182,11 @@ class SweepLoop:
         try:
             outcome: worker.TrialOutcome = fut.result()
         except BaseException as e:  # noqa: BLE001 - the worker could not tell: tell here
-            reason = self.executor.failure_reason(info.slot, e)
+            reason, retry = self.executor.failure(info.slot, e)
+            untold = self._still_running(info)  # False: the worker told its state, then died
+            self._tell_fail(info, reason)
+            if retry and untold and self._requeue(info):
+                reason += "; re-queued with the same params"
             outcome = worker.TrialOutcome(
                 number=info.number,
                 state="FAIL",
@@ -191,10 +195,24 @@ class SweepLoop:
                 duration_s=time.monotonic() - info.started,
                 pid=-1,
             )
-            self._tell_fail(info, reason)
         self.outcomes.append(outcome)
         trials = self.storage.get_all_trials(self.study._study_id, deepcopy=False)
         progress.trial_finished(outcome, trials, self.study, self.conf.n_trials, self.elapsed())
+
+    def _still_running(self, info: _InFlight) -> bool:
+        try:
+            return self.storage.get_trial(info.trial_id).state.name == "RUNNING"
+        except Exception:  # noqa: BLE001 - storage trouble: treat as not told
+            return True
+
+    def _requeue(self, info: _InFlight) -> bool:
+        """Queue a retry of a trial whose worker died (the stale-trial policy, max_retry)."""
+        try:
+            failed = self.storage.get_trial(info.trial_id)
+            return worker.requeue_trial(self.study, failed, self.conf.max_retry)
+        except Exception:  # noqa: BLE001 - the FAIL stands; the sweep goes on
+            log.exception("Could not re-queue trial %d", info.number)
+            return False
 
     def _tell_fail(self, info: _InFlight, reason: str) -> None:
         from optuna.trial import TrialState

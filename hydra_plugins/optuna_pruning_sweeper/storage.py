@@ -53,6 +53,26 @@ def absolute_sqlite(url: str) -> str:
     return parsed.set(database=os.path.abspath(db)).render_as_string(hide_password=False)
 
 
+def check_url(url: str) -> None:
+    """Refuse a storage URL SQLAlchemy cannot use, naming the setting and the fix."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        make_url(url).get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as error:
+        raise ValueError(
+            f"hydra.sweeper.storage={redact(url)!r} is not a usable database URL ({error}); use "
+            "sqlite:///path/optuna.db or postgresql+psycopg://user@host/db (pip install -e "
+            "'.[postgres]')"
+        ) from None
+    except ImportError as error:
+        raise ValueError(
+            f"hydra.sweeper.storage={redact(url)!r} needs a database driver that is not "
+            f"installed ({error}); for PostgreSQL: pip install -e '.[postgres]'"
+        ) from None
+
+
 def check_shareable(url: str) -> None:
     """Refuse storages that worker processes cannot open (in-memory SQLite)."""
     if url.startswith("sqlite") and (":memory:" in url or url.rstrip("/") == "sqlite:"):
@@ -84,18 +104,41 @@ def make_storage(
         db = make_url(url).database
         if db and db != ":memory:":
             Path(db).parent.mkdir(parents=True, exist_ok=True)
+    from sqlalchemy.exc import SQLAlchemyError
+
     callback = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if heartbeat_interval:
             callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
-        return optuna.storages.RDBStorage(
-            url,
-            **storage_kwargs(url),
-            heartbeat_interval=heartbeat_interval or None,
-            grace_period=grace_period if heartbeat_interval else None,
-            heartbeat_stale_trial_callback=callback,
-        )
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                **storage_kwargs(url),
+                heartbeat_interval=heartbeat_interval or None,
+                grace_period=grace_period if heartbeat_interval else None,
+                heartbeat_stale_trial_callback=callback,
+            )
+        except (SQLAlchemyError, PermissionError) as error:
+            raise RuntimeError(storage_problem(url, error)) from None
+
+
+def storage_problem(url: str, error: BaseException) -> str:
+    """A message for a storage that cannot be opened: which one, why, and what to do."""
+    text = str(error).splitlines()[0][:300]
+    where = f"hydra.sweeper.storage={redact(url)!r}"
+    if url.startswith("sqlite"):
+        from sqlalchemy.engine import make_url
+
+        db = make_url(url).database
+        if "not a database" in text or "malformed" in text:
+            return (f"{where}: {db} is not a usable SQLite database ({text}). It was not "
+                    "modified: move it aside (or restore a backup) and re-run, or point "
+                    "hydra.sweeper.storage elsewhere")
+        return (f"{where}: cannot open or write {db} ({text}); make the file and its folder "
+                "writable, or point hydra.sweeper.storage elsewhere")
+    return (f"{where}: the database cannot be reached or used ({text}); check that the server "
+            "runs, the database exists and the credentials (from the environment) are right")
 
 
 class AskLock:

@@ -74,6 +74,8 @@ def validate(conf: OptunaPruningSweeperConf) -> None:
         raise ValueError(
             f"trials_per_worker must be >= 1 or null, got {conf.trials_per_worker}"
         )
+    if conf.timeout is not None and conf.timeout <= 0:
+        raise ValueError(f"hydra.sweeper.timeout must be > 0 seconds or null, got {conf.timeout}")
     directions_of(conf.direction)
 
 
@@ -131,6 +133,7 @@ class OptunaPruningSweeper(Sweeper):
         conf = dataclasses.replace(self.conf, n_trials=n_trials)
 
         url = st.absolute_sqlite(conf.storage or st.default_storage(config.hydra.runtime.cwd))
+        st.check_url(url)
         st.check_shareable(url)
         base_name = conf.study_name or default_study_name(config)
         fingerprint = {**space.fingerprint(), "directions": directions}

@@ -311,11 +311,12 @@ def run_trial(task: TrialTask) -> TrialOutcome:
     )
 
 
-def requeue_trial(study: Any, failed_trial: Any, max_retry: int | None) -> None:
+def requeue_trial(study: Any, failed_trial: Any, max_retry: int | None) -> bool:
     """Queue a WAITING copy of a failed trial, as Optuna does for stale trials.
 
     The copy carries Optuna's retry system attrs, so the failed trial stops counting
-    toward ``n_trials`` (see ``study.count_toward_budget``).
+    toward ``n_trials`` (see ``study.count_toward_budget``). Returns whether a copy was
+    queued (False once the trial was retried ``max_retry`` times).
     """
     import copy
     import warnings
@@ -326,7 +327,10 @@ def requeue_trial(study: Any, failed_trial: Any, max_retry: int | None) -> None:
     failed_trial.user_attrs = {
         k: v for k, v in failed_trial.user_attrs.items() if k not in ("fail_reason", "worker_pid")
     }
+    # The callback's own rule: the retry history, this trial included, may hold max_retry.
+    history = list(failed_trial.system_attrs.get("retry_history", [])) + [failed_trial.number]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
         callback(study, failed_trial)
+    return max_retry is None or len(history) <= max_retry

@@ -23,8 +23,12 @@ class TrialExecutor(Protocol):
     def submit(self, slot: int, task: TrialTask) -> Future:
         """Start ``task`` on ``slot``; the future holds the worker's TrialOutcome."""
 
-    def failure_reason(self, slot: int, error: BaseException) -> str:
-        """Why a trial whose future raised ``error`` failed (and forget a dead worker)."""
+    def failure(self, slot: int, error: BaseException) -> tuple[str, bool]:
+        """Why a trial whose future raised ``error`` failed, and whether to retry it.
+
+        Retry when the worker died under the trial (killed, out of memory, node lost): the
+        same policy as a stale trial's (``max_retry``). Forget a dead worker.
+        """
 
     def gpu_of(self, slot: int) -> str | None:
         """The GPU id a slot uses (None: CPU only), for progress lines."""

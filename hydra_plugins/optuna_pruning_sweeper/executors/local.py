@@ -169,11 +169,11 @@ class LocalProcessExecutor:
             return fut
         raise AssertionError("unreachable")
 
-    def failure_reason(self, slot: int, error: BaseException) -> str:
+    def failure(self, slot: int, error: BaseException) -> tuple[str, bool]:
         if isinstance(error, BrokenProcessPool):
             self.executors.pop(slot, None)
-            return "worker process died abruptly (killed by a signal or out of memory?)"
-        return f"{type(error).__name__}: {error}"
+            return "worker process died abruptly (killed by a signal or out of memory?)", True
+        return f"{type(error).__name__}: {error}", False
 
     def shutdown(self) -> None:
         for ex in self.executors.values():

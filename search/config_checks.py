@@ -1,0 +1,171 @@
+"""Checks of a composed config that must hold before any data is loaded or any trial trains.
+
+`check_run_config(cfg)` runs at the start of every job (a single run and each sweep trial);
+`check_sweep_config(cfg)` runs once in the sweeper's process, before the sweep's parent run
+or its first trial, and also checks what only a sweep has: the direction(s) against the
+objective(s). Each error names the key the user writes and the allowed values.
+
+The objective's direction is derived, not guessed by the user: losses (and model size,
+epochs) minimise, every other evaluated metric (ROC AUC, accuracy, sensitivity, ...)
+maximises. Search spaces set `hydra.sweeper.direction: ${objective_direction:${objective}}`;
+`register_resolvers()` (called by search/run.py) provides that resolver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+# What search/train.py returns: evaluate_split's metrics of the val split, plus model facts.
+VAL_METRICS = ("loss", "accuracy", "precision", "recall", "sensitivity", "specificity", "f1",
+               "roc_auc", "pr_auc")
+MODEL_FACTS = ("n_params", "epochs_trained", "best_epoch")
+MINIMISED = ("loss", *MODEL_FACTS)
+# What Keras logs each epoch (compile_model's metrics), which trainer.monitor may watch.
+EPOCH_METRICS = ("loss", "accuracy", "precision", "recall", "auc")
+# The per-epoch counterpart of an objective metric (what a pruner can watch for it).
+EPOCH_COUNTERPART = {"loss": "loss", "accuracy": "accuracy", "precision": "precision",
+                     "recall": "recall", "sensitivity": "recall", "roc_auc": "auc"}
+
+
+class ConfigError(ValueError):
+    """A composed config that cannot run; the message names the key and the fix."""
+
+
+def objective_names(objective: Any) -> list[str]:
+    """`objective` (a name or a list of names) as a list of strings."""
+    if isinstance(objective, ListConfig | Sequence) and not isinstance(objective, str):
+        return [str(n) for n in objective]
+    return [str(objective)]
+
+
+def check_objective(name: str) -> str:
+    """Refuse test metrics and names train() never returns; returns the name."""
+    if name.startswith("test_"):
+        raise ConfigError(
+            f"objective={name!r}: tuning on the test split is not allowed; "
+            "use a val_* metric (e.g. val_loss, val_roc_auc)"
+        )
+    allowed = [f"val_{m}" for m in VAL_METRICS] + list(MODEL_FACTS)
+    if name not in allowed:
+        raise ConfigError(f"objective={name!r} is not a metric a run reports; use one of "
+                          f"{', '.join(allowed)}")
+    return name
+
+
+def direction_of(name: str) -> str:
+    """"minimize" for losses and model size/epochs, "maximize" for quality metrics."""
+    metric = check_objective(name).removeprefix("val_")
+    return "minimize" if metric in MINIMISED else "maximize"
+
+
+def objective_direction(objective: Any) -> str | list[str]:
+    """The OmegaConf resolver: the direction(s) of `objective` (a list for a list)."""
+    names = objective_names(objective)
+    directions = [direction_of(n) for n in names]
+    is_list = isinstance(objective, ListConfig | Sequence) and not isinstance(objective, str)
+    return directions if is_list else directions[0]
+
+
+def epoch_direction(monitor: str) -> str:
+    """Direction of a per-epoch Keras metric: losses minimise, the rest maximise."""
+    return "minimize" if monitor.removeprefix("val_") == "loss" else "maximize"
+
+
+def pruning_metric(cfg: DictConfig) -> str | None:
+    """The per-epoch value reported to a sweep's pruner, or None when none fits.
+
+    `trainer.monitor` when it runs the objective's way; otherwise the objective's own
+    per-epoch counterpart (objective=val_roc_auc with monitor val_loss reports val_auc), so
+    a pruner never keeps the worst trials. Several objectives: None (Optuna cannot prune).
+    """
+    names = objective_names(cfg.objective)
+    if len(names) != 1:
+        return None
+    monitor = str(cfg.trainer.monitor)
+    if epoch_direction(monitor) == direction_of(names[0]):
+        return monitor
+    counterpart = EPOCH_COUNTERPART.get(names[0].removeprefix("val_"))
+    return f"val_{counterpart}" if counterpart else None
+
+
+def register_resolvers() -> None:
+    """Register `${objective_direction:...}` (idempotent)."""
+    if not OmegaConf.has_resolver("objective_direction"):
+        OmegaConf.register_new_resolver("objective_direction", objective_direction)
+
+
+def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_run_config(cfg: DictConfig) -> list[str]:
+    """Everything a single job needs right, before data loading; returns the objective names."""
+    from search.champion import check_metric
+    from search.evaluate import THRESHOLD_RULES
+
+    names = [check_objective(n) for n in objective_names(cfg.objective)]
+    rule = str(OmegaConf.select(cfg, "evaluation.threshold_rule"))
+    if rule not in THRESHOLD_RULES:
+        raise ConfigError(f"evaluation.threshold_rule={rule!r} is not one of "
+                          f"{', '.join(THRESHOLD_RULES)}")
+    min_sens = OmegaConf.select(cfg, "evaluation.min_sensitivity")
+    if min_sens is not None and not 0.0 < float(min_sens) <= 1.0:
+        raise ConfigError(f"evaluation.min_sensitivity must be in (0, 1], got {min_sens}")
+    monitor = str(cfg.trainer.monitor)
+    monitors = [*EPOCH_METRICS, *(f"val_{m}" for m in EPOCH_METRICS)]
+    if monitor not in monitors:
+        raise ConfigError(f"trainer.monitor={monitor!r} is not logged each epoch; use one of "
+                          f"{', '.join(monitors)}")
+    _positive_int(cfg, "trainer.max_epochs")
+    _positive_int(cfg, "trainer.patience", minimum=0)
+    _positive_int(cfg, "data.batch_size")
+    _positive_int(cfg, "seed", minimum=0)
+    registry = cfg.get("registry") or {}
+    if registry.get("enabled", True):
+        for key in ("metric", "tie_break"):
+            if registry.get(key) is not None:
+                try:
+                    check_metric(registry.get(key))
+                except ValueError as error:  # names registry.metric; tie_break alike
+                    raise ConfigError(
+                        str(error).replace("registry.metric", f"registry.{key}")) from None
+    return names
+
+
+def check_sweep_config(cfg: DictConfig) -> None:
+    """The run checks plus the sweep's direction(s) against the objective(s)."""
+    names = check_run_config(cfg)
+    sweeper = cfg.hydra.sweeper
+    if "direction" not in sweeper:
+        return
+    given = sweeper.direction
+    given_list = objective_names(given)
+    if len(given_list) != len(names):
+        raise ConfigError(
+            f"hydra.sweeper.direction={given_list} has {len(given_list)} direction(s) for "
+            f"{len(names)} objective(s) {names}; give one per objective (or leave "
+            "hydra.sweeper.direction to the search space, which derives it)"
+        )
+    pruner = str((sweeper.get("pruner") or {}).get("_target_", "NopPruner"))
+    if len(names) == 1 and not pruner.endswith("NopPruner") and pruning_metric(cfg) is None:
+        raise ConfigError(
+            f"objective={names[0]} has no per-epoch value a pruner could watch, and "
+            f"trainer.monitor={cfg.trainer.monitor} runs the other way; choose "
+            "hydra/sweeper/pruner=nop, or an objective such as val_roc_auc or val_loss"
+        )
+    expected = [direction_of(n) for n in names]
+    wrong = [f"{n} should {e}, not {g}" for n, g, e in
+             zip(names, given_list, expected, strict=True) if g != e]
+    if wrong:
+        raise ConfigError(
+            "hydra.sweeper.direction contradicts the objective: " + "; ".join(wrong)
+            + f". Drop hydra.sweeper.direction (it is derived from objective) or set it to "
+            f"{expected if len(expected) > 1 else expected[0]}"
+        )

@@ -1,0 +1,86 @@
+"""Config checks that run before any data is loaded: each bad value names its key."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from search import config_checks as cc
+
+from ..conftest import CONF_DIR
+
+
+def sweep_cfg(*overrides: str):
+    """The composed config as the sweeper's process sees it (hydra node included)."""
+    cc.register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+# (override, text the error must contain): one row per bad input.
+BAD_RUN = [
+    ("objective=test_roc_auc", "tuning on the test split"),
+    ("objective=val_bogus", "objective='val_bogus' is not a metric"),
+    ("evaluation.threshold_rule=foo", "evaluation.threshold_rule='foo'"),
+    ("evaluation.min_sensitivity=1.5", "evaluation.min_sensitivity"),
+    ("trainer.monitor=val_bogus", "trainer.monitor='val_bogus'"),
+    ("trainer.max_epochs=0", "trainer.max_epochs must be an integer >= 1"),
+    ("trainer.patience=-1", "trainer.patience must be an integer >= 0"),
+    ("data.batch_size=0", "data.batch_size must be an integer >= 1"),
+    ("registry.metric=foo", "registry.metric='foo' cannot rank models"),
+    ("registry.tie_break=val_loss", "registry.tie_break='val_loss' cannot rank models"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_RUN)
+def test_bad_run_config_is_refused_with_its_key(compose_cfg, override, message):
+    with pytest.raises(cc.ConfigError, match=message.replace("(", r"\(")):
+        cc.check_run_config(compose_cfg(override))
+
+
+def test_good_config_passes_and_returns_the_objectives(compose_cfg):
+    assert cc.check_run_config(compose_cfg()) == ["val_loss"]
+    assert cc.check_run_config(compose_cfg("objective=[val_loss,n_params]")) == [
+        "val_loss", "n_params"]
+    assert cc.check_run_config(compose_cfg("registry.enabled=false", "registry.metric=foo"))
+
+
+@pytest.mark.parametrize(("objective", "direction"), [
+    ("val_loss", "minimize"), ("val_roc_auc", "maximize"), ("val_sensitivity", "maximize"),
+    ("val_accuracy", "maximize"), ("n_params", "minimize"),
+])
+def test_direction_is_derived_from_the_objective(objective, direction):
+    cfg = sweep_cfg(f"objective={objective}")
+    assert cfg.hydra.sweeper.direction == direction
+    cc.check_sweep_config(cfg)
+
+
+def test_two_objectives_get_two_directions():
+    cfg = sweep_cfg("objective=[val_roc_auc,n_params]")
+    assert list(cfg.hydra.sweeper.direction) == ["maximize", "minimize"]
+    cc.check_sweep_config(cfg)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (("objective=val_roc_auc", "hydra.sweeper.direction=minimize"),
+     "val_roc_auc should maximize, not minimize"),
+    (("objective=[val_loss,n_params]", "hydra.sweeper.direction=minimize"),
+     "1 direction\\(s\\) for 2 objective"),
+    (("objective=val_specificity",), "no per-epoch value a pruner could watch"),
+])
+def test_contradicting_sweeps_are_refused(overrides, message):
+    with pytest.raises(cc.ConfigError, match=message):
+        cc.check_sweep_config(sweep_cfg(*overrides))
+
+
+def test_pruner_watches_a_value_that_runs_the_objectives_way(compose_cfg):
+    assert cc.pruning_metric(compose_cfg()) == "val_loss"
+    assert cc.pruning_metric(compose_cfg("objective=val_roc_auc")) == "val_auc"
+    assert cc.pruning_metric(compose_cfg("objective=val_sensitivity")) == "val_recall"
+    assert cc.pruning_metric(compose_cfg("objective=val_roc_auc",
+                                         "trainer.monitor=val_accuracy")) == "val_accuracy"
+    assert cc.pruning_metric(compose_cfg("objective=[val_loss,n_params]")) is None
+    assert cc.pruning_metric(OmegaConf.create(
+        {"objective": "val_specificity", "trainer": {"monitor": "val_loss"}})) is None
+    cc.check_sweep_config(sweep_cfg("objective=val_specificity", "hydra/sweeper/pruner=nop"))
