@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -221,8 +222,12 @@ def export_version(
     out: str | Path | None = None,
     client: MlflowClient | None = None,
     overwrite: bool = True,
+    force: bool = False,
 ) -> Path:
     """Export one registered version (by alias, default champion, or number) to a folder.
+
+    An existing export of the same version is refreshed; one of another version is replaced
+    only with ``force`` (never silently).
 
     Returns:
         The export folder (model/, model_info.json, config.yaml, MODEL_CARD.md).
@@ -230,29 +235,53 @@ def export_version(
     client = client or MlflowClient()
     mv = resolve_version(client, name, alias, version)
     out = Path(out) if out else Path("exports") / f"{name}-v{mv.version}"
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} exists; pass another --out or remove it")
-        if (out / INFO_FILE).is_file() or not any(out.iterdir()):
+    if out.exists() and not (force and (out / INFO_FILE).is_file()):
+        check_replaceable(out, mv, overwrite)
+    # Written next to `out`, then renamed: a kill mid-export never leaves a half folder there.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_src = download_version(mv, Path(tmp) / "download")
+            partial.mkdir(parents=True)
+            shutil.copytree(model_src, partial / MODEL_DIR)
+        info = version_info(client, mv, partial / MODEL_DIR)
+        info["alias_requested"] = None if version is not None else (alias or DEFAULT_ALIAS)
+        info["exported"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()) + " UTC"
+        config = run_config_text(client, mv.run_id) if mv.run_id else None
+        if config is not None:
+            (partial / CONFIG_FILE).write_text(config)
+        (partial / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
+        (partial / CARD_FILE).write_text(model_card(info, has_config=config is not None))
+        load_keras_safely(partial / MODEL_DIR)  # fail now, not on the offline machine
+        if out.exists():
             shutil.rmtree(out)
-        else:
+        os.replace(partial, out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return out
+
+
+def check_replaceable(out: Path, mv: ModelVersion, overwrite: bool) -> None:
+    """Refuse to replace a folder that is not an export of this same model version."""
+    if not overwrite:
+        raise FileExistsError(f"{out} exists; pass another --out or remove it")
+    if not (out / INFO_FILE).is_file():
+        if any(out.iterdir()):
             raise FileExistsError(
                 f"{out} exists and is not a pulled model folder; use another --out"
             )
-    with tempfile.TemporaryDirectory() as tmp:
-        model_src = download_version(mv, Path(tmp) / "download")
-        out.mkdir(parents=True)
-        shutil.copytree(model_src, out / MODEL_DIR)
-    info = version_info(client, mv, out / MODEL_DIR)
-    info["alias_requested"] = None if version is not None else (alias or DEFAULT_ALIAS)
-    info["exported"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()) + " UTC"
-    config = run_config_text(client, mv.run_id) if mv.run_id else None
-    if config is not None:
-        (out / CONFIG_FILE).write_text(config)
-    (out / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
-    (out / CARD_FILE).write_text(model_card(info, has_config=config is not None))
-    load_keras_safely(out / MODEL_DIR)  # fail now, not on the offline machine
-    return out
+        return
+    try:
+        held = json.loads((out / INFO_FILE).read_text())
+    except (OSError, ValueError):
+        held = {}
+    if (held.get("name"), held.get("version")) != (mv.name, int(mv.version)):
+        raise FileExistsError(
+            f"{out} holds {held.get('name')} v{held.get('version')}, not {mv.name} "
+            f"v{mv.version}; pass another --out, or --force to replace it"
+        )
 
 
 def load_exported(folder: str | Path) -> LoadedModel:

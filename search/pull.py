@@ -35,12 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--version", type=int, default=None, help="version number to pull")
     parser.add_argument("--name", default=DEFAULT_MODEL_NAME, help="registered model name")
     parser.add_argument("--out", default=None, help="folder (default: exports/<name>-v<N>)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an export of another version in --out")
     parser.add_argument("--tracking-uri", default=None,
                         help="default: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlruns/mlflow.db")
     args = parser.parse_args(argv)
     setup_cli(args.tracking_uri)
     try:
-        out = export_version(args.name, alias=args.alias, version=args.version, out=args.out)
+        out = export_version(args.name, alias=args.alias, version=args.version, out=args.out,
+                             force=args.force)
     except (LookupError, FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

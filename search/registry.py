@@ -53,6 +53,7 @@ from search.champion import (
     decide_under_lock,
     promotion_lock,
 )
+from search.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,7 @@ def register_and_promote(
     metric, tie_break = check_metric(metric), check_metric(tie_break)
     evaluator = HeldOutEvaluator(run_config(client, run_id), metric, tie_break)
     mv = register_run_model(client, run_id, model_name)
+    fault_point("promotion")
     version = int(mv.version)
     warnings: list[str] = []
 

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from search import report, sweep_context, tracking
 from search.config_checks import ConfigError, check_sweep_config
+from search.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class MlflowSweepCallback(Callback):
             for state, count in summary["counts"].items():
                 mlflow.log_metric(f"trials_{state.lower()}", count)
             folder = Path(config.hydra.sweep.dir) / self.report_dir_name
+            fault_point("sweep_report")
             report.write_report(study, folder)
             mlflow.log_artifacts(str(folder), self.report_dir_name)
             log.info("Sweep report: %s", folder / "sweep_report.html")

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from search import evaluate as ev
 from search import sweep_context, tracking
 from search.config_checks import check_run_config, pruning_metric
+from search.faults import armed, fault_point
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,40 @@ class EpochMetricsToMlflow(mlflow.keras.MlflowCallback):
 
     def on_test_end(self, logs: dict | None = None) -> None:
         return None
+
+
+class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """Keras' best-only checkpoint, written under a temporary name and renamed into place.
+
+    A process killed while Keras writes the file leaves the previous best checkpoint intact
+    (and a `.partial.keras` file), never a half-written `best.keras`.
+    """
+
+    def __init__(self, filepath: str | Path, **kwargs: Any) -> None:
+        self.final_path = Path(filepath)
+        super().__init__(self.final_path.with_suffix(".partial.keras"), **kwargs)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        super().on_epoch_end(epoch, logs)
+        written = Path(self.filepath)
+        if written.exists():
+            fault_point("checkpoint_write")
+            os.replace(written, self.final_path)
+
+
+class FaultInSecondEpoch(keras.callbacks.Callback):
+    """Fault tests only (search.faults): reach the mid_epoch point deterministically."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.epoch == 1 and batch == 1:
+            fault_point("mid_epoch")
 
 
 def _save_keras_flavor(path: str, **kwargs: Any) -> None:
@@ -150,6 +185,7 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
     configure_runtime(int(cfg.seed), bool(cfg.trainer.deterministic), cfg.trainer.threads)
 
     log.info("Loading data (%s)", cfg.data.source)
+    fault_point("data_loading")
     data = instantiate(cfg.data, seed=int(cfg.seed), _convert_="all")
     n_classes = len(data.class_names)
     binary = n_classes == 2
@@ -203,11 +239,13 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
                 monitor=monitor, patience=int(cfg.trainer.patience),
                 min_delta=float(cfg.trainer.min_delta), restore_best_weights=True,
             ),
-            keras.callbacks.ModelCheckpoint(checkpoint, monitor=monitor, save_best_only=True),
+            AtomicModelCheckpoint(checkpoint, monitor=monitor, save_best_only=True),
             *schedule.callbacks,
             LearningRateLogger(),
             EpochMetricsToMlflow(),
         ]
+        if armed("mid_epoch"):
+            callbacks.append(FaultInSecondEpoch())
         prune_on = pruning_metric(cfg) if trial is not None else None
         if prune_on is not None:
             from optuna_integration import KerasPruningCallback
@@ -374,6 +412,7 @@ def log_keras_model(cfg: DictConfig, model: keras.Model, data: Any, results: dic
         "data_fingerprint": data.fingerprint,
         "config_hash": config_hash(cfg),
     }
+    fault_point("model_logging")
     info = mlflow.models.Model.log(
         artifact_path=None, name="model", flavor=KERAS_FLAVOR, model=model, signature=signature,
         input_example=example, metadata=metadata,

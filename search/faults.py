@@ -1,0 +1,58 @@
+"""Deterministic fault injection: SIGKILL this process (or its group) at a named point, once.
+
+The fault tests (tests/faults/) set, for the command they run:
+
+==========================  ===============================================================
+``XRAY_FAULT``              the point(s) to kill at, comma-separated (see ``POINTS``)
+``XRAY_FAULT_MARKER``       a file that must exist for the fault to fire; it is removed when
+                            the fault fires, so a retry or a re-run passes the point
+``XRAY_FAULT_SCOPE``        ``process`` (default: this process, e.g. one sweep worker) or
+                            ``group`` (the whole command: sweeper and workers)
+==========================  ===============================================================
+
+Without ``XRAY_FAULT`` every call is one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+log = logging.getLogger(__name__)
+
+ENV, MARKER_ENV, SCOPE_ENV = "XRAY_FAULT", "XRAY_FAULT_MARKER", "XRAY_FAULT_SCOPE"
+POINTS = (
+    "data_loading",      # train(): the data is being loaded
+    "mid_epoch",         # train(): inside the second epoch, between two batches
+    "checkpoint_write",  # the best checkpoint is written but not yet renamed into place
+    "model_logging",     # MLflow metrics are logged, the model is being logged
+    "sweep_report",      # on_multirun_end: the sweep report is being written
+    "promotion",         # a version is registered, its alias is not set yet
+)
+
+
+def armed(point: str) -> bool:
+    """Whether ``point`` is asked for (without firing)."""
+    return point in os.environ.get(ENV, "").split(",")
+
+
+def fault_point(point: str) -> None:
+    """SIGKILL here if ``XRAY_FAULT`` names ``point`` (and its marker file still exists)."""
+    if not armed(point):
+        return
+    marker = os.environ.get(MARKER_ENV)
+    if marker:
+        try:
+            os.unlink(marker)  # exactly one process fires, even with parallel workers
+        except FileNotFoundError:
+            return
+    log.warning("fault injection: SIGKILL at %s (pid %d)", point, os.getpid())
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.environ.get(SCOPE_ENV) == "group":
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
