@@ -127,7 +127,12 @@ def load_npz(
         archive = np.load(npz_path, allow_pickle=False)
         keys = set(archive.files)
     except Exception as error:  # np.load raises several types for a non-npz file
-        raise ValueError(f"{npz_path} is not a readable .npz archive: {error}") from error
+        # Not numpy's own advice: it suggests allow_pickle, which would run code from the file.
+        raise ValueError(
+            f"{npz_path} is not a readable .npz archive ({type(error).__name__}); data.path must "
+            "be a MedMNIST-layout .npz of uint8 image arrays (np.savez); pickled files are "
+            "never loaded"
+        ) from None
 
     images: dict[str, np.ndarray] = {}
     labels: dict[str, np.ndarray] = {}
@@ -268,7 +273,9 @@ def find_undecodable(paths: Sequence[Path], workers: int | None = None) -> list[
         try:
             raw = tf.io.read_file(str(path))
             if tf.io.is_jpeg(raw):
-                tf.io.decode_jpeg(raw, ratio=8)
+                # channels=1 as the pipeline asks: CMYK JPEGs (which TF cannot convert to gray
+                # or RGB) are caught here, not mid-training.
+                tf.io.decode_jpeg(raw, ratio=8, channels=1)
             else:
                 tf.io.decode_image(raw, channels=3, expand_animations=False)
         except tf.errors.OpError:  # not an image, truncated, unreadable

@@ -123,6 +123,9 @@ def check_run_config(cfg: DictConfig) -> list[str]:
     if monitor not in monitors:
         raise ConfigError(f"trainer.monitor={monitor!r} is not logged each epoch; use one of "
                           f"{', '.join(monitors)}")
+    lr = OmegaConf.select(cfg, "optimizer.learning_rate")
+    if lr is not None and not float(lr) > 0:
+        raise ConfigError(f"optimizer.learning_rate must be > 0, got {lr}")
     _positive_int(cfg, "trainer.max_epochs")
     _positive_int(cfg, "trainer.patience", minimum=0)
     _positive_int(cfg, "data.batch_size")

@@ -30,6 +30,8 @@ POINTS = (
     "model_logging",     # MLflow metrics are logged, the model is being logged
     "sweep_report",      # on_multirun_end: the sweep report is being written
     "promotion",         # a version is registered, its alias is not set yet
+    "oom",               # train(): a trial runs out of memory (memory_fault), no kill
+    "disk_full",         # the second best checkpoint cannot be written: ENOSPC, no kill
 )
 
 
@@ -38,17 +40,24 @@ def armed(point: str) -> bool:
     return point in os.environ.get(ENV, "").split(",")
 
 
-def fault_point(point: str) -> None:
-    """SIGKILL here if ``XRAY_FAULT`` names ``point`` (and its marker file still exists)."""
+def fires(point: str) -> bool:
+    """Whether the fault at ``point`` fires now (at most once per marker file)."""
     if not armed(point):
-        return
+        return False
     marker = os.environ.get(MARKER_ENV)
     if marker:
         try:
             os.unlink(marker)  # exactly one process fires, even with parallel workers
         except FileNotFoundError:
-            return
-    log.warning("fault injection: SIGKILL at %s (pid %d)", point, os.getpid())
+            return False
+    log.warning("fault injection: %s (pid %d)", point, os.getpid())
+    return True
+
+
+def fault_point(point: str) -> None:
+    """SIGKILL here if ``XRAY_FAULT`` names ``point`` (and its marker file still exists)."""
+    if not fires(point):
+        return
     for handler in logging.getLogger().handlers:
         handler.flush()
     sys.stdout.flush()
@@ -56,3 +65,30 @@ def fault_point(point: str) -> None:
     if os.environ.get(SCOPE_ENV) == "group":
         os.killpg(os.getpgrp(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def memory_fault() -> None:
+    """``oom``: run out of memory here, under an address-space limit a little above use.
+
+    The limit is set with ``resource.setrlimit`` and restored after, so the worker process
+    lives on for its next trial, as one would after a trial's oversized allocation failed.
+    """
+    if not fires("oom"):
+        return
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    used = _vm_bytes()
+    resource.setrlimit(resource.RLIMIT_AS, (used + (64 << 20), hard))
+    try:
+        bytearray(512 << 20)  # what a too-large batch or model would ask for
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _vm_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize in /proc/self/status")

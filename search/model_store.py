@@ -35,6 +35,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from search.model_card import model_card
+from search.tracking import redact_uri
 
 if TYPE_CHECKING:
     import keras
@@ -143,7 +144,16 @@ def load_keras_safely(model_dir: str | Path) -> keras.Model:
     """Load the model of an MLflow Keras folder with `safe_mode=True` (no lambda code runs)."""
     import keras
 
-    return keras.models.load_model(keras_file(model_dir), safe_mode=True, compile=False)
+    path = keras_file(model_dir)
+    try:
+        return keras.models.load_model(path, safe_mode=True, compile=False)
+    except (ValueError, TypeError) as error:
+        text = str(error).splitlines()[0][:400]
+        raise ValueError(
+            f"{path} was refused: {text}. Models load in Keras safe mode (no code stored in "
+            "the file runs), so a Lambda layer or an unregistered custom object cannot load; "
+            "re-save the model with built-in layers only"
+        ) from error
 
 
 def run_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:
@@ -155,7 +165,7 @@ def run_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:
 
 def run_link(client: MlflowClient, run_id: str) -> str:
     """A clickable run address for a tracking server, else the runs:/ URI."""
-    uri = mlflow.get_tracking_uri()
+    uri = redact_uri(mlflow.get_tracking_uri())
     if uri.startswith(("http://", "https://")):
         experiment = client.get_run(run_id).info.experiment_id
         return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
@@ -185,7 +195,7 @@ def version_info(client: MlflowClient, mv: ModelVersion, model_dir: Path) -> dic
         "run_id": mv.run_id,
         "run_uri": f"runs:/{mv.run_id}" if mv.run_id else None,
         "run_link": run_link(client, mv.run_id) if mv.run_id else None,
-        "tracking_uri": mlflow.get_tracking_uri(),
+        "tracking_uri": redact_uri(mlflow.get_tracking_uri()),
         "description": mv.description,
         "version_tags": tags,
         "metrics": run_metrics(client, mv.run_id) if mv.run_id else {},

@@ -242,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, KeyError, ValueError, LookupError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if not result.rows:
+        for key, reason in result.skipped:
+            print(f"  skipped {key}: {reason}", file=sys.stderr)
+        print(f"error: none of the {len(result.skipped)} input(s) could be read (listed in "
+              f"{result.files.get('skipped')}); nothing was predicted", file=sys.stderr)
+        return 2
     print(f"{len(result.rows)} prediction(s) -> {result.files['predictions']}")
     for key, reason in result.skipped:
         print(f"  skipped {key}: {reason}")

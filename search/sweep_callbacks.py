@@ -57,7 +57,7 @@ class MlflowSweepCallback(Callback):
         # on_multirun_end (the sweeper raised, Ctrl-C) ends FAILED, not FINISHED.
         atexit.register(self._end_if_unfinished)
         sweep_context.set_parent_run_id(self.run_id)
-        mlflow.log_text(OmegaConf.to_yaml(sweeper, resolve=False), "sweep/sweeper.yaml")
+        mlflow.log_text(redacted_sweeper_yaml(sweeper), "sweep/sweeper.yaml")
         mlflow.log_params({
             "sweeper.n_trials": sweeper.get("n_trials"),
             "sweeper.n_jobs": sweeper.get("n_jobs"),
@@ -119,6 +119,14 @@ class MlflowSweepCallback(Callback):
         if failure:
             # Hydra would turn an exception into a warning and exit 0.
             raise SystemExit(f"error: {failure}")
+
+
+def redacted_sweeper_yaml(sweeper: DictConfig) -> str:
+    """The sweeper settings as written, with any password in the storage URL masked."""
+    settings = OmegaConf.to_container(sweeper, resolve=False)
+    if isinstance(settings.get("storage"), str):
+        settings["storage"] = tracking.redact_uri(settings["storage"])
+    return OmegaConf.to_yaml(OmegaConf.create(settings))
 
 
 def session_failure(sweep_dir: Path) -> str | None:

@@ -251,8 +251,21 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def redacted(cfg: DictConfig) -> DictConfig:
+    """A copy of the config whose store URIs carry no password (for params and artifacts)."""
+    copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    uri = OmegaConf.select(copy, "tracking.uri")
+    if isinstance(uri, str):
+        OmegaConf.update(copy, "tracking.uri", redact_uri(uri))
+    return copy
+
+
 def log_run_context(cfg: DictConfig) -> None:
-    """Log the composed config (flattened params + YAML), versions and git commit."""
+    """Log the composed config (flattened params + YAML), versions and git commit.
+
+    Passwords in store URIs are masked first: secrets never reach params or artifacts.
+    """
+    cfg = redacted(cfg)
     params = flatten_config(cfg)
     # log_params caps batch size at 100; chunk so big configs still go through.
     items = list(params.items())

@@ -26,71 +26,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from search import evaluate as ev
 from search import sweep_context, tracking
+from search.callbacks import (
+    AtomicModelCheckpoint,
+    EpochMetricsToMlflow,
+    FaultInSecondEpoch,
+    LearningRateLogger,
+    check_divergence,
+)
 from search.config_checks import check_run_config, pruning_metric
-from search.faults import armed, fault_point
+from search.faults import armed, fault_point, memory_fault
 
 log = logging.getLogger(__name__)
 
 MODEL_PACKAGES = ("tensorflow", "keras", "numpy")
-
-
-class LearningRateLogger(keras.callbacks.Callback):
-    """Puts the optimizer's current learning rate into the epoch logs.
-
-    Keras only adds `learning_rate` to the logs when a LR callback runs; with a
-    LearningRateSchedule object nothing reports it, so the curve would be missing in MLflow.
-    """
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if logs is not None and "learning_rate" not in logs:
-            logs["learning_rate"] = float(
-                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
-            )
-
-
-class EpochMetricsToMlflow(mlflow.keras.MlflowCallback):
-    """MLflow's Keras callback, minus its per-evaluation logging.
-
-    During fit() the validation metrics already arrive as val_* in the epoch logs;
-    MlflowCallback.on_test_end would add step-0 duplicates (validation_loss, ...) each epoch.
-    """
-
-    def on_test_end(self, logs: dict | None = None) -> None:
-        return None
-
-
-class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
-    """Keras' best-only checkpoint, written under a temporary name and renamed into place.
-
-    A process killed while Keras writes the file leaves the previous best checkpoint intact
-    (and a `.partial.keras` file), never a half-written `best.keras`.
-    """
-
-    def __init__(self, filepath: str | Path, **kwargs: Any) -> None:
-        self.final_path = Path(filepath)
-        super().__init__(self.final_path.with_suffix(".partial.keras"), **kwargs)
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        super().on_epoch_end(epoch, logs)
-        written = Path(self.filepath)
-        if written.exists():
-            fault_point("checkpoint_write")
-            os.replace(written, self.final_path)
-
-
-class FaultInSecondEpoch(keras.callbacks.Callback):
-    """Fault tests only (search.faults): reach the mid_epoch point deterministically."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.epoch = 0
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        if self.epoch == 1 and batch == 1:
-            fault_point("mid_epoch")
 
 
 def _save_keras_flavor(path: str, **kwargs: Any) -> None:
@@ -256,6 +204,7 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
             callbacks.append(KerasPruningCallback(trial.trial, prune_on))
 
         try:
+            memory_fault()
             model.fit(
                 data.train,
                 steps_per_epoch=int(data.steps_per_epoch),
@@ -269,6 +218,12 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
             state, status = "PRUNED", "KILLED"
             log_curves(model.history.history)
             raise
+        except MemoryError as error:
+            raise MemoryError(
+                f"out of memory while training ({error or 'an allocation failed'}); lower "
+                "data.batch_size, data.image_size or the model's size (model.base_filters, "
+                "model.dense_units), or run fewer hydra.sweeper.n_jobs"
+            ) from error
         history = model.history.history
         log_curves(history)
         losses = history.get("loss", [])
@@ -314,33 +269,6 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
 
     log.info("Objective %s = %s", objectives, values)
     return values[0] if len(values) == 1 else values
-
-
-class TrainingDiverged(FloatingPointError):
-    """Training ran away (finite but exploding loss, or one constant prediction)."""
-
-
-def check_divergence(losses: list[float], factor: float, n_classes: int) -> None:
-    """Refuse a run whose training loss rose past `factor` times a uniform guess's loss.
-
-    A learning rate of 1e3 gives a finite loss of ~1e22 and a model that predicts one class;
-    without this check it would be reported as a normal run. The bound is `factor` times
-    ln(n_classes), the loss of a uniform guess (0.69 for two classes): Keras' clipped
-    cross-entropy stays below ~16 even with class weights, so only exploding weights get
-    there, often within the first epoch. `factor` 0 = off.
-    """
-    if factor <= 0 or not losses:
-        return
-    bound = factor * math.log(max(n_classes, 2))
-    worst = max(losses)
-    if worst > bound:
-        epoch = losses.index(worst) + 1
-        raise TrainingDiverged(
-            f"training diverged: loss reached {worst:.4g} at epoch {epoch}, above "
-            f"trainer.divergence_factor={factor:g} x ln({max(n_classes, 2)}) = {bound:.3g}; "
-            "lower optimizer.learning_rate or enable a clipnorm "
-            "(optimizer.clipnorm=1.0)"
-        )
 
 
 def log_curves(history: dict[str, list[float]]) -> None:

@@ -160,6 +160,15 @@ def distribution_from_override(override: "Override") -> "BaseDistribution | None
 
     if isinstance(value, IntervalSweep):
         assert value.start is not None and value.end is not None
+        if value.start > value.end:
+            raise ValueError(
+                f"{name}: {override.input_line!r} has its low bound {value.start} above its "
+                f"high bound {value.end}; write interval(low, high)"
+            )
+        if log and value.start <= 0:
+            raise ValueError(
+                f"{name}: tag(log, ...) needs a low bound > 0, got {value.start}"
+            )
         if isinstance(value.start, int) and isinstance(value.end, int):
             return IntDistribution(value.start, value.end, log=log)
         return FloatDistribution(float(value.start), float(value.end), log=log)

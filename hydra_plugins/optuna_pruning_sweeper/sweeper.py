@@ -64,9 +64,10 @@ log = logging.getLogger(__name__)
 
 def validate(conf: OptunaPruningSweeperConf) -> None:
     """Refuse impossible settings before anything runs."""
-    if conf.n_trials < 0 or conf.n_jobs < 1:
+    if conf.n_trials < 1 or conf.n_jobs < 1:
         raise ValueError(
-            f"need n_trials >= 0 and n_jobs >= 1, got {conf.n_trials}, {conf.n_jobs}"
+            "hydra.sweeper.n_trials and hydra.sweeper.n_jobs must be >= 1, got "
+            f"n_trials={conf.n_trials}, n_jobs={conf.n_jobs}"
         )
     if not 0.0 <= conf.max_failure_rate <= 1.0:
         raise ValueError(f"max_failure_rate must be in [0, 1], got {conf.max_failure_rate}")
@@ -174,6 +175,10 @@ class OptunaPruningSweeper(Sweeper):
         )
         if gpus and conf.n_jobs > len(gpus):
             log.warning("%d slots share %d GPUs", conf.n_jobs, len(gpus))
+        elif not gpus and conf.n_jobs > available_cores():
+            log.warning(
+                "hydra.sweeper.n_jobs=%d is more than the %d CPU cores here: trials will run "
+                "slower each, not faster in total", conf.n_jobs, available_cores())
 
         setup_common = worker_setup_common(
             self.hydra_context,

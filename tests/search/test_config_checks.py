@@ -26,6 +26,7 @@ BAD_RUN = [
     ("evaluation.min_sensitivity=1.5", "evaluation.min_sensitivity"),
     ("trainer.monitor=val_bogus", "trainer.monitor='val_bogus'"),
     ("trainer.max_epochs=0", "trainer.max_epochs must be an integer >= 1"),
+    ("optimizer.learning_rate=-0.01", "optimizer.learning_rate must be > 0"),
     ("trainer.patience=-1", "trainer.patience must be an integer >= 0"),
     ("data.batch_size=0", "data.batch_size must be an integer >= 1"),
     ("registry.metric=foo", "registry.metric='foo' cannot rank models"),

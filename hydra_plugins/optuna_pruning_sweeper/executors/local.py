@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -171,14 +172,36 @@ class LocalProcessExecutor:
 
     def failure(self, slot: int, error: BaseException) -> tuple[str, bool]:
         if isinstance(error, BrokenProcessPool):
-            self.executors.pop(slot, None)
-            return "worker process died abruptly (killed by a signal or out of memory?)", True
+            dead = self.executors.pop(slot, None)
+            return "worker process died abruptly" + _exit_cause(dead), True
         return f"{type(error).__name__}: {error}", False
 
     def shutdown(self) -> None:
         for ex in self.executors.values():
             ex.shutdown(wait=True, cancel_futures=True)
         self.executors.clear()
+
+
+def _exit_cause(executor: ProcessPoolExecutor | None) -> str:
+    """How the slot's worker ended, e.g. " (SIGKILL: out of memory, or kill -9)".
+
+    concurrent.futures does not say; its worker Process objects (a private attribute, read
+    only here) carry the exit code once joined.
+    """
+    processes = list((getattr(executor, "_processes", None) or {}).values())
+    for process in processes:
+        process.join(timeout=2)
+    codes = [p.exitcode for p in processes if p.exitcode is not None]
+    if not codes:
+        return " (killed by a signal or out of memory?)"
+    code = codes[0]
+    if code == -signal.SIGKILL:
+        return " (SIGKILL: out of memory (the kernel's OOM killer), or kill -9)"
+    if code == -signal.SIGABRT:
+        return " (SIGABRT: aborted, often a failed allocation: out of memory?)"
+    if code < 0:
+        return f" ({signal.Signals(-code).name})"
+    return f" (exit code {code})"
 
 
 @contextlib.contextmanager

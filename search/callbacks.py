@@ -1,0 +1,118 @@
+"""The Keras callbacks of a training run, and the divergence check after it.
+
+Keras' own callbacks do the work (EarlyStopping, ModelCheckpoint, TerminateOnNaN, MLflow's
+MlflowCallback); these subclasses only add what none of them does: the learning rate in the
+epoch logs, no duplicate validation metrics in MLflow, a checkpoint that is never
+half-written, and the fault tests' hooks.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+
+from search.faults import fault_point, fires
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Puts the optimizer's current learning rate into the epoch logs.
+
+    Keras only adds `learning_rate` to the logs when a LR callback runs; with a
+    LearningRateSchedule object nothing reports it, so the curve would be missing in MLflow.
+    """
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None and "learning_rate" not in logs:
+            logs["learning_rate"] = float(
+                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+            )
+
+
+class EpochMetricsToMlflow(mlflow.keras.MlflowCallback):
+    """MLflow's Keras callback, minus its per-evaluation logging.
+
+    During fit() the validation metrics already arrive as val_* in the epoch logs;
+    MlflowCallback.on_test_end would add step-0 duplicates (validation_loss, ...) each epoch.
+    """
+
+    def on_test_end(self, logs: dict | None = None) -> None:
+        return None
+
+
+class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """Keras' best-only checkpoint, written under a temporary name and renamed into place.
+
+    A process killed while Keras writes the file leaves the previous best checkpoint intact
+    (and a `.partial.keras` file), never a half-written `best.keras`.
+    """
+
+    def __init__(self, filepath: str | Path, **kwargs: Any) -> None:
+        self.final_path = Path(filepath)
+        super().__init__(self.final_path.with_suffix(".partial.keras"), **kwargs)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        written = Path(self.filepath)
+        try:
+            if epoch >= 1 and fires("disk_full"):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(written))
+            super().on_epoch_end(epoch, logs)
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            written.unlink(missing_ok=True)
+            kept = (f"the previous best checkpoint {self.final_path} is intact"
+                    if self.final_path.exists() else "no earlier checkpoint exists")
+            raise OSError(errno.ENOSPC, f"no space left on the device writing the checkpoint "
+                          f"{written}; {kept}; free space in the output folder") from error
+        if written.exists():
+            fault_point("checkpoint_write")
+            os.replace(written, self.final_path)
+
+
+class FaultInSecondEpoch(keras.callbacks.Callback):
+    """Fault tests only (search.faults): reach the mid_epoch point deterministically."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.epoch == 1 and batch == 1:
+            fault_point("mid_epoch")
+
+
+
+class TrainingDiverged(FloatingPointError):
+    """Training ran away (finite but exploding loss, or one constant prediction)."""
+
+
+def check_divergence(losses: list[float], factor: float, n_classes: int) -> None:
+    """Refuse a run whose training loss rose past `factor` times a uniform guess's loss.
+
+    A learning rate of 1e3 gives a finite loss of ~1e22 and a model that predicts one class;
+    without this check it would be reported as a normal run. The bound is `factor` times
+    ln(n_classes), the loss of a uniform guess (0.69 for two classes): Keras' clipped
+    cross-entropy stays below ~16 even with class weights, so only exploding weights get
+    there, often within the first epoch. `factor` 0 = off.
+    """
+    if factor <= 0 or not losses:
+        return
+    bound = factor * math.log(max(n_classes, 2))
+    worst = max(losses)
+    if worst > bound:
+        epoch = losses.index(worst) + 1
+        raise TrainingDiverged(
+            f"training diverged: loss reached {worst:.4g} at epoch {epoch}, above "
+            f"trainer.divergence_factor={factor:g} x ln({max(n_classes, 2)}) = {bound:.3g}; "
+            "lower optimizer.learning_rate or enable a clipnorm "
+            "(optimizer.clipnorm=1.0)"
+        )

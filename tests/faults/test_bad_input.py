@@ -1,0 +1,181 @@
+"""Bad input: each case gets a message naming the problem and the file or key.
+
+One row per case. Config cases (unknown metric names, out-of-range values, contradicting
+directions, ...) are the table in tests/search/test_config_checks.py; sweeper settings are
+in tests/hydra_plugins; these rows are data, images, models and prediction.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data.build import build_data
+from data.loaders import find_undecodable, load_npz, scan_folder
+from data.pipeline import preprocess_for_model
+from search import predict as pr
+from search.model_store import load_exported
+
+U8 = np.uint8
+
+
+def images(n: int, size: int = 28) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 255, (n, size, size), dtype=U8)
+
+
+def labels(n: int) -> np.ndarray:
+    return (np.arange(n) % 2).reshape(-1, 1)
+
+
+# (case, npz arrays, error type, text the message must contain)
+BAD_NPZ = [
+    ("missing images key", {"train_labels": labels(4)}, ValueError,
+     "has 'train_labels' but no 'train_images'"),
+    ("mismatched lengths", {"train_images": images(5), "train_labels": labels(3),
+                            "val_images": images(4), "val_labels": labels(4)},
+     ValueError, "'train_labels' has 3 labels but 'train_images' has 5"),
+    ("float pixels", {"train_images": images(4).astype("float32") / 255,
+                      "train_labels": labels(4)}, ValueError, "uint8 0-255"),
+    ("negative label", {"train_images": images(4), "train_labels": -labels(4)}, ValueError,
+     "negative label"),
+]
+
+
+@pytest.mark.parametrize(("case", "arrays", "error", "message"), BAD_NPZ,
+                         ids=[row[0] for row in BAD_NPZ])
+def test_bad_npz_names_file_and_key(make_npz, case, arrays, error, message):
+    path = make_npz(**arrays)
+    with pytest.raises(error, match=message) as caught:
+        load_npz(path)
+    assert path.name in str(caught.value) or "'train" in str(caught.value)
+
+
+def test_missing_and_non_npz_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.npz.*data.path"):
+        load_npz(tmp_path / "nope.npz")
+    fake = tmp_path / "fake.npz"
+    fake.write_text("not numpy")
+    with pytest.raises(ValueError, match="fake.npz is not a readable .npz") as caught:
+        load_npz(fake)
+    assert "allow_pickle" not in str(caught.value)  # never advise the unsafe option
+
+
+def test_dataset_smaller_than_one_batch_still_trains_one_partial_batch(make_npz):
+    path = make_npz(train_images=images(24), train_labels=labels(24),
+                    val_images=images(8), val_labels=labels(8))
+    bundle = build_data(path=path, batch_size=64, test_fraction=0.25, seed=0)
+    assert bundle.steps_per_epoch == 1
+    batch_x, _ = next(iter(bundle.train))[:2]
+    assert 0 < batch_x.shape[0] <= 64
+
+
+def write_images(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    gray = images(1, 64)[0]
+    files = {
+        "ok.jpeg": lambda p: Image.fromarray(gray).save(p),
+        "rgba.png": lambda p: Image.fromarray(gray).convert("RGBA").save(p),
+        "16bit.png": lambda p: Image.fromarray(gray.astype("uint16") * 257).save(p),
+        "cmyk.jpeg": lambda p: Image.fromarray(gray).convert("CMYK").save(p),
+        "zero.jpeg": lambda p: p.write_bytes(b""),
+        "notes.jpeg": lambda p: p.write_text("not an image"),
+    }
+    paths = {}
+    for name, write in files.items():
+        write(folder / name)
+        paths[name] = folder / name
+    ok = paths["ok.jpeg"].read_bytes()
+    paths["truncated.jpeg"] = folder / "truncated.jpeg"
+    paths["truncated.jpeg"].write_bytes(ok[: len(ok) // 2])
+    return paths
+
+
+def test_odd_images_are_converted_or_skipped_by_name(tmp_path):
+    paths = write_images(tmp_path / "imgs")
+    bad = {p.name for p in find_undecodable(sorted(paths.values()))}
+    # Non-images, empty, truncated files and CMYK JPEGs (TF cannot convert them) are skipped.
+    assert bad == {"zero.jpeg", "notes.jpeg", "truncated.jpeg", "cmyk.jpeg"}
+    for name in ("ok.jpeg", "rgba.png", "16bit.png"):  # converted, not rejected
+        x = preprocess_for_model(paths[name].read_bytes(), 28, 1).numpy()
+        assert x.shape == (28, 28, 1) and x.min() >= 0.0 and x.max() <= 1.0 and x.std() > 0
+
+
+def test_folder_with_odd_files_warns_once_naming_them(tmp_path):
+    root = tmp_path / "data"
+    write_images(root / "NORMAL")
+    write_images(root / "PNEUMONIA")
+    (root / "PNEUMONIA" / "loop").symlink_to(root / "PNEUMONIA" / "loop")  # a symlink loop
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = scan_folder(root)
+    text = " ".join(str(w.message) for w in caught)
+    assert "skipped 8 file" in text and "cmyk.jpeg" in text and "truncated.jpeg" in text
+    assert sorted(data.class_names) == ["normal", "pneumonia"]
+
+
+@pytest.mark.parametrize(("layout", "message"), [
+    ("missing", "data.root not found"),
+    ("empty_class", "empty class folder"),
+    ("one_class", "only one class folder"),
+])
+def test_bad_folders(tmp_path, layout, message):
+    root = tmp_path / "data"
+    if layout != "missing":
+        write_images(root / "PNEUMONIA")
+        if layout == "empty_class":
+            (root / "NORMAL").mkdir()
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        scan_folder(root)
+
+
+def mlflow_folder(folder: Path, model) -> Path:
+    """A bare MLflow Keras model folder as search/train.py logs one (MLmodel + .keras)."""
+    (folder / "data").mkdir(parents=True)
+    model.save(folder / "data" / "model.keras")
+    (folder / "MLmodel").write_text(
+        "flavors:\n  keras:\n    data: data\n    save_exported_model: false\n"
+        "metadata:\n  class_names: [normal, pneumonia]\n"
+        "  preprocessing: {image_size: 28, channels: 1}\n  threshold: 0.5\n"
+    )
+    return folder
+
+
+def test_lambda_layer_model_is_refused_by_safe_mode(tmp_path):
+    import keras
+
+    inputs = keras.Input((28, 28, 1))
+    outputs = keras.layers.Lambda(lambda x: keras.ops.mean(x, axis=(1, 2, 3))[:, None])(inputs)
+    folder = mlflow_folder(tmp_path / "lambda", keras.Model(inputs, outputs))
+    with pytest.raises(ValueError, match="safe mode.*Lambda"):
+        load_exported(folder)
+    assert pr.main([str(folder), str(tmp_path)]) == 2
+
+
+def test_predict_fails_when_every_input_is_unreadable(tmp_path, capsys):
+    import keras
+
+    inputs = keras.Input((28, 28, 1))
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(
+        keras.layers.Flatten()(inputs)))
+    folder = mlflow_folder(tmp_path / "model", model)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jpeg").write_text("nope")
+    (bad / "b.png").write_bytes(b"")
+    assert pr.main([str(folder), str(bad), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 2 input(s) could be read" in err and "a.jpeg" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert pr.main([str(folder), str(empty), "--out", str(tmp_path / "out2")]) == 2
+    assert "no image files" in capsys.readouterr().err
+    good = tmp_path / "good"
+    write_images(good)
+    assert pr.main([str(folder), str(good), "--out", str(tmp_path / "out3")]) == 0
+    rows = (tmp_path / "out3" / "predictions.csv").read_text().splitlines()
+    skipped = (tmp_path / "out3" / "skipped.csv").read_text()
+    assert len(rows) == 1 + 3 and "truncated.jpeg" in skipped  # ok, rgba, 16bit predicted
