@@ -17,7 +17,7 @@ from typing import Any
 import keras
 import mlflow
 
-from search.faults import fault_point, fires
+from search.faults import fault_point, fires, pause_point
 
 
 class LearningRateLogger(keras.callbacks.Callback):
@@ -76,7 +76,7 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
 
 class FaultInSecondEpoch(keras.callbacks.Callback):
-    """Fault tests only (search.faults): reach the mid_epoch point deterministically."""
+    """Fault tests only (search.faults): reach the mid-training points deterministically."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -84,15 +84,16 @@ class FaultInSecondEpoch(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.epoch = epoch
+        if epoch == 1:
+            pause_point("tracking_outage")
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if self.epoch == 1 and batch == 1:
             fault_point("mid_epoch")
 
 
-
 class TrainingDiverged(FloatingPointError):
-    """Training ran away (finite but exploding loss, or one constant prediction)."""
+    """Training ran away: a finite but exploding loss."""
 
 
 def check_divergence(losses: list[float], factor: float, n_classes: int) -> None:

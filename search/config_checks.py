@@ -14,6 +14,7 @@ maximises. Search spaces set `hydra.sweeper.direction: ${objective_direction:${o
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -91,10 +92,18 @@ def pruning_metric(cfg: DictConfig) -> str | None:
     return f"val_{counterpart}" if counterpart else None
 
 
+def repo_root() -> str:
+    """The checkout this code runs from: the search spaces anchor the Optuna study here, next
+    to MLflow's store, so a resume from another folder finds the same study."""
+    return str(Path(__file__).resolve().parents[1])
+
+
 def register_resolvers() -> None:
-    """Register `${objective_direction:...}` (idempotent)."""
+    """Register `${objective_direction:...}` and `${repo_root:}` (idempotent)."""
     if not OmegaConf.has_resolver("objective_direction"):
         OmegaConf.register_new_resolver("objective_direction", objective_direction)
+    if not OmegaConf.has_resolver("repo_root"):
+        OmegaConf.register_new_resolver("repo_root", repo_root)
 
 
 def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ POINTS = (
     "promotion",         # a version is registered, its alias is not set yet
     "oom",               # train(): a trial runs out of memory (memory_fault), no kill
     "disk_full",         # the second best checkpoint cannot be written: ENOSPC, no kill
+    "tracking_outage",   # train(): waits at the second epoch's start while the test
+                         # stops the tracking server (pause_point), then trains on
 )
 
 
@@ -65,6 +68,23 @@ def fault_point(point: str) -> None:
     if os.environ.get(SCOPE_ENV) == "group":
         os.killpg(os.getpgrp(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def pause_point(point: str, limit_s: float = 300.0) -> None:
+    """Wait here until the test removes the marker file (it writes ``<marker>.reached``).
+
+    Lets a test act at a known moment of a running job, e.g. stop a tracking server while
+    a trial is between two epochs. Without ``XRAY_FAULT`` naming ``point``: no-op.
+    """
+    marker = os.environ.get(MARKER_ENV)
+    if not armed(point) or not marker or not os.path.exists(marker):
+        return
+    with open(f"{marker}.reached", "w") as reached:
+        reached.write(str(os.getpid()))
+    log.warning("fault injection: paused at %s until %s is removed", point, marker)
+    deadline = time.monotonic() + limit_s
+    while os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def memory_fault() -> None:

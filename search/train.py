@@ -192,7 +192,7 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
             LearningRateLogger(),
             EpochMetricsToMlflow(),
         ]
-        if armed("mid_epoch"):
+        if armed("mid_epoch") or armed("tracking_outage"):
             callbacks.append(FaultInSecondEpoch())
         prune_on = pruning_metric(cfg) if trial is not None else None
         if prune_on is not None:
