@@ -67,6 +67,29 @@ class ConditionResolver:
                 f"'{group_path}' (available: {repo.get_group_options(group_path)})"
             )
 
+    def check_keys_exist(self) -> None:
+        """Refuse a swept or fixed key the composed config does not have, before any trial.
+
+        Keys under a swept group are checked per option by the conditional rule; keys
+        added with ``+`` and explicit ``when:`` conditions are the user's own business.
+        """
+        entries = [(p.name, p.key, p.when) for p in self.space.params.values()]
+        entries += [(f.line.split("=", 1)[0], f.key, None) for f in self.space.fixed.values()]
+        for name, key, when in entries:
+            if name.startswith(("+", "~")) or when is not None or key in self.groups:
+                continue
+            if key.startswith("hydra.") or self.parent(key) is not None:
+                continue
+            repo = getattr(self.config_loader, "repository", None)
+            if repo is not None and repo.group_exists(key.replace(".", "/")):
+                continue
+            if not _has_key(self.master_config, key):
+                raise ValueError(
+                    f"hydra.sweeper.params / override {name!r}: the composed config has no key "
+                    f"{key!r} (a typo? a key of a config group option that is not selected?); "
+                    f"to add a new key write +{name}"
+                )
+
     def order(self) -> list[Param]:
         """Params in sampling order: parents (shallow keys) first, explicit conditions last."""
         return sorted(

@@ -123,6 +123,7 @@ class OptunaPruningSweeper(Sweeper):
 
         space = self.search_space(arguments)
         resolver = ConditionResolver(space, self.hydra_context.config_loader, config)
+        resolver.check_keys_exist()
         target = target_of(self.conf.sampler)
         check_sampler_dependencies(target)
         n_trials = self.conf.n_trials

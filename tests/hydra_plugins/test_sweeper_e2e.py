@@ -213,6 +213,21 @@ def test_changed_space_is_refused_unless_new_study(sweep):
     assert len(sweep.trials("s")) == 1
 
 
+def test_bad_sweep_settings_are_refused_before_any_trial(sweep):
+    """A typo in a swept key, reversed bounds, a bad timeout or storage: named, no trial run."""
+    cases = [
+        (("nosuchkey=interval(0.0, 1.0)",), "no key 'nosuchkey'"),
+        (("x=interval(3.0, 1.0)",), "low bound 3.0 above its high bound 1.0"),
+        (("hydra.sweeper.timeout=-5",), "hydra.sweeper.timeout must be > 0"),
+        (("hydra.sweeper.n_trials=0",), "n_trials and hydra.sweeper.n_jobs must be >= 1"),
+        (("hydra.sweeper.storage=foo://x",), "hydra.sweeper.storage='foo://x' is not a usable"),
+    ]
+    for overrides, message in cases:
+        proc = sweep.run(*overrides, ok=False)
+        assert proc.returncode != 0 and message in proc.stderr, (overrides, proc.stderr[-2000:])
+    assert not (sweep.tmp / "optuna.db").exists() or not optuna.get_all_study_names(sweep.url)
+
+
 def test_failure_rate_stops_the_sweep(sweep):
     proc = sweep.run(
         "hydra.sweeper.n_trials=10",
