@@ -107,6 +107,7 @@ def predict(
     npz_key: str | None = None,
     labels_key: str | None = None,
     batch_size: int = 32,
+    overwrite: bool = False,
 ) -> PredictionRun:
     """Predict every input; write predictions.csv (+ skipped.csv, metrics, Grad-CAM).
 
@@ -118,6 +119,7 @@ def predict(
         npz_key: Images key of an npz input.
         labels_key: Labels key of an npz input.
         batch_size: Images per forward pass.
+        overwrite: Replace the predictions of an earlier call in ``out`` (else refused).
 
     Returns:
         The rows written, the skipped inputs and, with labels, the metrics.
@@ -125,16 +127,34 @@ def predict(
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix="predict-model-") as workdir:
         loaded = model if isinstance(model, LoadedModel) else load_model_reference(model, workdir)
-        return _predict_loaded(loaded, source, out, gradcam, npz_key, labels_key, batch_size)
+        return _predict_loaded(loaded, source, out, gradcam, npz_key, labels_key, batch_size,
+                               overwrite)
+
+
+def check_input_shape(loaded: LoadedModel, size: int, channels: int) -> None:
+    """Refuse a model whose input does not take what its stored preprocessing produces."""
+    shape = tuple(loaded.model.input_shape[1:])
+    expected = (size, size, channels)
+    if len(shape) != 3 or any(a is not None and a != b for a, b in zip(shape, expected,
+                                                                       strict=True)):
+        raise ValueError(
+            f"{loaded.info.get('model_uri') or loaded.folder}: the model takes inputs of shape "
+            f"{shape}, but its preprocessing metadata makes {expected} images; the model and "
+            "its metadata do not belong together (re-log it with search/train.py)"
+        )
 
 
 def _predict_loaded(loaded: LoadedModel, source: str | Path, out: Path, gradcam: bool,
                     npz_key: str | None, labels_key: str | None,
-                    batch_size: int) -> PredictionRun:
+                    batch_size: int, overwrite: bool) -> PredictionRun:
     classes = loaded.class_names
     prep = loaded.preprocessing
     size, channels = int(prep["image_size"]), int(prep["channels"])
+    check_input_shape(loaded, size, channels)
     items, key_name = collect_inputs(source, classes, npz_key, labels_key)
+    if (out / "predictions.csv").exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds predictions.csv; pass --overwrite (or "
+                              "overwrite=True) to replace them, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)  # only once model and inputs are known to be usable
     threshold = loaded.threshold
     skipped: list[tuple[str, str]] = []
@@ -230,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels-key", default=None,
                         help="npz labels key (default: the images key's *_labels, if present)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace earlier predictions in --out")
     parser.add_argument("--tracking-uri", default=None,
                         help="for models:/ URIs; default: $MLFLOW_TRACKING_URI, else the repo's "
                         "sqlite store")
@@ -238,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = predict(args.model, args.input, args.out, gradcam=args.gradcam,
                          npz_key=args.npz_key, labels_key=args.labels_key,
-                         batch_size=args.batch_size)
-    except (FileNotFoundError, KeyError, ValueError, LookupError) as error:
+                         batch_size=args.batch_size, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError, LookupError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not result.rows:

@@ -7,6 +7,7 @@ in tests/hydra_plugins; these rows are data, images, models and prediction.
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -179,3 +180,50 @@ def test_predict_fails_when_every_input_is_unreadable(tmp_path, capsys):
     rows = (tmp_path / "out3" / "predictions.csv").read_text().splitlines()
     skipped = (tmp_path / "out3" / "skipped.csv").read_text()
     assert len(rows) == 1 + 3 and "truncated.jpeg" in skipped  # ok, rgba, 16bit predicted
+
+
+def test_predict_never_clobbers_and_checks_the_input_shape(tmp_path, capsys):
+    import keras
+
+    def model(size: int):
+        inputs = keras.Input((size, size, 1))
+        return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(
+            keras.layers.Flatten()(inputs)))
+
+    folder = mlflow_folder(tmp_path / "model", model(28))
+    good = tmp_path / "good"
+    write_images(good)
+    out = tmp_path / "out"
+    assert pr.main([str(folder), str(good), "--out", str(out)]) == 0
+    before = (out / "predictions.csv").read_text()
+    assert pr.main([str(folder), str(good), "--out", str(out)]) == 2
+    assert "already holds predictions.csv; pass --overwrite" in capsys.readouterr().err
+    assert (out / "predictions.csv").read_text() == before
+    assert pr.main([str(folder), str(good), "--out", str(out), "--overwrite"]) == 0
+
+    wrong = mlflow_folder(tmp_path / "wrong", model(64))  # metadata says 28 px
+    assert pr.main([str(wrong), str(good), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "takes inputs of shape (64, 64, 1)" in err and "(28, 28, 1)" in err
+
+
+@pytest.mark.slow
+def test_pull_never_replaces_another_versions_export(registry_store, tmp_path, capsys):
+    from search import pull, registry
+
+    registry.register_and_promote(registry_store.runs.good_run_id)
+    registry.register_and_promote(registry_store.runs.poor_run_id)  # -> challenger
+    folder = tmp_path / "export"
+    uri = ["--tracking-uri", registry_store.uri]
+    assert pull.main(["--out", str(folder), *uri]) == 0  # champion, v1
+    assert pull.main(["--out", str(folder), *uri]) == 0  # the same version: refreshed
+    assert pull.main(["--alias", "challenger", "--out", str(folder), *uri]) == 2
+    assert "holds pneumonia-cnn v1, not pneumonia-cnn v2; pass another --out, or --force" in (
+        capsys.readouterr().err)
+    assert json.loads((folder / "model_info.json").read_text())["version"] == 1
+    assert pull.main(["--alias", "challenger", "--out", str(folder), "--force", *uri]) == 0
+    assert json.loads((folder / "model_info.json").read_text())["version"] == 2
+    assert not list(tmp_path.glob(".export.partial-*"))  # no half-written export left
+    assert pull.main(["--alias", "nosuch", *uri]) == 2
+    assert "no version of registered model 'pneumonia-cnn' holds the alias 'nosuch'" in (
+        capsys.readouterr().err)
