@@ -86,9 +86,12 @@ def test_pruned_trials_are_recorded_and_keep_their_curves(tmp_path):
 
 
 def test_nan_loss_fails_the_trial_with_its_reason_and_the_sweep_goes_on(tmp_path):
-    sweep(tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.study_name=nan",
-          "hydra/sweeper/pruner=nop", "optimizer=sgd", "optimizer.learning_rate=1e12",
-          "hydra.sweeper.max_failure_rate=1.0")  # command-line values beat the space's params
+    proc = sweep(tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.study_name=nan",
+                 "hydra/sweeper/pruner=nop", "optimizer=sgd", "optimizer.learning_rate=1e12",
+                 "hydra.sweeper.max_failure_rate=1.0",  # command-line values beat the space's
+                 expect_ok=False)
+    # every trial failed: the sweep says so and exits non-zero (its parent run ends FAILED)
+    assert proc.returncode != 0 and "none of this sweep's 2 trial(s) completed" in proc.stderr
     study = optuna.load_study(study_name="nan", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
     assert all("NaN" in t.user_attrs["fail_reason"] for t in study.trials)
