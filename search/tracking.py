@@ -209,8 +209,28 @@ def setup_tracking(tracking: DictConfig | dict) -> str:
     else:
         experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
+    check_artifacts_writable(mlflow.get_experiment(experiment_id).artifact_location)
     close_dead_runs(experiment_id)
     return experiment_id
+
+
+def check_artifacts_writable(location: str) -> None:
+    """A local artifact folder that cannot be written fails now, not after training."""
+    if location.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        path = Path(unquote(urlparse(location).path))
+    elif "://" in location:
+        return  # served by a tracking server or an object store: it decides
+    else:
+        path = Path(location)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise TrackingError(
+            f"cannot write MLflow artifacts to {path} ({existing} is read-only); make it "
+            "writable, or set tracking.artifact_root (for a new experiment) or "
+            "tracking.experiment to one whose artifacts go elsewhere"
+        )
 
 
 def flatten_config(cfg: DictConfig) -> dict[str, Any]:

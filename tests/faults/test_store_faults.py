@@ -124,3 +124,39 @@ def test_four_slots_on_sqlite_and_an_out_of_memory_trial(tmp_path):
     assert "out of memory while training" in failed.user_attrs["fail_reason"]
     invariants.check(f"sqlite:///{tmp_path / 'mlflow.db'}", storage, "slots", 4,
                      tmp_path / "sweep", {})
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only bind mount of a folder (as root); skipped where mounts are not allowed."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a read-only folder")
+    src, ro = tmp_path / "src", tmp_path / "ro"
+    src.mkdir()
+    ro.mkdir()
+
+    def mount() -> Path:
+        for cmd in (["mount", "--bind", str(src), str(ro)],
+                    ["mount", "-o", "remount,ro,bind", str(ro)]):
+            if subprocess.run(cmd, capture_output=True).returncode != 0:
+                pytest.skip(f"cannot {' '.join(cmd[:2])} here")
+        return ro
+
+    yield src, mount
+    subprocess.run(["umount", str(ro)], capture_output=True)
+
+
+def test_read_only_stores_are_named_before_training(tmp_path, read_only_dir):
+    src, mount = read_only_dir
+    good = run_py(tmp_path, "tracking.experiment=ro", "trainer.max_epochs=1",
+                  "data.subset_fraction=0.05", env={"MLFLOW_TRACKING_URI": f"sqlite:///{src}/m.db"})
+    assert good.returncode == 0, good.stderr[-3000:]  # a store and artifacts made writable
+    ro = mount()
+    for args, message in [
+        ((f"tracking.uri=sqlite:///{ro}/m.db",), f"the MLflow store {ro}/m.db cannot be opened"),
+        (("tracking.experiment=new", f"tracking.artifact_root=file://{ro}/artifacts"),
+         f"cannot write MLflow artifacts to {ro}/artifacts"),
+    ]:
+        proc = run_py(tmp_path, *args, *TINY)
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-2000:])
+        assert "Loading data" not in proc.stdout + proc.stderr
