@@ -273,9 +273,7 @@ def find_undecodable(paths: Sequence[Path], workers: int | None = None) -> list[
         try:
             raw = tf.io.read_file(str(path))
             if tf.io.is_jpeg(raw):
-                # channels=1 as the pipeline asks: CMYK JPEGs (which TF cannot convert to gray
-                # or RGB) are caught here, not mid-training.
-                tf.io.decode_jpeg(raw, ratio=8, channels=1)
+                tf.io.decode_jpeg(raw, ratio=8)  # the file's own channels: CMYK decodes too
             else:
                 tf.io.decode_image(raw, channels=3, expand_animations=False)
         except tf.errors.OpError:  # not an image, truncated, unreadable

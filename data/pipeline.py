@@ -39,6 +39,10 @@ def preprocessing_spec(image_size: int, channels: int) -> dict[str, Any]:
     }
 
 
+# Longest side (px) above which decoded images are area-averaged first (see shrink_huge).
+HUGE_SIDE = 4096
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (cgroup/affinity aware, unlike os.cpu_count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -70,20 +74,57 @@ def resize_to_uint8(image: tf.Tensor, image_size: int, channels: int) -> tf.Tens
     return tf.ensure_shape(tf.cast(pixels, tf.uint8), (image_size, image_size, channels))
 
 
-def decode_to_uint8(encoded: tf.Tensor, image_size: int, channels: int) -> tf.Tensor:
-    """Decode JPEG/PNG/GIF/BMP/WebP bytes to uint8 (image_size, image_size, channels)."""
+def shrink_huge(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Area-average an image whose longest side passes ``max(HUGE_SIDE, 8 * image_size)``.
+
+    Bounded memory: a 10000 x 10000 PNG took 4.5 GB through the float gray conversion and
+    the antialiased resize. ResizeArea reads uint8 and writes floats only at the reduced
+    size; images up to the limit (every usual X-ray) are left exactly as they were.
+    """
+    limit = max(HUGE_SIDE, 8 * image_size)
+    shape = tf.shape(image)
+    longest = tf.maximum(shape[0], shape[1])
+
+    def shrink() -> tf.Tensor:
+        scale = limit / tf.cast(longest, tf.float32)
+        size = tf.cast(tf.round(tf.cast(shape[:2], tf.float32) * scale), tf.int32)
+        small = tf.raw_ops.ResizeArea(images=image[tf.newaxis], size=tf.maximum(size, 1))[0]
+        return tf.cast(tf.clip_by_value(tf.round(small), 0.0, 255.0), tf.uint8)
+
+    return tf.cond(longest > limit, shrink, lambda: image)
+
+
+def decode_native(encoded: tf.Tensor, channels: int, image_size: int) -> tf.Tensor:
+    """Decode JPEG/PNG/GIF/BMP/WebP bytes to uint8 (H, W, channels) at about their own size.
+
+    CMYK JPEGs are converted (TensorFlow converts CMYK to RGB only when asked for the file's
+    own channel count); huge images are area-averaged first (``shrink_huge``).
+    """
 
     def jpeg() -> tf.Tensor:
-        return tf.io.decode_jpeg(encoded, channels=channels)
+        def cmyk() -> tf.Tensor:
+            rgb = tf.ensure_shape(tf.io.decode_jpeg(encoded, channels=0), (None, None, 3))
+            rgb = shrink_huge(rgb, image_size)
+            return tf.image.rgb_to_grayscale(rgb) if channels == 1 else rgb
+
+        def plain() -> tf.Tensor:
+            return shrink_huge(tf.io.decode_jpeg(encoded, channels=channels), image_size)
+
+        return tf.cond(tf.io.extract_jpeg_shape(encoded)[2] == 4, cmyk, plain)
 
     def other() -> tf.Tensor:
         # Every format decodes to RGB (GIF and BMP cannot decode straight to one channel).
         rgb = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        rgb = tf.ensure_shape(shrink_huge(rgb, image_size), (None, None, 3))
         return tf.image.rgb_to_grayscale(rgb) if channels == 1 else rgb
 
     image = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
-    image = tf.ensure_shape(image, (None, None, channels))
-    return resize_to_uint8(image, image_size, channels)
+    return tf.ensure_shape(image, (None, None, channels))
+
+
+def decode_to_uint8(encoded: tf.Tensor, image_size: int, channels: int) -> tf.Tensor:
+    """Decode JPEG/PNG/GIF/BMP/WebP bytes to uint8 (image_size, image_size, channels)."""
+    return resize_to_uint8(decode_native(encoded, channels, image_size), image_size, channels)
 
 
 def scale_to_unit(images: tf.Tensor) -> tf.Tensor:

@@ -138,7 +138,9 @@ def display_image(item: InputItem, size: int = DISPLAY_SIZE) -> np.ndarray:
     import tensorflow as tf
 
     if item.path is not None:
-        image = tf.io.decode_image(item.path.read_bytes(), channels=1, expand_animations=False)
+        from data.pipeline import decode_native
+
+        image = decode_native(tf.constant(item.path.read_bytes()), 1, size)
     else:
         array = item.array if item.array.ndim == 3 else item.array[..., np.newaxis]
         image = tf.convert_to_tensor(array)

@@ -35,7 +35,7 @@ def check(tracking_uri: str, storage: str, study: str, n_trials: int, sweep_dir:
     for number, value in completed_before.items():
         assert now.get(number) == value, (number, value, now)
 
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, max_results=1000)
     running = [(r.info.run_name, r.data.tags.get("process.pid")) for r in runs

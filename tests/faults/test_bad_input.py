@@ -98,11 +98,27 @@ def write_images(folder: Path) -> dict[str, Path]:
 def test_odd_images_are_converted_or_skipped_by_name(tmp_path):
     paths = write_images(tmp_path / "imgs")
     bad = {p.name for p in find_undecodable(sorted(paths.values()))}
-    # Non-images, empty, truncated files and CMYK JPEGs (TF cannot convert them) are skipped.
-    assert bad == {"zero.jpeg", "notes.jpeg", "truncated.jpeg", "cmyk.jpeg"}
-    for name in ("ok.jpeg", "rgba.png", "16bit.png"):  # converted, not rejected
-        x = preprocess_for_model(paths[name].read_bytes(), 28, 1).numpy()
-        assert x.shape == (28, 28, 1) and x.min() >= 0.0 and x.max() <= 1.0 and x.std() > 0
+    assert bad == {"zero.jpeg", "notes.jpeg", "truncated.jpeg"}  # skipped, by name
+    reference = preprocess_for_model(paths["ok.jpeg"].read_bytes(), 28, 1).numpy()
+    for name in ("rgba.png", "16bit.png", "cmyk.jpeg"):  # converted, not rejected
+        for channels in (1, 3):
+            x = preprocess_for_model(paths[name].read_bytes(), 28, channels).numpy()
+            assert x.shape == (28, 28, channels) and x.std() > 0
+            # the same picture as the plain gray JPEG (JPEG loss aside)
+            assert abs(x.mean(axis=-1) - reference[..., 0]).mean() < 0.02, name
+
+
+def test_huge_images_are_shrunk_before_the_float_work():
+    import tensorflow as tf
+
+    from data.pipeline import HUGE_SIDE, shrink_huge
+
+    big = tf.fill((HUGE_SIDE * 2 + 10, HUGE_SIDE // 2, 1), tf.constant(200, tf.uint8))
+    small = shrink_huge(big, 28)
+    assert small.shape[0] == HUGE_SIDE and small.dtype == tf.uint8
+    assert int(tf.reduce_min(small)) == 200 == int(tf.reduce_max(small))
+    usual = tf.zeros((3000, 2500, 1), tf.uint8)
+    assert shrink_huge(usual, 224).shape == usual.shape  # usual X-rays: untouched
 
 
 def test_folder_with_odd_files_warns_once_naming_them(tmp_path):
@@ -114,7 +130,7 @@ def test_folder_with_odd_files_warns_once_naming_them(tmp_path):
         warnings.simplefilter("always")
         data = scan_folder(root)
     text = " ".join(str(w.message) for w in caught)
-    assert "skipped 8 file" in text and "cmyk.jpeg" in text and "truncated.jpeg" in text
+    assert "skipped 6 file" in text and "truncated.jpeg" in text and "cmyk" not in text
     assert sorted(data.class_names) == ["normal", "pneumonia"]
 
 
@@ -179,7 +195,8 @@ def test_predict_fails_when_every_input_is_unreadable(tmp_path, capsys):
     assert pr.main([str(folder), str(good), "--out", str(tmp_path / "out3")]) == 0
     rows = (tmp_path / "out3" / "predictions.csv").read_text().splitlines()
     skipped = (tmp_path / "out3" / "skipped.csv").read_text()
-    assert len(rows) == 1 + 3 and "truncated.jpeg" in skipped  # ok, rgba, 16bit predicted
+    assert len(rows) == 1 + 4 and "truncated.jpeg" in skipped  # ok, rgba, 16bit, cmyk
+    assert "cmyk" not in skipped
 
 
 def test_predict_never_clobbers_and_checks_the_input_shape(tmp_path, capsys):

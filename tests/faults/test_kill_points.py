@@ -86,7 +86,7 @@ def test_kill_then_rerun_loses_nothing(tmp_path, point, scope):
     counts = invariants.check(uri, storage, STUDY, N_TRIALS, tmp_path / "sweep", before)
     assert counts["complete"] == N_TRIALS, counts
 
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     champion = client.get_model_version_by_alias("faults-cnn", "champion")
     assert champion.tags["run_id"] in {r.info.run_id for r in client.search_runs(
         [client.get_experiment_by_name("faults").experiment_id])}

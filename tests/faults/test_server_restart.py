@@ -85,7 +85,7 @@ def test_server_restart_mid_sweep_delivers_every_metric(tmp_path):
 
     server = start_server(tmp_path, port)
     try:
-        client = MlflowClient(uri)
+        client = MlflowClient(uri, registry_uri=uri)
         runs = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
         assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
         trial = next(r for r in runs if "optuna.trial_number" in r.data.tags)

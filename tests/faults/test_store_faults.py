@@ -43,7 +43,8 @@ def fault_env(tmp: Path, point: str, scope: str = "process") -> dict[str, str]:
 
 
 def runs(tmp: Path) -> list:
-    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
