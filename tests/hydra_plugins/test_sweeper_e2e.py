@@ -221,11 +221,17 @@ def test_bad_sweep_settings_are_refused_before_any_trial(sweep):
         (("hydra.sweeper.timeout=-5",), "hydra.sweeper.timeout must be > 0"),
         (("hydra.sweeper.n_trials=0",), "n_trials and hydra.sweeper.n_jobs must be >= 1"),
         (("hydra.sweeper.storage=foo://x",), "hydra.sweeper.storage='foo://x' is not a usable"),
+        (("hydra.sweeper.params=null",), "nothing to sample"),  # an empty search space
+        (("hydra/sweeper/sampler=nope",), "hydra/sweeper/sampler"),  # Hydra lists the options
+        (("hydra/sweeper/pruner=nope",), "hydra/sweeper/pruner"),
     ]
     for overrides, message in cases:
         proc = sweep.run(*overrides, ok=False)
         assert proc.returncode != 0 and message in proc.stderr, (overrides, proc.stderr[-2000:])
     assert not (sweep.tmp / "optuna.db").exists() or not optuna.get_all_study_names(sweep.url)
+    # More slots than cores: a warning, not an error (one trial: one worker is started).
+    proc = sweep.run("hydra.sweeper.n_trials=1", "hydra.sweeper.n_jobs=64")
+    assert "hydra.sweeper.n_jobs=64 is more than the" in proc.stderr + proc.stdout
 
 
 def test_failure_rate_stops_the_sweep(sweep):

@@ -85,3 +85,34 @@ def test_pruner_watches_a_value_that_runs_the_objectives_way(compose_cfg):
     assert cc.pruning_metric(OmegaConf.create(
         {"objective": "val_specificity", "trainer": {"monitor": "val_loss"}})) is None
     cc.check_sweep_config(sweep_cfg("objective=val_specificity", "hydra/sweeper/pruner=nop"))
+
+
+# Keys and values that Hydra or the builders refuse (composition or instantiate), by name.
+BAD_COMPOSE = [
+    ("model.depht=3", "depht"),  # a typo: Hydra's struct mode names the key
+    ("model.depth=abc", "model.depth='abc' is not valid"),  # a wrong type
+    ("model.depth=0", "model.depth=0 is not valid"),
+    ("model.conv_dropout_rate=1.0", "model.conv_dropout_rate=1.0 is not valid"),
+    ("model.head_dropout_rate=-0.1", "model.head_dropout_rate=-0.1 is not valid"),
+    ("data.image_size=4", "data.image_size must be an integer >= 8"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_COMPOSE)
+def test_bad_keys_and_values_are_named_by_hydra_or_the_builders(compose_cfg, override, message):
+    from hydra.utils import instantiate
+
+    with pytest.raises(Exception, match=message) as caught:  # noqa: B017 - any named error
+        cfg = compose_cfg(override)
+        instantiate(cfg.data if override.startswith("data.") else cfg.model,
+                    **({} if override.startswith("data.") else
+                       {"input_shape": (28, 28, 1), "num_classes": 2}))
+    assert "Traceback" not in str(caught.value)
+
+
+def test_an_image_smaller_than_the_networks_downsampling_is_refused(compose_cfg):
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg("model.depth=4")
+    with pytest.raises(Exception, match="model.depth=4 pools a 8x8 image below 1x1"):
+        instantiate(cfg.model, input_shape=(8, 8, 1), num_classes=2)
