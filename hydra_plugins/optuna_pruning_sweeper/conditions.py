@@ -34,7 +34,13 @@ log = logging.getLogger(__name__)
 class ConditionResolver:
     """Decides which params and fixed overrides apply, given the options chosen so far."""
 
-    def __init__(self, space: SearchSpace, config_loader: Any, master_config: DictConfig) -> None:
+    def __init__(
+        self,
+        space: SearchSpace,
+        config_loader: Any,
+        master_config: DictConfig,
+        swept_in_file: frozenset[str] = frozenset(),
+    ) -> None:
         self.space = space
         self.config_loader = config_loader
         self.master_config = master_config
@@ -48,11 +54,24 @@ class ConditionResolver:
                 if repo.group_exists(group_path):
                     self._check_options(repo, group_path, p)
                     self.groups[p.key] = p
+        # Groups the search-space file sweeps but the command line fixes (optimizer=adam):
+        # their children are resolved against the fixed option, which the composed config
+        # already holds (keys it lacks drop out of the search; keys it has stay).
+        self.fixed_groups = {
+            f.key for f in space.fixed.values()
+            if f.key in swept_in_file and repo is not None
+            and repo.group_exists(f.key.replace(".", "/"))
+        }
         self._parents = {
-            key: condition_parent(key, list(self.groups))
+            key: condition_parent(key, [*self.groups, *self.fixed_groups])
             for key in [p.key for p in space.params.values()] + list(space.fixed)
         }
         self._base_lines = [f.line for f in space.fixed.values() if self._parents[f.key] is None]
+        # Fixed values as explicit `when:` conditions see them (override text, e.g. "none").
+        self._fixed_values = {
+            f.line.split("=", 1)[0].lstrip("+"): f.line.split("=", 1)[1]
+            for f in space.fixed.values() if "=" in f.line
+        }
         self._composed: dict[tuple[str, Any], Any] = {}
 
     @staticmethod
@@ -78,17 +97,33 @@ class ConditionResolver:
         for name, key, when in entries:
             if name.startswith(("+", "~")) or when is not None or key in self.groups:
                 continue
-            if key.startswith("hydra.") or self.parent(key) is not None:
+            if key.startswith("hydra.") or self._parents.get(key) is not None:
                 continue
             repo = getattr(self.config_loader, "repository", None)
             if repo is not None and repo.group_exists(key.replace(".", "/")):
                 continue
             if not _has_key(self.master_config, key):
+                fixed = self._fixed_group_of(key)
+                if fixed is not None:
+                    raise ValueError(
+                        f"{key!r} is in the search space, but {fixed} (fixed on the command "
+                        f"line) has no such key; choose a search space written for it (e.g. "
+                        f"search_space=transfer for model=transfer), or remove {name!r} from "
+                        "hydra.sweeper.params"
+                    )
                 raise ValueError(
                     f"hydra.sweeper.params / override {name!r}: the composed config has no key "
                     f"{key!r} (a typo? a key of a config group option that is not selected?); "
                     f"to add a new key write +{name}"
                 )
+
+    def _fixed_group_of(self, key: str) -> str | None:
+        """The fixed group override (``model=transfer``) that ``key`` lives under, if any."""
+        repo = getattr(self.config_loader, "repository", None)
+        lines = {f.key: f.line for f in self.space.fixed.values()
+                 if repo is not None and repo.group_exists(f.key.replace(".", "/"))}
+        group = condition_parent(key, list(lines))
+        return lines[group] if group is not None else None
 
     def order(self) -> list[Param]:
         """Params in sampling order: parents (shallow keys) first, explicit conditions last."""
@@ -98,16 +133,27 @@ class ConditionResolver:
         )
 
     def parent(self, key: str) -> Param | None:
-        """The swept group a key depends on (None for unconditional keys)."""
+        """The swept group a key depends on (None for unconditional keys and fixed groups)."""
         g = self._parents.get(key)
-        return self.groups[g] if g is not None else None
+        return self.groups.get(g) if g is not None else None
+
+    def dropped_by_fixed_groups(self) -> dict[str, list[str]]:
+        """Fixed group -> the swept keys it takes out of the search (its option lacks them)."""
+        dropped: dict[str, list[str]] = {g: [] for g in sorted(self.fixed_groups)}
+        for p in self.space.params.values():
+            g = self._parents.get(p.key)
+            if g in self.fixed_groups and p.when is None and not self.is_active(p.key, None, {}):
+                dropped[g].append(p.name)
+        return dropped
 
     def is_active(
         self, key: str, when: dict[str, list[str]] | None, chosen: dict[str, Any]
     ) -> bool:
         """Whether a param / fixed override with ``key`` applies to this trial."""
-        if when is not None:
-            return explicit_condition_holds(when, chosen)
+        if when is not None:  # a key fixed on the command line counts as chosen
+            return explicit_condition_holds(when, {**self._fixed_values, **chosen})
+        if self._parents.get(key) in self.fixed_groups:
+            return _has_key(self.master_config, key)
         group = self.parent(key)
         if group is None:
             return True

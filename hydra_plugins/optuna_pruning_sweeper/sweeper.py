@@ -97,14 +97,22 @@ class OptunaPruningSweeper(Sweeper):
         self.hydra_context = hydra_context
         self.task_function = task_function
 
-    def search_space(self, arguments: list[str]) -> SearchSpace:
-        """``hydra.sweeper.params`` plus the command line's sweep overrides."""
+    def _param_lines(self) -> tuple[list[str], dict[str, Any]]:
         params = self.conf.params
-        param_lines, conditions = params_to_overrides(
+        return params_to_overrides(
             OmegaConf.to_container(params, resolve=False)
             if isinstance(params, DictConfig)
             else params
         )
+
+    def swept_in_file(self) -> frozenset[str]:
+        """Config keys that ``hydra.sweeper.params`` itself sweeps (before the command line)."""
+        param_lines, conditions = self._param_lines()
+        return frozenset(p.key for p in parse_search_space(param_lines, conditions).params.values())
+
+    def search_space(self, arguments: list[str]) -> SearchSpace:
+        """``hydra.sweeper.params`` plus the command line's sweep overrides."""
+        param_lines, conditions = self._param_lines()
         space = parse_search_space([*param_lines, *arguments], conditions)
         if not space.params:
             raise ValueError(
@@ -122,8 +130,16 @@ class OptunaPruningSweeper(Sweeper):
         directions = directions_of(self.conf.direction)
 
         space = self.search_space(arguments)
-        resolver = ConditionResolver(space, self.hydra_context.config_loader, config)
+        resolver = ConditionResolver(
+            space, self.hydra_context.config_loader, config, self.swept_in_file()
+        )
         resolver.check_keys_exist()
+        for group, dropped in resolver.dropped_by_fixed_groups().items():
+            log.info(
+                "Fixed on the command line: %s (taken out of the search%s)",
+                next(f.line for f in space.fixed.values() if f.key == group),
+                f"; it has no {', '.join(dropped)}" if dropped else "",
+            )
         target = target_of(self.conf.sampler)
         check_sampler_dependencies(target)
         n_trials = self.conf.n_trials

@@ -213,6 +213,23 @@ def test_changed_space_is_refused_unless_new_study(sweep):
     assert len(sweep.trials("s")) == 1
 
 
+def test_a_group_fixed_on_the_command_line_narrows_the_search(sweep):
+    """schedule is swept by the space; fixing it resolves its children against the option."""
+    proc = sweep.run("+search_space=conditional", "schedule=constant", "hydra.sweeper.n_trials=3")
+    assert "Fixed on the command line: schedule=constant" in proc.stderr + proc.stdout
+    assert "it has no schedule.decay_rate" in proc.stderr + proc.stdout
+    trials = sweep.trials()
+    assert states(trials) == ["COMPLETE"] * 3
+    assert all("schedule.decay_rate" not in t.params and "schedule" not in t.params
+               for t in trials)
+    assert all("schedule=constant" in t.user_attrs["overrides"] for t in trials)
+
+    sweep.run("+search_space=conditional", "schedule=exponential", "hydra.sweeper.n_trials=2",
+              "hydra.sweeper.study_name=exp")
+    # kept: the option has the key; `y` (when: schedule=exponential) follows the fixed value
+    assert all("schedule.decay_rate" in t.params and "y" in t.params for t in sweep.trials("exp"))
+
+
 def test_bad_sweep_settings_are_refused_before_any_trial(sweep):
     """A typo in a swept key, reversed bounds, a bad timeout or storage: named, no trial run."""
     cases = [
