@@ -77,9 +77,9 @@ def resize_to_uint8(image: tf.Tensor, image_size: int, channels: int) -> tf.Tens
 def shrink_huge(image: tf.Tensor, image_size: int) -> tf.Tensor:
     """Area-average an image whose longest side passes ``max(HUGE_SIDE, 8 * image_size)``.
 
-    Bounded memory: a 10000 x 10000 PNG took 4.5 GB through the float gray conversion and
-    the antialiased resize. ResizeArea reads uint8 and writes floats only at the reduced
-    size; images up to the limit (every usual X-ray) are left exactly as they were.
+    Bounded memory: without it a 10000 x 10000 PNG goes whole through the float gray
+    conversion and the antialiased resize. ResizeArea reads uint8 and writes floats only at
+    the reduced size; images up to the limit (every usual X-ray) are left as they were.
     """
     limit = max(HUGE_SIDE, 8 * image_size)
     shape = tf.shape(image)

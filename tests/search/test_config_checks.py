@@ -102,12 +102,11 @@ BAD_COMPOSE = [
 def test_bad_keys_and_values_are_named_by_hydra_or_the_builders(compose_cfg, override, message):
     from hydra.utils import instantiate
 
-    with pytest.raises(Exception, match=message) as caught:  # noqa: B017 - any named error
+    with pytest.raises(Exception, match=message):  # noqa: B017 - any named error
         cfg = compose_cfg(override)
         instantiate(cfg.data if override.startswith("data.") else cfg.model,
                     **({} if override.startswith("data.") else
                        {"input_shape": (28, 28, 1), "num_classes": 2}))
-    assert "Traceback" not in str(caught.value)
 
 
 def test_an_image_smaller_than_the_networks_downsampling_is_refused(compose_cfg):
