@@ -6,8 +6,10 @@ layers only (no Lambda), so `.keras` files load under `safe_mode=True`:
     image -> [to_rgb] -> preprocess -> backbone (nested keras.Model named "backbone")
           -> head_pool -> [head_dropout0] -> [head_dense -> head_dropout1] -> output
 
-ImageNet weights come only from the local Keras cache ($KERAS_HOME/models, default
-~/.keras/models); this module never lets Keras download anything.
+ImageNet weights come from the local Keras cache ($KERAS_HOME/models, default
+~/.keras/models). A file not there is fetched by Keras' own ``get_file`` (its progress bar,
+into that cache) unless ``allow_download=False`` (air-gapped sites); offline, the download
+fails within seconds with a message that says what to copy where.
 """
 
 from __future__ import annotations
@@ -90,27 +92,60 @@ def keras_cache_dir() -> Path:
     return Path(home) / "models"
 
 
-def imagenet_weights_path(backbone: str, image_size: int) -> Path:
-    """Path of the cached no-top ImageNet weights, or FileNotFoundError saying how to get them."""
+DOWNLOAD_TIMEOUT_S = 30  # per socket operation: an unreachable host fails fast, not never
+
+
+def imagenet_weights_path(backbone: str, image_size: int, allow_download: bool = True) -> Path:
+    """Path of the no-top ImageNet weights: cached, or downloaded by Keras into its cache.
+
+    Raises:
+        FileNotFoundError: not cached and downloads are off, or the download failed; the
+            message names the file, the cache folder and the ways out.
+    """
     spec = BACKBONES[backbone]
     file_name = spec.notop_file(image_size)
     path = keras_cache_dir() / file_name
-    if not path.is_file():
+    if path.is_file():
+        return path
+    url = f"{spec.url_folder}{file_name}"
+    how = (
+        f"On a connected machine download {url} (for example `curl -LO {url}`) and copy it "
+        f"to {str(path)!r} (set KERAS_HOME to use another cache); or use model.weights=none "
+        "or model.weights=/path/to/weights.h5"
+    )
+    if not allow_download:
         raise FileNotFoundError(
-            f"model.weights='imagenet' needs {file_name!r} in {str(path.parent)!r} (set "
-            f"KERAS_HOME to use another cache), and this project never downloads weights. "
-            f"On a connected machine download {spec.url_folder}{file_name} (for example "
-            f"`curl -LO {spec.url_folder}{file_name}`) and copy it to {str(path)!r}; "
-            f"or use model.weights=none or model.weights=/path/to/weights.h5"
+            f"model.weights='imagenet' needs {file_name!r} in {str(path.parent)!r}, and "
+            f"model.allow_download=false. {how}"
         )
-    return path
+    import socket
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:  # Keras' own download: progress bar, temp file removed on failure
+        # get_file falls back to /tmp/.keras for a cache folder that does not exist yet.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fetched = keras.utils.get_file(
+            file_name, url, cache_dir=str(path.parent.parent), cache_subdir=path.parent.name
+        )
+    except Exception as error:  # noqa: BLE001 - urllib, HTTP and OS errors alike
+        raise FileNotFoundError(
+            f"model.weights='imagenet' needs {file_name!r} in {str(path.parent)!r}, and Keras "
+            f"could not download it ({type(error).__name__}: {error}); this machine looks "
+            f"offline. {how}"
+        ) from error
+    finally:
+        socket.setdefaulttimeout(previous)
+    return Path(fetched)
 
 
-def _resolve_weights(weights: str | None, backbone: str, image_size: int) -> Path | None:
+def _resolve_weights(
+    weights: str | None, backbone: str, image_size: int, allow_download: bool = True
+) -> Path | None:
     if weights is None or str(weights).lower() in ("none", "null", ""):
         return None
     if weights == "imagenet":
-        return imagenet_weights_path(backbone, image_size)
+        return imagenet_weights_path(backbone, image_size, allow_download)
     path = Path(os.path.expanduser(str(weights)))
     if not path.is_file():
         raise FileNotFoundError(
@@ -175,6 +210,7 @@ def build_transfer(
     dense_units: int = 128,
     dropout_rate: float = 0.3,
     name: str | None = None,
+    allow_download: bool = True,
 ) -> keras.Model:
     """Build a classifier on a Keras application for images already scaled to [0, 1].
 
@@ -182,8 +218,8 @@ def build_transfer(
         input_shape: (height, width, channels) with 1 (grayscale) or 3 (RGB) channels.
         num_classes: 2 gives one sigmoid unit; more gives a softmax over the classes.
         backbone: vgg19 | resnet50 | mobilenetv2 | efficientnetb0 (no top).
-        weights: "none" (random init), "imagenet" (from the local Keras cache only) or a
-            path to a weights file for the backbone, loaded as-is (as Keras loads a path).
+        weights: "none" (random init), "imagenet" (the Keras cache, downloaded there by
+            Keras when missing) or a path to a weights file, loaded as-is.
         trainable_layers: 0 = frozen backbone; k > 0 = only the top k entries of
             `backbone.layers` trainable (weightless layers count), BatchNorm kept frozen;
             -1 = everything trainable (BatchNorm included, e.g. training from scratch).
@@ -191,6 +227,7 @@ def build_transfer(
         dense_units: Units of the relu dense layer before the output; 0 skips it.
         dropout_rate: Dropout before and after that dense layer; 0 disables it.
         name: Model name; defaults to "transfer_<backbone>".
+        allow_download: False: ImageNet weights only from the cache (air-gapped sites).
 
     Returns:
         An uncompiled `keras.Model` whose backbone is the nested model "backbone".
@@ -223,7 +260,7 @@ def build_transfer(
         raise ValueError(
             f"model.trainable_layers={trainable_layers!r} is not valid; allowed: an int >= -1"
         )
-    weights_path = _resolve_weights(weights, backbone, min(height, width))
+    weights_path = _resolve_weights(weights, backbone, min(height, width), allow_download)
 
     base = BACKBONES[backbone].constructor(
         include_top=False, weights=None, input_shape=(height, width, 3), name=BACKBONE_LAYER_NAME

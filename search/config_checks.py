@@ -172,6 +172,7 @@ def check_sweep_config(cfg: DictConfig) -> None:
             f"trainer.monitor={cfg.trainer.monitor} runs the other way; choose "
             "hydra/sweeper/pruner=nop, or an objective such as val_roc_auc or val_loss"
         )
+    check_imagenet_weights(cfg)
     expected = [direction_of(n) for n in names]
     wrong = [f"{n} should {e}, not {g}" for n, g, e in
              zip(names, given_list, expected, strict=True) if g != e]
@@ -181,3 +182,56 @@ def check_sweep_config(cfg: DictConfig) -> None:
             + f". Drop hydra.sweeper.direction (it is derived from objective) or set it to "
             f"{expected if len(expected) > 1 else expected[0]}"
         )
+
+
+def sweep_values(cfg: DictConfig, key: str) -> list[Any] | None:
+    """The values a sweep can give ``key``: the command line's, else the search space's,
+    else the composed value. None when they cannot be listed (an interval)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Transformer
+
+    hydra_cfg = cfg.get("hydra") or {}
+    lines = [str(o) for o in OmegaConf.select(cfg, "hydra.overrides.task", default=[]) or []]
+    text = next((line.split("=", 1)[1] for line in lines if line.split("=", 1)[0] == key), None)
+    if text is None:
+        params = OmegaConf.select(hydra_cfg, "sweeper.params", default=None) or {}
+        value = params.get(key) if isinstance(params, DictConfig) else None
+        if isinstance(value, DictConfig):
+            value = value.get("values")
+        text = None if value is None else str(value)
+    if text is None:
+        return [OmegaConf.select(cfg, key)]
+    override = OverridesParser.create().parse_override(f"{key}={text}")
+    if not override.is_sweep_override():
+        return [override.value()]
+    if override.is_interval_sweep():
+        return None
+    return list(override.sweep_iterator(transformer=Transformer.encode))
+
+
+def check_imagenet_weights(cfg: DictConfig) -> None:
+    """Fetch the ImageNet weights a transfer sweep can ask for, once, before any worker.
+
+    On a connected machine Keras downloads each missing file into its cache here (one
+    download, not one per worker); offline, or with ``model.allow_download=false``, the
+    sweep stops now with the message a trial would give, instead of once per trial.
+    """
+    model = cfg.get("model") or {}
+    if "backbone" not in model:
+        return
+    weights = sweep_values(cfg, "model.weights") or []
+    if "imagenet" not in [str(w) for w in weights]:
+        return
+    from models.transfer import imagenet_weights_path
+
+    backbones = sweep_values(cfg, "model.backbone") or [model.get("backbone")]
+    sizes = sweep_values(cfg, "data.image_size") or [OmegaConf.select(cfg, "data.image_size")]
+    allow = bool(model.get("allow_download", True))
+    for backbone in dict.fromkeys(str(b) for b in backbones):
+        for size in dict.fromkeys(int(s) for s in sizes):
+            try:
+                imagenet_weights_path(backbone, size, allow_download=allow)
+            except FileNotFoundError as error:
+                raise ConfigError(f"{error} (checked once, before any trial)") from None
+            except KeyError:
+                return  # an unknown backbone: build_transfer names it in the trial

@@ -41,6 +41,8 @@ class MlflowSweepCallback(Callback):
         # config or store that cannot work ends the command here with SystemExit instead.
         try:
             check_sweep_config(config)
+            if config.hydra.sweeper.get("dry_run"):
+                return  # a dry run trains nothing and leaves MLflow and the study untouched
             tracking.setup_tracking(config.tracking)
         except (ConfigError, tracking.TrackingError) as error:
             raise SystemExit(f"error: {error}") from None

@@ -176,7 +176,8 @@ class OptunaPruningSweeperConf:
     pruner: Any = MISSING
     # "minimize" / "maximize", or a list of them for multi-objective.
     direction: Any = "minimize"
-    # Any RDB URL; null = sqlite:///<hydra.runtime.cwd>/mlruns/optuna.db
+    # Any RDB URL; null = a study private to this sweep: sqlite:///<hydra.sweep.dir>/optuna.db
+    # (the official plugin's null is in memory; worker processes need a file to tell).
     storage: str | None = None
     # null = "<hydra.job.name>" plus "-<search_space choice>" when that group is selected.
     study_name: str | None = None
@@ -191,9 +192,10 @@ class OptunaPruningSweeperConf:
     max_failure_rate: float = 0.5
     # Finished trials needed before the failure rate applies; null = max(3, n_jobs).
     failure_rate_min_trials: int | None = None
-    # Trials a worker process runs before it is replaced; 1 = fresh process per trial,
-    # null = reuse for the whole sweep.
-    trials_per_worker: int | None = 1
+    # Trials a worker process runs before it is replaced; 1 = fresh process per trial (for
+    # tasks that leak memory, e.g. TF: the project's search spaces set it), null = reuse the
+    # worker for the whole sweep (cheap trials run at the speed of the official plugin).
+    trials_per_worker: int | None = None
     # OMP/TF threads per worker; null = cores // n_jobs.
     threads_per_worker: int | None = None
     # Seconds between heartbeats of a running trial; null disables stale-trial detection.
@@ -208,6 +210,15 @@ class OptunaPruningSweeperConf:
     # Search space: key -> override grammar string (choice/range/interval/int/tag), or
     # {values: <grammar>, when: {other_key: [allowed values]}} for an explicit condition.
     params: dict[str, Any] | None = None
+    # The official plugin's hook: dotpath of a function (cfg, trial) -> None that suggests
+    # extra params on the trial after ``params`` were sampled (same sampler, same trial).
+    custom_search_space: str | None = None
+    # N > 0: sample N trials on a throw-away in-memory study, compose and check each (see
+    # ``dry_run_check``), print a verdict and exit (non-zero if any would fail). 0 = sweep.
+    dry_run: int = 0
+    # Dotpath of a function (cfg) -> None called on each dry-run trial's composed config;
+    # it raises on a trial that would fail (e.g. builds the model without training).
+    dry_run_check: str | None = None
 
 
 def register_configs() -> None:

@@ -25,19 +25,23 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import progress, worker
 from .conditions import ConditionResolver, sample_trial
 from .config import OptunaPruningSweeperConf
+from .distributions import format_override
 from .executors import TrialExecutor
+from .hooks import extend_trial
 from .storage import AskLock
 from .study import OVERRIDES_ATTR, ask_within_budget
 
 if TYPE_CHECKING:
     import optuna
+    from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,8 @@ class SweepLoop:
         resolver: ConditionResolver,
         executor: TrialExecutor,
         t0: float,
+        config: "DictConfig | None" = None,
+        custom: "Callable[..., Any] | None" = None,
     ) -> None:
         self.conf = conf
         self.study = study
@@ -70,6 +76,8 @@ class SweepLoop:
         self.resolver = resolver
         self.executor = executor
         self.t0 = t0
+        self.config = config  # passed to the custom_search_space hook
+        self.custom = custom
         self.in_flight: dict[Future, _InFlight] = {}
         self.outcomes: list[worker.TrialOutcome] = []
         self.min_finished = (
@@ -165,6 +173,11 @@ class SweepLoop:
     def _submit(self, trial: "optuna.trial.Trial", slot: int) -> None:
         try:
             params, lines = sample_trial(trial, self.resolver)
+            extra = extend_trial(
+                self.custom, self.config, trial, params, set(self.resolver.space.fixed)
+            )
+            params = {**params, **extra}
+            lines = lines + [format_override(k, v) for k, v in extra.items()]
         except Exception as e:
             info = _InFlight(trial._trial_id, trial.number, slot, time.monotonic())
             self._tell_fail(info, f"sampling failed: {type(e).__name__}: {e}")

@@ -35,9 +35,15 @@ def storage_kwargs(url: str) -> dict[str, Any]:
     return {}
 
 
-def default_storage(cwd: str | Path) -> str:
-    """The default study storage: ``sqlite:///<cwd>/mlruns/optuna.db``."""
-    return f"sqlite:///{Path(cwd, 'mlruns', 'optuna.db')}"
+def default_storage(sweep_dir: str | Path) -> str:
+    """``storage: null``: a study private to this sweep, ``<hydra.sweep.dir>/optuna.db``.
+
+    The official plugin keeps such a study in memory; our workers are other processes and
+    tell the storage themselves, so it lives in a file of the sweep folder instead (a fresh
+    study per sweep folder, kept for optuna-dashboard; re-running into the same folder
+    resumes it).
+    """
+    return f"sqlite:///{Path(sweep_dir, 'optuna.db')}"
 
 
 def absolute_sqlite(url: str) -> str:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "optuna_summary.yaml"
+OFFICIAL_FILE = "optimization_results.yaml"  # hydra-optuna-sweeper's result file
 
 
 def counts_by_state(trials: Sequence[FrozenTrial]) -> dict[str, int]:
@@ -110,3 +111,32 @@ def write_summary(summary: dict[str, Any], sweep_dir: Path) -> None:
     text = yaml.safe_dump(summary, sort_keys=False)
     (sweep_dir / SUMMARY_FILE).write_text(text)
     log.info("Sweep summary (%s):\n%s", sweep_dir / SUMMARY_FILE, text)
+
+
+def official_results(study: optuna.Study) -> dict[str, Any] | None:
+    """The official plugin's ``optimization_results.yaml`` content (None: nothing complete).
+
+    ``name: optuna`` with ``best_params`` / ``best_value``, or ``solutions`` (the Pareto
+    front's ``params`` and ``values``) for several objectives, as hydra-optuna-sweeper writes.
+    """
+    trials = study.get_trials(deepcopy=False)
+    if not any(t.state.name == "COMPLETE" for t in trials):
+        return None
+    if len(study.directions) == 1:
+        best = study.best_trial
+        return {"name": "optuna", "best_params": dict(best.params), "best_value": best.value}
+    return {
+        "name": "optuna",
+        "solutions": [
+            {"params": dict(t.params), "values": list(t.values)} for t in study.best_trials
+        ],
+    }
+
+
+def write_official_results(study: optuna.Study, sweep_dir: Path) -> None:
+    """Write ``optimization_results.yaml`` beside the summary, when a trial completed."""
+    results = official_results(study)
+    if results is None:
+        log.warning("No COMPLETE trial: %s is not written", OFFICIAL_FILE)
+        return
+    (sweep_dir / OFFICIAL_FILE).write_text(yaml.safe_dump(results, sort_keys=False))

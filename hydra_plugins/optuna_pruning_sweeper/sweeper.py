@@ -40,13 +40,15 @@ from . import storage as st
 from . import trial_context as tc
 from .conditions import ConditionResolver
 from .config import OptunaPruningSweeperConf
-from .distributions import SearchSpace, params_to_overrides, parse_search_space
+from .distributions import SearchSpace, config_key, params_to_overrides, parse_search_space
+from .dry_run import dry_run
 from .executors.local import (
     LocalProcessExecutor,
     available_cores,
     detect_gpus,
     worker_setup_common,
 )
+from .hooks import locate
 from .loop import SweepLoop
 from .samplers import (
     build_pruner,
@@ -57,7 +59,7 @@ from .samplers import (
     target_of,
 )
 from .study import default_study_name, directions_of, open_study
-from .summary import sweep_summary, write_summary
+from .summary import sweep_summary, write_official_results, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,27 @@ def validate(conf: OptunaPruningSweeperConf) -> None:
     if conf.timeout is not None and conf.timeout <= 0:
         raise ValueError(f"hydra.sweeper.timeout must be > 0 seconds or null, got {conf.timeout}")
     directions_of(conf.direction)
+
+
+def log_fixed(
+    space: SearchSpace, resolver: ConditionResolver, swept: frozenset[str], arguments: list[str]
+) -> None:
+    """The start banner's lines for what the command line fixed or swept over the file."""
+    dropped = resolver.dropped_by_fixed_groups()
+    from_cli = {config_key(a.split("=", 1)[0]): a for a in arguments if "=" in a}
+    for p in space.params.values():
+        if p.key in from_cli:
+            log.info("Searched as the command line says: %s%s", from_cli[p.key],
+                     " (replaces hydra.sweeper.params)" if p.key in swept else "")
+    for f in space.fixed.values():
+        if f.key not in swept:
+            continue
+        gone = dropped.get(f.key, [])
+        log.info(
+            "Fixed on the command line: %s (taken out of the search%s)",
+            f.line,
+            f"; it has no {', '.join(gone)}" if gone else "",
+        )
 
 
 class OptunaPruningSweeper(Sweeper):
@@ -114,10 +137,12 @@ class OptunaPruningSweeper(Sweeper):
         """``hydra.sweeper.params`` plus the command line's sweep overrides."""
         param_lines, conditions = self._param_lines()
         space = parse_search_space([*param_lines, *arguments], conditions)
-        if not space.params:
-            raise ValueError(
-                "The Optuna sweeper has nothing to sample: set hydra.sweeper.params "
-                "(e.g. in a search_space file) or pass choice()/interval() overrides."
+        if not space.params and not self.conf.custom_search_space:
+            # As the official plugin: n_trials jobs of the same config (e.g. seeds, timing).
+            log.warning(
+                "The search space is empty (no hydra.sweeper.params, no choice()/interval() "
+                "override, no custom_search_space): each of the %d trials runs the same "
+                "config", self.conf.n_trials,
             )
         return space
 
@@ -134,12 +159,8 @@ class OptunaPruningSweeper(Sweeper):
             space, self.hydra_context.config_loader, config, self.swept_in_file()
         )
         resolver.check_keys_exist()
-        for group, dropped in resolver.dropped_by_fixed_groups().items():
-            log.info(
-                "Fixed on the command line: %s (taken out of the search%s)",
-                next(f.line for f in space.fixed.values() if f.key == group),
-                f"; it has no {', '.join(dropped)}" if dropped else "",
-            )
+        log_fixed(space, resolver, self.swept_in_file(), arguments)
+        custom = locate(self.conf.custom_search_space, "custom_search_space")
         target = target_of(self.conf.sampler)
         check_sampler_dependencies(target)
         n_trials = self.conf.n_trials
@@ -149,8 +170,15 @@ class OptunaPruningSweeper(Sweeper):
                 log.info("Grid sampler: n_trials %d -> %d (the grid size)", n_trials, size)
                 n_trials = size
         conf = dataclasses.replace(self.conf, n_trials=n_trials)
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if conf.dry_run:
+            return dry_run(
+                conf.dry_run, resolver, conf.sampler, directions, config,
+                self.hydra_context.config_loader, custom,
+                locate(conf.dry_run_check, "dry_run_check"),
+            )
 
-        url = st.absolute_sqlite(conf.storage or st.default_storage(config.hydra.runtime.cwd))
+        url = st.absolute_sqlite(conf.storage or st.default_storage(sweep_dir))
         st.check_url(url)
         st.check_shareable(url)
         base_name = conf.study_name or default_study_name(config)
@@ -170,7 +198,6 @@ class OptunaPruningSweeper(Sweeper):
         os.environ[tc.ENV_STORAGE] = url
         os.environ[tc.ENV_SAMPLER] = sampler_name
 
-        sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(config, sweep_dir / "multirun.yaml")
 
@@ -211,7 +238,7 @@ class OptunaPruningSweeper(Sweeper):
             max_retry=conf.max_retry,
         )
         executor = LocalProcessExecutor(setup_common, gpus, conf.trials_per_worker)
-        loop = SweepLoop(conf, study, storage, lock, resolver, executor, t0)
+        loop = SweepLoop(conf, study, storage, lock, resolver, executor, t0, config, custom)
         try:
             stop_reason = loop.run()
         finally:
@@ -220,6 +247,7 @@ class OptunaPruningSweeper(Sweeper):
             study, storage, url, n_trials, loop.outcomes, stop_reason, time.monotonic() - t0
         )
         write_summary(summary, sweep_dir)
+        write_official_results(study, sweep_dir)
         if stop_reason == "failure_rate":
             raise RuntimeError(loop.failure_message())
         return summary

@@ -58,6 +58,7 @@ class WorkerSetup:
     n_objectives: int
     heartbeat_interval: int | None
     max_retry: int | None
+    task_pickle: bytes | None = None  # a callable object (no qualname to import it by)
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,10 @@ def init_worker(setup: WorkerSetup) -> None:
 
         _STATE["hydra_context"] = HydraContext(config_loader=config_loader, callbacks=callbacks)
         _STATE["config"] = config
-        _STATE["task_function"] = resolve_task_function(setup.task_module, setup.task_qualname)
+        _STATE["task_function"] = (
+            pickle.loads(setup.task_pickle) if setup.task_pickle is not None
+            else resolve_task_function(setup.task_module, setup.task_qualname)
+        )
         _STATE.pop("init_error", None)
     except Exception as e:  # noqa: BLE001 - reported as the trial's fail_reason
         _STATE["init_error"] = f"worker setup failed: {type(e).__name__}: {e}"

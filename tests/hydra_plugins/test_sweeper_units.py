@@ -202,7 +202,9 @@ def test_pruner_by_name(name, cls):
 
 def test_sweeper_config_defaults():
     node = ConfigStore.instance().load("hydra/sweeper/optuna_pruning.yaml").node
-    assert node.n_trials == 20 and node.trials_per_worker == 1 and node.new_study is False
+    # trials_per_worker: reuse by default (issue 15); TF search spaces set it themselves
+    assert node.n_trials == 20 and node.trials_per_worker is None and node.new_study is False
+    assert node.storage is None and node.dry_run == 0 and node.custom_search_space is None
     assert node._target_.endswith("sweeper.OptunaPruningSweeper")
 
 

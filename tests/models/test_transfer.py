@@ -122,12 +122,73 @@ def test_imagenet_without_cached_file_names_file_and_folder(
     backbone: str, size: int, file_name: str, tmp_path, monkeypatch
 ) -> None:
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    with pytest.raises(FileNotFoundError) as error:
-        build_transfer((size, size, 1), 2, backbone=backbone, weights="imagenet")
+    with pytest.raises(FileNotFoundError) as error:  # air-gapped: never tries the network
+        build_transfer(
+            (size, size, 1), 2, backbone=backbone, weights="imagenet", allow_download=False
+        )
     message = str(error.value)
     assert file_name in message
     assert str(tmp_path / "models") in message
     assert "https://storage.googleapis.com/" in message
+    assert "model.allow_download=false" in message
+
+
+class _WeightsServer:
+    """A real HTTP server on 127.0.0.1 serving one folder (no request leaves the machine)."""
+
+    def __init__(self, folder: Path) -> None:
+        import functools
+        import http.server
+        import threading
+
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+        handler.log_message = lambda *a: None  # type: ignore[method-assign]
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_imagenet_weights_are_downloaded_by_keras_into_its_cache(tmp_path, monkeypatch) -> None:
+    """Connected: Keras' get_file fetches the missing file once; offline: a fast, clear error."""
+    import dataclasses
+    import time
+
+    from models import transfer
+
+    source = keras.applications.MobileNetV2(
+        include_top=False, weights=None, input_shape=(32, 32, 3)
+    )
+    served = tmp_path / "served"
+    served.mkdir()
+    file_name = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+    source.save(served / file_name)
+    home = tmp_path / "keras_home"
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    server = _WeightsServer(served)
+    spec = transfer.BACKBONES["mobilenetv2"]
+    try:
+        monkeypatch.setitem(
+            transfer.BACKBONES, "mobilenetv2", dataclasses.replace(spec, url_folder=server.url)
+        )
+        model = build_transfer((32, 32, 1), 2, weights="imagenet", trainable_layers=0)
+        assert (home / "models" / file_name).is_file()  # into Keras' cache, used next time
+        np.testing.assert_array_equal(
+            model.get_layer("backbone").get_layer("Conv_1").kernel.numpy(),
+            source.get_layer("Conv_1").kernel.numpy(),
+        )
+    finally:
+        server.close()
+    (home / "models" / file_name).unlink()
+    # Offline: nothing listens there any more; the error comes in seconds, named.
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError, match="could not download it.*looks offline"):
+        build_transfer((32, 32, 1), 2, weights="imagenet", trainable_layers=0)
+    assert time.monotonic() - start < 20
+    assert not (home / "models" / file_name).exists()  # no partial file left behind
 
 
 def test_weights_load_from_the_cache_and_from_a_path(tmp_path, monkeypatch) -> None:

@@ -99,8 +99,12 @@ def worker_setup_common(
         "payload": payload,
         "env": env,
         "parent_pid": os.getpid(),
-        "task_module": task_function.__module__,
-        "task_qualname": task_function.__qualname__,
+        "task_module": getattr(task_function, "__module__", "__main__"),
+        # A callable object has no __qualname__: it travels pickled (by reference to its
+        # class, so the class must be importable, e.g. defined at the script's top level).
+        "task_qualname": getattr(task_function, "__qualname__", ""),
+        "task_pickle": None if hasattr(task_function, "__qualname__")
+        else pickle.dumps(task_function),
         "storage_url": url,
         "study_name": study_name,
         "pruner_json": pruner_json,
