@@ -173,6 +173,7 @@ def check_sweep_config(cfg: DictConfig) -> None:
             "hydra/sweeper/pruner=nop, or an objective such as val_roc_auc or val_loss"
         )
     check_imagenet_weights(cfg)
+    check_schedules_fit(cfg)
     expected = [direction_of(n) for n in names]
     wrong = [f"{n} should {e}, not {g}" for n, g, e in
              zip(names, given_list, expected, strict=True) if g != e]
@@ -184,9 +185,10 @@ def check_sweep_config(cfg: DictConfig) -> None:
         )
 
 
-def sweep_values(cfg: DictConfig, key: str) -> list[Any] | None:
+def sweep_values(cfg: DictConfig, key: str, composed: bool = True) -> list[Any] | None:
     """The values a sweep can give ``key``: the command line's, else the search space's,
-    else the composed value. None when they cannot be listed (an interval)."""
+    else (``composed``) the composed value. None when they cannot be listed (an interval)
+    or, without ``composed``, when neither the command line nor the space gives the key."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import Transformer
 
@@ -200,7 +202,7 @@ def sweep_values(cfg: DictConfig, key: str) -> list[Any] | None:
             value = value.get("values")
         text = None if value is None else str(value)
     if text is None:
-        return [OmegaConf.select(cfg, key)]
+        return [OmegaConf.select(cfg, key)] if composed else None
     override = OverridesParser.create().parse_override(f"{key}={text}")
     if not override.is_sweep_override():
         return [override.value()]
@@ -235,3 +237,40 @@ def check_imagenet_weights(cfg: DictConfig) -> None:
                 raise ConfigError(f"{error} (checked once, before any trial)") from None
             except KeyError:
                 return  # an unknown backbone: build_transfer names it in the trial
+
+
+def check_schedules_fit(cfg: DictConfig) -> None:
+    """Every learning-rate schedule the sweep can pick must fit its epochs.
+
+    A cosine schedule's warm-up takes ``warmup_epochs``; with ``trainer.max_epochs`` no larger
+    (a one-epoch smoke sweep), every trial that samples it would fail in its builder. Said
+    once here instead.
+    """
+    epochs = sweep_values(cfg, "trainer.max_epochs")
+    if not epochs or any(not isinstance(e, int) for e in epochs):
+        return
+    fewest = min(epochs)
+    options = sweep_values(cfg, "lr_schedule") or []
+    warmups = sweep_values(cfg, "lr_schedule.warmup_epochs", composed=False)
+    swept = [o for o in options if isinstance(o, str)]
+    for option in options:
+        if isinstance(option, DictConfig):  # the composed (not swept) schedule
+            name, node = "the composed lr_schedule", option
+        else:
+            path = Path(repo_root()) / "conf" / "lr_schedule" / f"{option}.yaml"
+            if not path.is_file():
+                continue  # a group option Hydra will name when it composes it
+            name, node = f"lr_schedule={option}", OmegaConf.load(path)
+        if "warmup_epochs" not in node:
+            continue
+        given = [w for w in warmups or [] if isinstance(w, int)]
+        warmup = min(given) if given and isinstance(option, str) else int(node.warmup_epochs)
+        if warmup >= fewest:
+            others = [o for o in swept if o != option]
+            fix = (f"search without it: 'lr_schedule=choice({','.join(others)})'"
+                   if len(swept) > 1 else "set lr_schedule.warmup_epochs=0")
+            raise ConfigError(
+                f"{name} warms up for lr_schedule.warmup_epochs={warmup}, which leaves nothing "
+                f"to decay over in trainer.max_epochs={fewest}: every trial with it would fail. "
+                f"Raise trainer.max_epochs above {warmup}, or {fix}"
+            )

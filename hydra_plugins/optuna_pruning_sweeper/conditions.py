@@ -94,6 +94,7 @@ class ConditionResolver:
         """
         entries = [(p.name, p.key, p.when) for p in self.space.params.values()]
         entries += [(f.line.split("=", 1)[0], f.key, None) for f in self.space.fixed.values()]
+        under_fixed: dict[str, list[str]] = {}  # fixed group line -> swept keys it lacks
         for name, key, when in entries:
             if name.startswith(("+", "~")) or when is not None or key in self.groups:
                 continue
@@ -105,17 +106,33 @@ class ConditionResolver:
             if not _has_key(self.master_config, key):
                 fixed = self._fixed_group_of(key)
                 if fixed is not None:
-                    raise ValueError(
-                        f"{key!r} is in the search space, but {fixed} (fixed on the command "
-                        f"line) has no such key; choose a search space written for it (e.g. "
-                        f"search_space=transfer for model=transfer), or remove {name!r} from "
-                        "hydra.sweeper.params"
-                    )
+                    under_fixed.setdefault(fixed, []).append(name)
+                    continue
                 raise ValueError(
                     f"hydra.sweeper.params / override {name!r}: the composed config has no key "
                     f"{key!r} (a typo? a key of a config group option that is not selected?); "
                     f"to add a new key write +{name}"
                 )
+        for fixed, names in under_fixed.items():
+            raise ValueError(self._fixed_group_message(fixed, names))
+
+    def _fixed_group_message(self, fixed: str, names: list[str]) -> str:
+        """What to do when the search space sweeps keys a fixed group option lacks."""
+        choices = OmegaConf.select(self.master_config, "hydra.runtime.choices", default={}) or {}
+        space = choices.get("search_space")
+        by = f"search_space={space}" if space else "hydra.sweeper.params"
+        group, option = fixed.split("=", 1)
+        spaces = []
+        repo = getattr(self.config_loader, "repository", None)
+        if repo is not None and repo.group_exists("search_space"):
+            spaces = [o for o in repo.get_group_options("search_space") if o == option]
+        advice = f"use search_space={spaces[0]}, or " if spaces else "use a space for it, or "
+        keys = ", ".join(names)
+        return (
+            f"{keys} {'is' if len(names) == 1 else 'are'} swept by {by}, but {fixed} (fixed on "
+            f"the command line) has no such key{'' if len(names) == 1 else 's'}: {advice}drop "
+            f"{'it' if len(names) == 1 else 'them'} with hydra.sweeper.exclude=[{','.join(names)}]"
+        )
 
     def _fixed_group_of(self, key: str) -> str | None:
         """The fixed group override (``model=transfer``) that ``key`` lives under, if any."""

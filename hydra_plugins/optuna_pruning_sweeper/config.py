@@ -210,6 +210,9 @@ class OptunaPruningSweeperConf:
     # Search space: key -> override grammar string (choice/range/interval/int/tag), or
     # {values: <grammar>, when: {other_key: [allowed values]}} for an explicit condition.
     params: dict[str, Any] | None = None
+    # Keys of ``params`` to leave out (a dotted key such as model.depth cannot be deleted
+    # with ~hydra.sweeper.params... on the command line: Hydra reads its dots as nesting).
+    exclude: list[str] = field(default_factory=list)
     # The official plugin's hook: dotpath of a function (cfg, trial) -> None that suggests
     # extra params on the trial after ``params`` were sampled (same sampler, same trial).
     custom_search_space: str | None = None

@@ -122,10 +122,20 @@ class OptunaPruningSweeper(Sweeper):
 
     def _param_lines(self) -> tuple[list[str], dict[str, Any]]:
         params = self.conf.params
-        return params_to_overrides(
+        plain = (
             OmegaConf.to_container(params, resolve=False)
             if isinstance(params, DictConfig)
-            else params
+            else dict(params or {})
+        )
+        assert isinstance(plain, dict)
+        unknown = [k for k in self.conf.exclude if k not in plain]
+        if unknown:
+            raise ValueError(
+                f"hydra.sweeper.exclude={list(self.conf.exclude)}: {unknown} not in "
+                f"hydra.sweeper.params (its keys: {sorted(plain)})"
+            )
+        return params_to_overrides(
+            {k: v for k, v in plain.items() if k not in set(self.conf.exclude)}
         )
 
     def swept_in_file(self) -> frozenset[str]:

@@ -260,3 +260,77 @@ def test_plugin_scan_stays_light():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+# --- drop-in pieces: hooks, official results, exclude ----------------------------------------
+
+
+def test_custom_search_space_hook_adds_params_and_refuses_overlap(monkeypatch):
+    from hydra_plugins.optuna_pruning_sweeper import hooks
+
+    def configure(cfg, trial):
+        trial.suggest_float("z", trial.params["x"] - cfg["d"], trial.params["x"] + cfg["d"])
+        trial.suggest_int("+w", 0, 3)
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    sampled = {"x": trial.suggest_float("x", -1, 1)}
+    extra = hooks.extend_trial(configure, {"d": 0.1}, trial, sampled, {"y"})
+    assert set(extra) == {"z", "+w"} and abs(extra["z"] - sampled["x"]) <= 0.1
+    other = study.ask()
+    sampled = {"x": other.suggest_float("x", -1, 1)}
+    with pytest.raises(ValueError, match=r"suggested \['\+w'\].*fixes"):  # w=... fixed too
+        hooks.extend_trial(configure, {"d": 0.1}, other, sampled, {"w"})
+    assert hooks.locate(None, "custom_search_space") is None
+    assert hooks.locate("math.sqrt", "custom_search_space") is math.sqrt
+    with pytest.raises(ValueError, match=r"hydra\.sweeper\.dry_run_check='nope\.nothing'"):
+        hooks.locate("nope.nothing", "dry_run_check")
+
+
+def test_relative_hook_path_resolves_beside_the_main_script(tmp_path, monkeypatch):
+    """The official examples' `.custom-search-space-objective.configure` spelling."""
+    import sys
+    import types
+
+    from hydra_plugins.optuna_pruning_sweeper import hooks
+
+    (tmp_path / "my-objective.py").write_text("def configure(cfg, trial):\n    return 42\n")
+    main = types.ModuleType("__main__")
+    main.__file__ = str(tmp_path / "app.py")
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    assert hooks.locate(".my-objective.configure", "custom_search_space")(None, None) == 42
+    with pytest.raises(ValueError, match="no file"):
+        hooks.locate(".missing-file.configure", "custom_search_space")
+
+
+def test_official_results_single_and_multi_objective():
+    from hydra_plugins.optuna_pruning_sweeper.summary import official_results
+
+    study = optuna.create_study()
+    assert official_results(study) is None  # nothing complete yet: nothing to report
+    dist = {"x": optuna.distributions.FloatDistribution(0, 5)}
+    for x in (3.0, 1.0, 2.0):
+        study.add_trial(create_trial(value=x * x, params={"x": x}, distributions=dist))
+    assert official_results(study) == {"name": "optuna", "best_params": {"x": 1.0},
+                                       "best_value": 1.0}
+    multi = optuna.create_study(directions=["minimize", "minimize"])
+    for x, values in ((1.0, [1.0, 4.0]), (2.0, [4.0, 1.0]), (3.0, [5.0, 5.0])):
+        multi.add_trial(create_trial(values=values, params={"x": x}, distributions=dist))
+    solutions = official_results(multi)["solutions"]
+    assert sorted(s["params"]["x"] for s in solutions) == [1.0, 2.0]  # (5, 5) is dominated
+    assert all(len(s["values"]) == 2 for s in solutions)
+
+
+def test_exclude_leaves_params_out_and_names_unknown_keys():
+    from hydra_plugins.optuna_pruning_sweeper.sweeper import OptunaPruningSweeper
+
+    params = {"model.depth": "int(interval(2, 4))", "x": "interval(0.0, 1.0)"}
+    sweeper = OptunaPruningSweeper(sampler={}, pruner={}, params=params, exclude=["model.depth"])
+    assert sweeper.swept_in_file() == frozenset({"x"})
+    bad = OptunaPruningSweeper(sampler={}, pruner={}, params=params, exclude=["model.dpth"])
+    with pytest.raises(ValueError, match=r"\['model\.dpth'\] not in hydra\.sweeper\.params"):
+        bad.swept_in_file()
+
+
+def test_storage_null_is_private_to_the_sweep_dir(tmp_path):
+    assert storage.default_storage(tmp_path) == f"sqlite:///{tmp_path / 'optuna.db'}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -115,3 +117,31 @@ def test_an_image_smaller_than_the_networks_downsampling_is_refused(compose_cfg)
     cfg = compose_cfg("model.depth=4")
     with pytest.raises(Exception, match="model.depth=4 pools a 8x8 image below 1x1"):
         instantiate(cfg.model, input_shape=(8, 8, 1), num_classes=2)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [  # a cosine warm-up that a one-epoch sweep cannot fit, swept or fixed
+        (("trainer.max_epochs=1",), "search without it: 'lr_schedule=choice(constant,"),
+        (("trainer.max_epochs=1", "lr_schedule=cosine"), "set lr_schedule.warmup_epochs=0"),
+        # ImageNet weights of the transfer space, air-gapped: said once, before any trial
+        (("search_space=transfer", "model.allow_download=false"), "checked once, before any"),
+    ],
+)
+def test_sweep_preflight_names_what_every_such_trial_would_fail_on(overrides, message,
+                                                                    tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # an empty Keras cache
+    with pytest.raises(cc.ConfigError, match=re.escape(message)):
+        cc.check_sweep_config(sweep_cfg(*overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [("trainer.max_epochs=2",), ("trainer.max_epochs=1", "lr_schedule=constant"),
+     ("trainer.max_epochs=1", "lr_schedule=cosine", "lr_schedule.warmup_epochs=0"),
+     ("search_space=transfer", "model.weights=none")],
+)
+def test_sweep_preflight_passes_sweeps_that_fit(overrides, tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    cc.check_sweep_config(sweep_cfg(*overrides))
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())

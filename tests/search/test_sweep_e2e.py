@@ -99,18 +99,3 @@ def test_nan_loss_fails_the_trial_with_its_reason_and_the_sweep_goes_on(tmp_path
     assert {c.info.status for c in children} == {"FAILED"}
 
 
-def test_a_group_fixed_on_the_command_line_narrows_the_default_search(tmp_path):
-    """`-m optimizer=adam`: the default space's optimizer.momentum drops out, trials run."""
-    proc = sweep(tmp_path, "hydra.sweeper.n_trials=1", "hydra.sweeper.study_name=adam",
-                 "hydra/sweeper/pruner=nop", "optimizer=adam")
-    assert "it has no optimizer.momentum" in proc.stdout + proc.stderr
-    study = optuna.load_study(study_name="adam", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    trial = study.trials[0]
-    assert trial.state == optuna.trial.TrialState.COMPLETE
-    assert "optimizer.momentum" not in trial.params and "optimizer" not in trial.params
-    assert "optimizer.learning_rate" in trial.params  # adam has it: still searched
-    # a key no reachable option has stops the sweep before any trial, naming the fix
-    bad = sweep(tmp_path, "hydra.sweeper.study_name=transfer", "model=transfer",
-                "model.weights=none", expect_ok=False)
-    assert bad.returncode != 0 and "model=transfer (fixed on the command line) has no" in (
-        bad.stderr)
