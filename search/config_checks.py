@@ -194,7 +194,9 @@ def sweep_values(cfg: DictConfig, key: str, composed: bool = True) -> list[Any] 
 
     hydra_cfg = cfg.get("hydra") or {}
     lines = [str(o) for o in OmegaConf.select(cfg, "hydra.overrides.task", default=[]) or []]
-    text = next((line.split("=", 1)[1] for line in lines if line.split("=", 1)[0] == key), None)
+    # The last override of a key wins, as when Hydra composes.
+    text = next((line.split("=", 1)[1] for line in reversed(lines)
+                 if line.split("=", 1)[0] == key), None)
     if text is None:
         params = OmegaConf.select(hydra_cfg, "sweeper.params", default=None) or {}
         value = params.get(key) if isinstance(params, DictConfig) else None

@@ -69,6 +69,28 @@ def build_sampler(
         return instantiate(spec)
 
 
+def sampler_json(sampler_cfg: Any) -> str | None:
+    """The sampler config as JSON for suggest calls inside a task (None: grid, random)."""
+    spec = to_dict(sampler_cfg)
+    return None if spec.get("_target_", "").endswith("GridSampler") else json.dumps(spec)
+
+
+def sampler_from_json(text: str | None, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The configured sampler rebuilt in a worker, its seed offset by the trial number (so
+    workers do not replay each other's draws); RandomSampler when there is none."""
+    import optuna
+    from hydra.utils import instantiate
+
+    spec = json.loads(text) if text else None
+    if not spec:
+        return optuna.samplers.RandomSampler()
+    if spec.get("seed") is not None:
+        spec["seed"] = int(spec["seed"]) + seed_offset
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return instantiate(spec)
+
+
 def pruner_json(pruner_cfg: Any) -> str | None:
     """The pruner config as JSON, the form worker processes rebuild it from (None: no pruner)."""
     return json.dumps(to_dict(pruner_cfg)) if pruner_cfg else None

@@ -56,6 +56,7 @@ from .samplers import (
     check_sampler_dependencies,
     grid_size,
     pruner_json,
+    sampler_json,
     target_of,
 )
 from .study import default_study_name, directions_of, open_study
@@ -242,6 +243,7 @@ class OptunaPruningSweeper(Sweeper):
             study_name=study.study_name,
             sampler_name=sampler_name,
             pruner_json=pruner_json(conf.pruner),
+            sampler_json=sampler_json(conf.sampler),
             threads=threads,
             n_objectives=len(directions),
             heartbeat_interval=conf.heartbeat_interval,

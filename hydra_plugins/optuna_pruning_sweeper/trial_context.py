@@ -9,6 +9,7 @@ Before a job runs, the sweeper's worker process exports:
 ``OPTUNA_SWEEPER_TRIAL_NUMBER``  trial number in the study (worker only)
 ``OPTUNA_SWEEPER_SAMPLER``     sampler class name
 ``OPTUNA_SWEEPER_PRUNER``      pruner config as JSON (``{"_target_": ..., ...}``)
+``OPTUNA_SWEEPER_SAMPLER_CONFIG``  sampler config as JSON, for suggest calls in the task
 ``SWEEPER_THREADS_PER_WORKER`` threads granted to this worker (also OMP_NUM_THREADS, ...)
 =============================  ============================================================
 
@@ -20,6 +21,12 @@ Use in a task (e.g. with optuna_integration's KerasPruningCallback)::
     if trial is not None:
         callbacks.append(KerasPruningCallback(trial, "val_loss"))
     info = trial_info()              # {study, trial_number, sampler, pruner} or None
+
+Define-by-run works too: ``trial.suggest_float("z", 0, 1)`` inside the task samples with
+the configured sampler (rebuilt in the worker, its seed offset by the trial number; the grid
+sampler's grid knows only ``params``, so there a random draw); the value is stored on the
+trial like any other param. ``hydra.sweeper.custom_search_space`` is the official plugin's
+way to the same end, in the sweeper process before the job starts.
 
 Report with ``trial.report(value, step)``, ask ``trial.should_prune()`` and raise
 ``optuna.TrialPruned`` to stop: the worker then stores the trial as PRUNED (keeping the last
@@ -39,7 +46,7 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
-from .samplers import pruner_from_json
+from .samplers import pruner_from_json, sampler_from_json
 from .storage import storage_kwargs
 
 if TYPE_CHECKING:
@@ -51,6 +58,7 @@ ENV_TRIAL_ID = "OPTUNA_SWEEPER_TRIAL_ID"
 ENV_TRIAL_NUMBER = "OPTUNA_SWEEPER_TRIAL_NUMBER"
 ENV_SAMPLER = "OPTUNA_SWEEPER_SAMPLER"
 ENV_PRUNER = "OPTUNA_SWEEPER_PRUNER"
+ENV_SAMPLER_CONFIG = "OPTUNA_SWEEPER_SAMPLER_CONFIG"
 ENV_THREADS = "SWEEPER_THREADS_PER_WORKER"
 
 # Survives Hydra's plugin rescan, which re-executes this module in place.
@@ -93,7 +101,19 @@ def current_trial() -> optuna.trial.Trial | None:
     if key not in _CACHE:
         import optuna
 
-        study = load_study(url, name, os.environ.get(ENV_PRUNER))
+        told = load_study(url, name, os.environ.get(ENV_PRUNER))
+        number = int(os.environ.get(ENV_TRIAL_NUMBER) or 0)
+        # Its own Study object: suggest calls use the configured sampler, while the worker
+        # tells through the RandomSampler study (no sampler after_trial hook in workers).
+        study = optuna.Study(
+            study_name=name,
+            storage=get_storage(url),
+            sampler=sampler_from_json(os.environ.get(ENV_SAMPLER_CONFIG), seed_offset=number),
+            pruner=told.pruner,
+        )
+        # Reading the trials registers them in Optuna's storage cache, which a trial asked
+        # in another process is not: without it suggest_* fails with a KeyError.
+        study._storage.get_all_trials(study._study_id, deepcopy=False)
         # Keep one Trial per process: drop the previous trial's object.
         for k in [k for k in _CACHE if k[0] == "trial"]:
             del _CACHE[k]

@@ -416,3 +416,17 @@ def test_grid_sampler_caps_n_trials_at_the_grid(sweep):
         (1.0, 0),
         (1.0, 1),
     ]
+
+
+def test_suggest_inside_the_task_uses_the_configured_sampler(sweep):
+    """Define-by-run: trial.suggest_* in the task works (it failed with a KeyError from
+    Optuna's storage cache) and samples with the sweep's seeded sampler."""
+    sweep.run("hydra.sweeper.n_trials=3", "suggest_z=true")
+    trials = sweep.trials()
+    assert states(trials) == ["COMPLETE"] * 3
+    for t in trials:  # the task used the value the trial stored
+        assert t.value == pytest.approx((t.params["x"] - 1) ** 2 + t.params["y"] ** 2
+                                        + t.params["z"])
+    # The configured RandomSampler(seed=0), offset by the trial number: reproducible.
+    sweep.run("hydra.sweeper.n_trials=3", "suggest_z=true", study="again")
+    assert [t.params["z"] for t in sweep.trials("again")] == [t.params["z"] for t in trials]

@@ -75,6 +75,7 @@ def worker_setup_common(
     study_name: str,
     sampler_name: str,
     pruner_json: str | None,
+    sampler_json: str | None = None,
     threads: int,
     n_objectives: int,
     heartbeat_interval: int | None,
@@ -94,6 +95,7 @@ def worker_setup_common(
         tc.ENV_STUDY: study_name,
         tc.ENV_STORAGE: url,
         tc.ENV_SAMPLER: sampler_name,
+        **({tc.ENV_SAMPLER_CONFIG: sampler_json} if sampler_json else {}),
     }
     return {
         "payload": payload,

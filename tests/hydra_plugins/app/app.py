@@ -2,7 +2,8 @@
 
 Knobs (all keyed by the trial number, so tests are deterministic): ``fail_on`` raises,
 ``nan_on`` returns NaN, ``hang_on`` sleeps for minutes, ``bad_from`` reports a bad curve,
-``sleep_first`` / ``sleep`` set the run time, ``multi`` returns two objectives.
+``sleep_first`` / ``sleep`` set the run time, ``multi`` returns two objectives,
+``suggest_z`` samples an extra param inside the task.
 """
 
 import os
@@ -36,6 +37,8 @@ def objective(cfg: DictConfig) -> float | tuple[float, float]:
     if trial is not None:
         trial.set_user_attr("env", {k: os.environ.get(k) for k in ENV_SEEN})
     value = (cfg.x - 1.0) ** 2 + cfg.y**2 + cfg.schedule.penalty
+    if cfg.suggest_z and trial is not None:  # define-by-run: a param the task asks itself
+        value += trial.suggest_float("z", 0.0, 1.0)
     sleep = cfg.sleep_first if number == 0 and cfg.sleep_first is not None else cfg.sleep
     for epoch in range(cfg.epochs):
         time.sleep(sleep / cfg.epochs)
