@@ -318,3 +318,29 @@ def decide_under_lock(
         log.warning("@champion moved to v%s while promoting v%s; comparing again",
                     None if after is None else after.version, version)
     raise RuntimeError(f"@champion of {name} kept moving during {MAX_VERIFY_ROUNDS} rounds")
+
+
+def floor_failure(decision: PromotionDecision | None, floor: float | None) -> str | None:
+    """Why a sweep misses its quality floor (``registry.floor``), or None when it holds.
+
+    The floor applies to the version this sweep registered, scored on its held-out split
+    with the registry's metric: the nightly sweep fails when its model got worse, whichever
+    version keeps the champion alias.
+    """
+    if floor is None:
+        return None
+    if decision is None:
+        return f"registry.floor={floor} is set, but the sweep registered no model to check"
+    value = decision.new_metrics.get(decision.metric, decision.new_score)
+    if value is None or not math.isfinite(float(value)) or float(value) < float(floor):
+        return (
+            f"quality floor missed: {decision.model_name} v{decision.version} (run "
+            f"{decision.run_id}) scores held-out {decision.metric} {value:.4f} < "
+            f"registry.floor {float(floor):.4f}"
+            if value is not None else
+            f"quality floor: {decision.model_name} v{decision.version} has no held-out "
+            f"{decision.metric} to compare with registry.floor {floor}"
+        )
+    log.info("Quality floor holds: held-out %s %.4f >= registry.floor %.4f",
+             decision.metric, float(value), float(floor))
+    return None

@@ -107,9 +107,18 @@ class MlflowSweepCallback(Callback):
         failure = session_failure(Path(config.hydra.sweep.dir))
         try:
             if study is not None and len(study.directions) == 1:
+                from search.champion import floor_failure
                 from search.registry import promote_sweep_best
 
-                promote_sweep_best(config, self.run_id)
+                decision = promote_sweep_best(config, self.run_id)
+                if decision is not None:  # beside the summary, for CI summaries and people
+                    write_promotion(Path(config.hydra.sweep.dir), decision.to_dict())
+                floor = (config.get("registry") or {}).get("floor")
+                if floor is not None and decision is not None:
+                    value = decision.new_metrics.get(decision.metric)
+                    if value is not None:
+                        mlflow.log_metric(f"floor_{decision.metric}", float(value))
+                failure = failure or floor_failure(decision, floor)
         except Exception as error:  # noqa: BLE001 - tagged on the run by promote_sweep_best
             log.exception("registering the sweep's best trial failed")
             failure = failure or (f"registering the sweep's best trial failed: "
@@ -121,6 +130,17 @@ class MlflowSweepCallback(Callback):
         if failure:
             # Hydra would turn an exception into a warning and exit 0.
             raise SystemExit(f"error: {failure}")
+
+
+PROMOTION_FILE = "promotion.json"
+
+
+def write_promotion(sweep_dir: Path, decision: dict[str, Any]) -> None:
+    """The registry decision (version, alias, held-out metrics) as ``promotion.json``."""
+    import json
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / PROMOTION_FILE).write_text(json.dumps(decision, indent=2, default=str))
 
 
 def redacted_sweeper_yaml(sweeper: DictConfig) -> str:

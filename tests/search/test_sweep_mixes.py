@@ -125,6 +125,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
         "dry: transfer, weights none": ("search_space=transfer", "model.weights=none"),
         "dry: model=transfer": ("model=transfer",),
         "dry: search_space=transfer": ("search_space=transfer", "model.allow_download=false"),
+        "dry: nightly recipe": ("+experiment=nightly",),
     }
     for args in readme_sweeps():
         if "data.root=/data/chest_xray" in args:  # a placeholder path: the built-in data

@@ -1,0 +1,131 @@
+"""The deployment files as written: compose (schema + what a GPU team needs), the image, the
+GitHub workflows (schema; actionlint runs in .ci/run), the nightly recipe and its summary.
+
+No Docker engine here: the compose files are validated, not run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def check_schema(schema: str, *files: Path) -> None:
+    """check-jsonschema against its vendored copy of a public schema (no network)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", schema,
+         *map(str, files)], capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def compose(name: str = "docker-compose.yml") -> dict:
+    return yaml.safe_load((REPO / name).read_text())
+
+
+def test_compose_files_follow_the_compose_spec():
+    check_schema("vendor.compose-spec", REPO / "docker-compose.yml",
+                 REPO / "docker-compose.gpu.yml")
+
+
+def test_compose_services_health_ports_and_secrets():
+    services = compose()["services"]
+    assert set(services) == {"db", "mlflow", "worker"}
+    for name, service in services.items():
+        assert service.get("healthcheck", {}).get("test"), f"{name} has no health check"
+    # Workers wait for a healthy database and a healthy tracking server.
+    assert services["worker"]["depends_on"] == {"db": {"condition": "service_healthy"},
+                                                "mlflow": {"condition": "service_healthy"}}
+    assert services["mlflow"]["depends_on"]["db"]["condition"] == "service_healthy"
+    # Published ports default to 127.0.0.1; the worker publishes none (scalable).
+    for name in ("db", "mlflow"):
+        for port in services[name]["ports"]:
+            assert port.startswith("${BIND_ADDRESS:-127.0.0.1}:"), port
+    assert "ports" not in services["worker"] and "container_name" not in services["worker"]
+    # The password only ever comes from the environment (.env), never the repo.
+    text = (REPO / "docker-compose.yml").read_text()
+    assert "${POSTGRES_PASSWORD:?" in text
+    assert set(compose()["volumes"]) == {"pgdata", "mlartifacts"}
+    assert "--artifacts-destination=/mlartifacts" in services["mlflow"]["command"]
+    ignored = (REPO / ".gitignore").read_text().splitlines()
+    assert ".env" in ignored and (REPO / ".env.example").is_file()
+    example = dict(line.split("=", 1) for line in (REPO / ".env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    assert example["BIND_ADDRESS"] == "127.0.0.1" and "POSTGRES_PASSWORD" in example
+
+
+def test_gpu_override_reserves_one_gpu_per_worker_and_the_cuda_build():
+    worker = compose("docker-compose.gpu.yml")["services"]["worker"]
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+    assert worker["build"]["args"]["TF_PACKAGE"].startswith("tensorflow[and-cuda]")
+
+
+def test_image_is_non_root_pinned_and_without_test_tools():
+    docker = (REPO / "Dockerfile").read_text()
+    assert "\nUSER sweeps\n" in docker and "useradd" in docker
+    assert "requirements.lock" in docker and "PIP_NO_CACHE_DIR=1" in docker
+    assert "[test]" not in docker
+    pins = [line for line in (REPO / "requirements.lock").read_text().splitlines()
+            if line and not line.startswith("#")]
+    assert pins and all("==" in p for p in pins)
+    names = {p.split("==")[0].lower() for p in pins}
+    assert {"mlflow", "optuna", "hydra-core", "keras"} <= names
+    assert not names & {"pytest", "ruff", "tensorflow"}  # TF comes from TF_PACKAGE
+
+
+def test_workflows_follow_the_github_schema_and_the_nightly_contract():
+    workflows = REPO / ".github" / "workflows"
+    check_schema("vendor.github-workflows", workflows / "ci.yml", workflows / "nightly.yml")
+    nightly = yaml.safe_load((workflows / "nightly.yml").read_text())
+    triggers = nightly[True]  # YAML 1.1 reads the key `on` as True
+    assert "schedule" in triggers and "workflow_dispatch" in triggers
+    job = nightly["jobs"]["sweep"]
+    assert "github.repository_owner" in job["if"]  # the fork guard
+    steps = {s.get("name", s.get("uses")): s for s in job["steps"]}
+    assert steps["actions/setup-python@v5"]["with"]["cache-dependency-path"] == "pyproject.toml"
+    assert "+experiment=nightly" in steps["Nightly sweep"]["run"]
+    assert "GITHUB_STEP_SUMMARY" in steps["Summary"]["run"]
+    ci = yaml.safe_load((workflows / "ci.yml").read_text())
+    assert {"push", "pull_request"} <= set(ci[True])
+    assert "bash .ci/run" in ci["jobs"]["test"]["steps"][-1]["run"]
+
+
+def test_nightly_summary_reads_the_sweep_folder(tmp_path):
+    from search.nightly_summary import summary_markdown
+
+    assert "stopped before its end" in summary_markdown(tmp_path, env={})
+    (tmp_path / "optuna_summary.yaml").write_text(yaml.safe_dump({
+        "study": "nightly", "sampler": "TPESampler", "pruner": "HyperbandPruner",
+        "states": {"COMPLETE": 5, "PRUNED": 3, "FAIL": 0}, "elapsed_s": 241.5,
+        "stop_reason": "n_trials", "best": {"number": 4, "value": 0.2131}}))
+    (tmp_path / "promotion.json").write_text(json.dumps({
+        "model_name": "pneumonia-cnn-nightly", "version": 3, "alias": "challenger",
+        "metric": "roc_auc", "new_metrics": {"roc_auc": 0.9412}}))
+    text = summary_markdown(tmp_path, env={"RC": "1", "WALL_S": "260", "REPORT_URL": "http://r"})
+    assert "| best value | 0.2131 (trial 4) |" in text
+    assert "| trials | 5 COMPLETE, 3 PRUNED |" in text
+    assert "| held-out roc_auc | 0.9412 (pneumonia-cnn-nightly v3, challenger) |" in text
+    assert "| exit status | 1 (failed) |" in text and "(http://r)" in text
+
+
+@pytest.mark.parametrize(("value", "floor", "missed"), [(0.85, 0.9, True), (0.93, 0.9, False)])
+def test_quality_floor(value, floor, missed):
+    from search.champion import PromotionDecision, floor_failure
+
+    decision = PromotionDecision(
+        model_name="m", version=2, run_id="r", alias="challenger", promoted=False,
+        metric="roc_auc", tie_break="sensitivity", reason="", new_metrics={"roc_auc": value})
+    message = floor_failure(decision, floor)
+    assert (message is not None) == missed
+    if missed:
+        assert "roc_auc 0.8500 < registry.floor 0.9000" in message
+    assert floor_failure(decision, None) is None
+    assert "registered no model" in floor_failure(None, floor)
