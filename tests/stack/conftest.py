@@ -1,0 +1,128 @@
+"""The team stack as real processes on 127.0.0.1: a throw-away PostgreSQL cluster (Debian's
+server, installed with apt when missing) and an `mlflow server` on it serving artifacts."""
+
+from __future__ import annotations
+
+import glob
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pg_bin() -> Path:
+    """The PostgreSQL server binaries; `apt-get install postgresql` first when missing."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "postgresql"], check=True, env=env,
+                       timeout=900)
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        pytest.fail("PostgreSQL's server is not installed and cannot be (apt-get install "
+                    "postgresql needs root)")
+    return Path(found[-1]).parent
+
+
+def as_postgres(*cmd: str, **kwargs) -> subprocess.CompletedProcess:
+    """initdb refuses root: run the server's tools as the `postgres` user when we are root."""
+    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    return subprocess.run([*prefix, *cmd], check=True, capture_output=True, text=True,
+                          timeout=120, **kwargs)
+
+
+@dataclass(frozen=True)
+class Postgres:
+    port: int
+    user: str
+    password: str
+
+    def url(self, database: str) -> str:
+        return (f"postgresql+psycopg://{self.user}:{self.password}@127.0.0.1:{self.port}/"
+                f"{database}")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A cluster in a temp folder on a free port, databases `optuna` and `mlflow`."""
+    bin_dir = pg_bin()
+    root = Path(tempfile.mkdtemp(prefix="xray-pg-"))
+    os.chmod(root, 0o755)
+    data = root / "data"
+    password = secrets.token_urlsafe(16)  # a real secret: the tests check it never leaks
+    (root / "pw").write_text(password)
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        shutil.chown(root / "pw", "postgres")
+    as_postgres(str(bin_dir / "initdb"), "-D", str(data), "-U", "sweeps",
+                "--auth=scram-sha-256", f"--pwfile={root / 'pw'}")
+    port = free_port()
+    as_postgres(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w",
+                "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start")
+    pg = Postgres(port, "sweeps", password)
+    try:
+        import psycopg
+
+        with psycopg.connect(host="127.0.0.1", port=port, user="sweeps", password=password,
+                             dbname="postgres", autocommit=True) as conn:
+            for name in ("optuna", "mlflow"):
+                conn.execute(f"CREATE DATABASE {name}")
+        yield pg
+    finally:
+        as_postgres(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class MlflowServer:
+    uri: str
+    proc: subprocess.Popen
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres: Postgres, tmp_path_factory) -> Iterator[MlflowServer]:
+    """`mlflow server` on the PostgreSQL `mlflow` database, serving its own artifacts."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    # The store URL (password) goes by environment, not argv, which `ps` shows to everyone.
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": postgres.url("mlflow")}
+    with open(root / "server.log", "w") as server_log:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1", "--artifacts-destination",
+             str(root / "art")],
+            env=env, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("mlflow server did not start:\n" + (root / "server.log").read_text())
+            time.sleep(0.5)
+    try:
+        yield MlflowServer(uri, proc)
+    finally:
+        if proc.poll() is None:  # a test may have stopped it on purpose
+            os.killpg(proc.pid, 9)
+            proc.wait(timeout=30)
