@@ -111,7 +111,9 @@ def readme_sweeps() -> list[list[str]]:
     text = (REPO / "README.md").read_text()
     found = []
     for line in re.findall(r"^python search/run\.py -m(.*)$", text, flags=re.MULTILINE):
-        found.append(shlex.split(line.split("#", 1)[0]))
+        # Only this command's words: not a comment, nor what follows a shell operator.
+        words = re.split(r"\s(?:&&?|\|\|?|;)(?:\s|$)", line.split("#", 1)[0] + " ", maxsplit=1)[0]
+        found.append(shlex.split(words))
     return found
 
 
