@@ -5,7 +5,7 @@ Select the sweeper in a search-space file (``# @package _global_``)::
     defaults:
       - override /hydra/sweeper: optuna_pruning
       - override /hydra/sweeper/sampler: tpe       # tpe random cmaes gp nsgaii grid
-      - override /hydra/sweeper/pruner: median     # median successive_halving hyperband nop none
+      - override /hydra/sweeper/pruner: median  # percentile successive_halving hyperband nop
 
     hydra:
       sweeper:
@@ -130,6 +130,18 @@ class MedianPrunerConfig:
 
 
 @dataclass
+class PercentilePrunerConfig:
+    """optuna.pruners.PercentilePruner: prune outside the best ``percentile`` % at a step."""
+
+    _target_: str = "optuna.pruners.PercentilePruner"
+    percentile: float = 25.0
+    n_startup_trials: int = 5
+    n_warmup_steps: int = 0
+    interval_steps: int = 1
+    n_min_trials: int = 1
+
+
+@dataclass
 class SuccessiveHalvingPrunerConfig:
     """optuna.pruners.SuccessiveHalvingPruner (asynchronous successive halving)."""
 
@@ -245,6 +257,7 @@ def register_configs() -> None:
         cs.store(group="hydra/sweeper/sampler", name=name, node=node, provider=PROVIDER)
     pruners = {
         "median": MedianPrunerConfig,
+        "percentile": PercentilePrunerConfig,
         "successive_halving": SuccessiveHalvingPrunerConfig,
         "hyperband": HyperbandPrunerConfig,
         "nop": NopPrunerConfig,

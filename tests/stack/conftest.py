@@ -92,37 +92,53 @@ def postgres() -> Iterator[Postgres]:
 
 @dataclass
 class MlflowServer:
-    uri: str
-    proc: subprocess.Popen
+    """`mlflow server` on the PostgreSQL `mlflow` database, serving its own artifacts;
+    `stop()` and `start()` let a test restart it on the same port mid-sweep."""
+
+    root: Path
+    store_url: str
+    port: int
+    proc: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120) -> None:
+        # The store URL (password) goes by environment, not argv, which `ps` shows to everyone.
+        env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": self.store_url}
+        with open(self.root / "server.log", "a") as server_log:
+            self.proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+                 "--port", str(self.port), "--workers", "1", "--artifacts-destination",
+                 str(self.root / "art")],
+                env=env, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=1)
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    pytest.fail("mlflow server did not start:\n"
+                                + (self.root / "server.log").read_text()[-4000:])
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        """SIGKILL the server and its workers (an outage, not a clean shutdown)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")
 def mlflow_server(postgres: Postgres, tmp_path_factory) -> Iterator[MlflowServer]:
-    """`mlflow server` on the PostgreSQL `mlflow` database, serving its own artifacts."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    # The store URL (password) goes by environment, not argv, which `ps` shows to everyone.
-    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": postgres.url("mlflow")}
-    with open(root / "server.log", "w") as server_log:
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-             "--port", str(port), "--workers", "1", "--artifacts-destination",
-             str(root / "art")],
-            env=env, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("mlflow server did not start:\n" + (root / "server.log").read_text())
-            time.sleep(0.5)
+    """The team's tracking server on a free 127.0.0.1 port."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), postgres.url("mlflow"),
+                          free_port())
+    server.start()
     try:
-        yield MlflowServer(uri, proc)
+        yield server
     finally:
-        if proc.poll() is None:  # a test may have stopped it on purpose
-            os.killpg(proc.pid, 9)
-            proc.wait(timeout=30)
+        server.stop()
