@@ -19,6 +19,10 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+# How search.evaluate picks the decision threshold; here so the sweeper's checks need no
+# sklearn (2.5 s of imports in the sweeper process).
+THRESHOLD_RULES = ("max_f1", "youden", "min_sensitivity")
+
 # What search/train.py returns: evaluate_split's metrics of the val split, plus model facts.
 VAL_METRICS = ("loss", "accuracy", "precision", "recall", "sensitivity", "specificity", "f1",
                "roc_auc", "pr_auc")
@@ -117,7 +121,6 @@ def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
 def check_run_config(cfg: DictConfig) -> list[str]:
     """Everything a single job needs right, before data loading; returns the objective names."""
     from search.champion import check_metric
-    from search.evaluate import THRESHOLD_RULES
 
     names = [check_objective(n) for n in objective_names(cfg.objective)]
     rule = str(OmegaConf.select(cfg, "evaluation.threshold_rule"))

@@ -31,7 +31,7 @@ from sklearn.metrics import (  # noqa: E402
 )
 from sklearn.preprocessing import label_binarize  # noqa: E402
 
-THRESHOLD_RULES = ("max_f1", "youden", "min_sensitivity")
+from search.config_checks import THRESHOLD_RULES  # noqa: E402
 
 
 @dataclass

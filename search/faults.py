@@ -3,9 +3,12 @@
 The fault tests (tests/faults/) set, for the command they run:
 
 ==========================  ===============================================================
-``XRAY_FAULT``              the point(s) to kill at, comma-separated (see ``POINTS``)
+``XRAY_FAULT``              the point(s) to kill at, comma-separated (see ``POINTS``); a
+                            point may carry its own scope: ``promotion@group``
 ``XRAY_FAULT_MARKER``       a file that must exist for the fault to fire; it is removed when
-                            the fault fires, so a retry or a re-run passes the point
+                            the fault fires, so a retry or a re-run passes the point. With
+                            ``{point}`` in it, each point has its own file (several faults
+                            in one command, each once)
 ``XRAY_FAULT_SCOPE``        ``process`` (default: this process, e.g. one sweep worker) or
                             ``group`` (the whole command: sweeper and workers)
 ==========================  ===============================================================
@@ -38,16 +41,33 @@ POINTS = (
 )
 
 
+def _asked() -> dict[str, str]:
+    """The asked points and their scopes."""
+    default = os.environ.get(SCOPE_ENV) or "process"
+    asked = {}
+    for item in os.environ.get(ENV, "").split(","):
+        name, _, scope = item.strip().partition("@")
+        if name:
+            asked[name] = scope or default
+    return asked
+
+
 def armed(point: str) -> bool:
     """Whether ``point`` is asked for (without firing)."""
-    return point in os.environ.get(ENV, "").split(",")
+    return point in _asked()
+
+
+def marker_of(point: str) -> str | None:
+    """The marker file of ``point`` (``{point}`` in ``XRAY_FAULT_MARKER`` is filled in)."""
+    marker = os.environ.get(MARKER_ENV)
+    return marker.replace("{point}", point) if marker else None
 
 
 def fires(point: str) -> bool:
     """Whether the fault at ``point`` fires now (at most once per marker file)."""
     if not armed(point):
         return False
-    marker = os.environ.get(MARKER_ENV)
+    marker = marker_of(point)
     if marker:
         try:
             os.unlink(marker)  # exactly one process fires, even with parallel workers
@@ -65,7 +85,7 @@ def fault_point(point: str) -> None:
         handler.flush()
     sys.stdout.flush()
     sys.stderr.flush()
-    if os.environ.get(SCOPE_ENV) == "group":
+    if _asked()[point] == "group":
         os.killpg(os.getpgrp(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -76,7 +96,7 @@ def pause_point(point: str, limit_s: float = 300.0) -> None:
     Lets a test act at a known moment of a running job, e.g. stop a tracking server while
     a trial is between two epochs. Without ``XRAY_FAULT`` naming ``point``: no-op.
     """
-    marker = os.environ.get(MARKER_ENV)
+    marker = marker_of(point)
     if not armed(point) or not marker or not os.path.exists(marker):
         return
     with open(f"{marker}.reached", "w") as reached:
