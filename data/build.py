@@ -20,7 +20,7 @@ from data.loaders import load_npz, scan_folder
 from data.pipeline import build_augmenter, make_dataset, preprocessing_spec
 from data.splits import (
     SPLITS,
-    assign_splits,
+    assign_splits_cached,
     groups_in_several_splits,
     image_hash_groups,
     split_fingerprint,
@@ -250,7 +250,7 @@ def build_data(
         pool = _folder_pool(root, label_mode)
     augmenter = build_augmenter(augment, seed)  # validate before the (slow) splitting
 
-    splits = assign_splits(
+    splits = assign_splits_cached(
         pool.labels,
         pool.groups,
         pool.given,

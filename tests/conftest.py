@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -10,6 +11,22 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+
+
+@pytest.fixture(scope="session", autouse=True)
+def split_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The session's own split cache (data.splits), shared by every command the tests run,
+    so tests never write into the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("split-cache")
+    saved = os.environ.get("XRAY_CACHE_DIR")
+    os.environ["XRAY_CACHE_DIR"] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop("XRAY_CACHE_DIR", None)
+    else:
+        os.environ["XRAY_CACHE_DIR"] = saved
+
 
 # ----------------------------------------------------------------------------------------------
 # data: the real shared files (skipped cleanly where the shared folder is absent) and small npz

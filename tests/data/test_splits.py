@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import data.splits as splits_module
 from data.splits import (
     SPLITS,
     assign_splits,
+    assign_splits_cached,
     carve,
     groups_in_several_splits,
     image_hash_groups,
@@ -146,6 +148,31 @@ def test_given_splits_are_kept_and_only_the_missing_one_is_carved() -> None:
     assert splits["val"].tolist() == list(range(160, 200))
     assert len(splits["test"]) == 40  # 25% of the 160 train images
     assert set(splits["test"]) <= set(range(160))
+
+
+def test_cached_splits_equal_computed_ones_and_skip_the_carving(tmp_path, monkeypatch) -> None:
+    labels = np.tile([0, 1], 100)
+    groups = np.array([f"g{i}" for i in range(200)])
+    given = np.array(["train"] * 160 + ["val"] * 40)
+    args = dict(resplit=False, val_fraction=0.1, test_fraction=0.25, seed=3)
+    expected = assign_splits(labels, groups, given, **args)
+    monkeypatch.setenv("XRAY_CACHE_DIR", str(tmp_path / "cache"))
+    splits_module._split_memory.cache_clear()
+    carved = []
+    real_carve = splits_module.carve
+    monkeypatch.setattr(splits_module, "carve", lambda *a, **k: carved.append(1) or real_carve(
+        *a, **k))
+    try:
+        first = assign_splits_cached(labels, groups, given, **args)
+        second = assign_splits_cached(labels, groups, given, **args)
+        other_seed = assign_splits_cached(labels, groups, given, **{**args, "seed": 4})
+    finally:
+        splits_module._split_memory.cache_clear()
+    for name in SPLITS:
+        assert first[name].tolist() == expected[name].tolist() == second[name].tolist()
+    assert len(carved) == 2  # the first call and the other seed; the second came from disk
+    assert other_seed["test"].tolist() != expected["test"].tolist()
+    assert list((tmp_path / "cache").glob("splits-sklearn*"))
 
 
 def test_resplit_pools_the_given_splits() -> None:
