@@ -26,14 +26,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_package_installs(limit_s: float = 900) -> None:
+    """Wait while apt or dpkg runs (.ci/run installs PostgreSQL in the background)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        busy = False
+        for comm in glob.glob("/proc/[0-9]*/comm"):
+            try:
+                busy = busy or Path(comm).read_text().strip() in ("apt-get", "dpkg")
+            except OSError:
+                continue
+        if not busy:
+            return
+        time.sleep(2)
+
+
 def pg_bin() -> Path:
     """The PostgreSQL server binaries; `apt-get install postgresql` first when missing."""
+    wait_for_package_installs()
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not found and os.geteuid() == 0 and shutil.which("apt-get"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "postgresql"], check=True, env=env,
-                       timeout=900)
+        # .ci/run may be installing it in the background: wait for apt's lock, not fail on it
+        wait = ["-o", "DPkg::Lock::Timeout=900", "-o", "Acquire::Lock::Timeout=900"]
+        if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):
+            subprocess.run(["apt-get", "update", "-qq", *wait], check=True, env=env, timeout=900)
+            subprocess.run(["apt-get", "install", "-y", "-qq", *wait, "postgresql"], check=True,
+                           env=env, timeout=900)
         found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not found:
         pytest.fail("PostgreSQL's server is not installed and cannot be (apt-get install "
