@@ -103,9 +103,12 @@ def repo_root() -> str:
 
 
 def register_resolvers() -> None:
-    """Register `${objective_direction:...}` and `${repo_root:}` (idempotent)."""
+    """Register `${objective_direction:...}`, `${objective_names:...}` and `${repo_root:}`
+    (idempotent)."""
     if not OmegaConf.has_resolver("objective_direction"):
         OmegaConf.register_new_resolver("objective_direction", objective_direction)
+    if not OmegaConf.has_resolver("objective_names"):
+        OmegaConf.register_new_resolver("objective_names", objective_names)
     if not OmegaConf.has_resolver("repo_root"):
         OmegaConf.register_new_resolver("repo_root", repo_root)
 

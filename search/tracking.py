@@ -132,6 +132,15 @@ def open_store(uri: str) -> None:
         raise TrackingError(f"the MLflow store {db} cannot be opened ({text}); {hint}") from None
 
 
+def run_url(experiment_id: str, run_id: str) -> str | None:
+    """The run's page in the MLflow UI when the store is a server (None for a local store,
+    whose UI address depends on where `mlflow ui` is started)."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    return f"{redact_uri(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def host_id() -> str:
     """This host and PID namespace (containers on one host may share a host name)."""
     try:
@@ -183,6 +192,10 @@ def close_dead_runs(experiment_id: str) -> int:
     return closed
 
 
+# The experiment tag MLflow 3's UI reads to choose between its GenAI and model-training views.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+
+
 def setup_tracking(tracking: DictConfig | dict) -> str:
     """Point MLflow at the configured store and select (or create) the experiment.
 
@@ -209,6 +222,9 @@ def setup_tracking(tracking: DictConfig | dict) -> str:
     else:
         experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
+    tags = (experiment.tags if experiment is not None else None) or {}
+    if EXPERIMENT_KIND not in tags:  # MLflow 3's UI opens it on its training runs, not GenAI
+        mlflow.set_experiment_tag(EXPERIMENT_KIND, "custom_model_development")
     check_artifacts_writable(mlflow.get_experiment(experiment_id).artifact_location)
     close_dead_runs(experiment_id)
     return experiment_id

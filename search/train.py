@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from search import evaluate as ev
-from search import sweep_context, tracking
+from search import run_names, sweep_context, tracking
 from search.callbacks import (
     AtomicModelCheckpoint,
     EpochMetricsToMlflow,
@@ -159,13 +159,16 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
     trial = sweep_context.current_trial()
     info = trial.info if trial is not None else None
     parent = sweep_context.parent_run_id()
-    run_name = cfg.tracking.get("run_name") or (
-        f"trial-{info['trial_number']}" if info else None
-    )
+    run_name = run_names.initial_name(cfg, info["trial_number"] if info else None)
     tags = {**run_tags(cfg, info), **tracking.process_tags()}
     run = mlflow.start_run(run_name=run_name, parent_run_id=parent, tags=tags)
     log.info("MLflow run %s (%s)", run.info.run_id, mlflow.get_tracking_uri())
-    status, state = "FAILED", "FAIL"
+    if trial is not None:  # optuna-dashboard shows user attrs: the trial links to its run
+        trial.trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        url = tracking.run_url(run.info.experiment_id, run.info.run_id)
+        if url:
+            trial.trial.set_user_attr("mlflow_run_url", url)
+    status, state, values, epochs_run = "FAILED", "FAIL", None, None
     try:
         tracking.log_run_context(cfg)
         mlflow.log_params({
@@ -214,8 +217,10 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
                 callbacks=callbacks,
                 verbose=int(cfg.trainer.verbose),
             )
-        except optuna.TrialPruned:
-            state, status = "PRUNED", "KILLED"
+        except optuna.TrialPruned:  # a normal end, not a failure: FINISHED, tagged PRUNED
+            state, status = "PRUNED", "FINISHED"
+            # the pruner stops in on_epoch_end, before Keras' History records that epoch
+            epochs_run = len(model.history.history.get("loss", [])) + 1
             log_curves(model.history.history)
             raise
         except MemoryError as error:
@@ -265,6 +270,11 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
         mlflow.flush_async_logging()
         if info:
             mlflow.set_tag("optuna.trial_state", state)
+        try:  # the name says how it ended; never let a rename hide the trial's own outcome
+            mlflow.MlflowClient().update_run(run.info.run_id, name=run_names.final_name(
+                run_name, state, objectives[0], values[0] if values else None, epochs_run))
+        except Exception:  # noqa: BLE001
+            log.warning("could not rename run %s", run.info.run_id, exc_info=True)
         mlflow.end_run(status=status)
 
     log.info("Objective %s = %s", objectives, values)

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 
-
 @pytest.fixture(scope="session", autouse=True)
 def split_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The session's own split cache (data.splits), shared by every command the tests run,

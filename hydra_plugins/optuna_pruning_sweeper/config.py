@@ -188,6 +188,9 @@ class OptunaPruningSweeperConf:
     pruner: Any = MISSING
     # "minimize" / "maximize", or a list of them for multi-objective.
     direction: Any = "minimize"
+    # Names of the objective values (one per direction), shown by optuna-dashboard and
+    # Optuna's plots instead of "Objective 0"; null = unnamed.
+    metric_names: Any = None  # Any: an interpolation (the search spaces derive it) merges
     # Any RDB URL; null = a study private to this sweep: sqlite:///<hydra.sweep.dir>/optuna.db
     # (the official plugin's null is in memory; worker processes need a file to tell).
     storage: str | None = None

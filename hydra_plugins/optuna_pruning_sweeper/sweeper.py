@@ -164,6 +164,12 @@ class OptunaPruningSweeper(Sweeper):
         t0 = time.monotonic()
         config = self.config
         directions = directions_of(self.conf.direction)
+        metric_names = [str(n) for n in self.conf.metric_names or ()]
+        if metric_names and len(metric_names) != len(directions):
+            raise ValueError(
+                f"hydra.sweeper.metric_names has {len(metric_names)} name(s) for "
+                f"{len(directions)} direction(s): {metric_names} vs {directions}"
+            )
 
         space = self.search_space(arguments)
         resolver = ConditionResolver(
@@ -203,6 +209,8 @@ class OptunaPruningSweeper(Sweeper):
             study, session = open_study(
                 storage, base_name, fingerprint, pruner, directions, conf.new_study
             )
+        if metric_names and study.metric_names != metric_names:
+            set_metric_names(study, metric_names)
         study.sampler = build_sampler(conf.sampler, space, seed_offset=session)
         sampler_name = type(study.sampler).__name__
         os.environ[tc.ENV_STUDY] = study.study_name
@@ -263,3 +271,14 @@ class OptunaPruningSweeper(Sweeper):
         if stop_reason == "failure_rate":
             raise RuntimeError(loop.failure_message())
         return summary
+
+
+def set_metric_names(study: Any, names: list[str]) -> None:
+    """Name the objective values in the study (optuna-dashboard and Optuna's plots)."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(names)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,18 @@ def test_parent_child_runs_report_and_best_trial(tmp_path):
         assert len(client.get_metric_history(child.info.run_id, "val_loss")) == 2
     study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
+    # The UI opens the experiment on its training runs; names say what was tried and how
+    # it ended; trials and runs point at each other; the objective is named in the study.
+    experiment = client.get_experiment_by_name("sweeps")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert study.metric_names == ["val_loss"]
+    by_number = {t.number: t for t in study.trials}
+    for child in children:
+        trial = by_number[int(child.data.tags["optuna.trial_number"])]
+        assert trial.user_attrs["mlflow_run_id"] == child.info.run_id
+        assert re.fullmatch(rf"t{trial.number:03d} · \w+ · lr \d\.\de-\d+ · d\d → "
+                            rf"val_loss {trial.value:.3f}", child.info.run_name), (
+            child.info.run_name)
     assert parent.data.tags["best_run_id"] in {c.info.run_id for c in children}
     assert parent.data.metrics["trials_complete"] == 2
     assert any(k.startswith("best.model.") for k in parent.data.params)
@@ -78,7 +91,8 @@ def test_pruned_trials_are_recorded_and_keep_their_curves(tmp_path):
     assert len(children) == 2
     for child in children:
         assert child.data.tags["optuna.trial_state"] == "PRUNED"
-        assert child.info.status == "KILLED"
+        assert child.info.status == "FINISHED"  # pruned is a normal end, not a failure
+        assert child.info.run_name.endswith(" · pruned @ epoch 2"), child.info.run_name
         # pruned at its 2nd epoch (step 1): the curve up to there is kept
         assert len(client.get_metric_history(child.info.run_id, "val_loss")) == 2
         paths = {a.path for a in client.list_artifacts(child.info.run_id, "curves")}
