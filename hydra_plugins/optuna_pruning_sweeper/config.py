@@ -72,7 +72,8 @@ class RandomSamplerConfig(SamplerConfig):
 
 @dataclass
 class CmaEsSamplerConfig(SamplerConfig):
-    """optuna.samplers.CmaEsSampler (needs ``pip install cmaes``)."""
+    """optuna.samplers.CmaEsSampler (``cmaes`` is a project dependency; continuous params only:
+    Optuna samples categorical ones independently, with a warning)."""
 
     _target_: str = "optuna.samplers.CmaEsSampler"
     x0: dict[str, Any] | None = None

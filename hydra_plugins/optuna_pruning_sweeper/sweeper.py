@@ -224,13 +224,14 @@ class OptunaPruningSweeper(Sweeper):
         threads = conf.threads_per_worker or max(1, available_cores() // conf.n_jobs)
         log.info(
             "Optuna sweeper: study '%s' in %s | sampler %s | pruner %s | %s | n_trials %d | "
-            "n_jobs %d | %d threads/worker | GPUs %s | session %d",
+            "%s | n_jobs %d | %d threads/worker | GPUs %s | session %d",
             study.study_name,
             st.redact(url),
             sampler_name,
             type(pruner).__name__,
             "/".join(directions),
             n_trials,
+            f"no new trial after {conf.timeout:.0f} s" if conf.timeout else "no timeout",
             conf.n_jobs,
             threads,
             gpus or "none",

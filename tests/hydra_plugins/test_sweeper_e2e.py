@@ -296,12 +296,13 @@ def test_slots_stay_busy_without_batch_barrier(sweep):
 @pytest.mark.slow  # deliberate sleeps / grace periods
 def test_timeout_and_fresh_worker_per_trial(sweep):
     """timeout: no new trial after it, running ones finish; trials_per_worker=1: new pids."""
-    sweep.run(
+    proc = sweep.run(
         "hydra.sweeper.n_trials=50",
         "hydra.sweeper.timeout=3",
         "hydra.sweeper.trials_per_worker=1",
         "sleep=0.5",
     )
+    assert "n_trials 50 | no new trial after 3 s |" in proc.stdout + proc.stderr  # the banner
     trials = sweep.trials()
     assert 1 <= len(trials) < 50
     assert set(states(trials)) == {"COMPLETE"}
