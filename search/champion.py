@@ -33,6 +33,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from search import model_store
+from search.config_checks import RANKING_METRICS, check_metric  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,6 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 DEFAULT_METRIC = "roc_auc"
 DEFAULT_TIE_BREAK = "sensitivity"
-# Metrics of search.evaluate.evaluate_split that can rank models (all: higher is better).
-RANKING_METRICS = ("roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity", "f1",
-                   "precision", "recall")
 TIE_TOLERANCE = 1e-9
 MAX_VERIFY_ROUNDS = 5
 LOCK_SUFFIX = ".promotion.lock"
@@ -113,19 +111,6 @@ class PromotionDecision:
 
 # ---------------------------------------------------------------------------------------------
 # Held-out evaluation
-
-
-def check_metric(metric: str) -> str:
-    """Accept `roc_auc` (also `test_roc_auc`/`eval_test_roc_auc`); refuse unrankable names."""
-    name = str(metric)
-    for prefix in ("eval_test_", "test_"):
-        name = name.removeprefix(prefix)
-    if name not in RANKING_METRICS:
-        raise ValueError(
-            f"registry.metric={metric!r} cannot rank models; use one of "
-            f"{', '.join(RANKING_METRICS)}"
-        )
-    return name
 
 
 class HeldOutEvaluator:

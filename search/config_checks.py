@@ -23,6 +23,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 # sklearn (2.5 s of imports in the sweeper process).
 THRESHOLD_RULES = ("max_f1", "youden", "min_sensitivity")
 
+# Metrics of search.evaluate.evaluate_split that can rank model versions (registry.metric,
+# tie_break; all: higher is better).
+RANKING_METRICS = ("roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity", "f1",
+                   "precision", "recall")
+
 # What search/train.py returns: evaluate_split's metrics of the val split, plus model facts.
 VAL_METRICS = ("loss", "accuracy", "precision", "recall", "sensitivity", "specificity", "f1",
                "roc_auc", "pr_auc")
@@ -121,9 +126,21 @@ def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
 
 
+def check_metric(metric: str) -> str:
+    """Accept `roc_auc` (also `test_roc_auc`/`eval_test_roc_auc`); refuse unrankable names."""
+    name = str(metric)
+    for prefix in ("eval_test_", "test_"):
+        name = name.removeprefix(prefix)
+    if name not in RANKING_METRICS:
+        raise ValueError(
+            f"registry.metric={metric!r} cannot rank models; use one of "
+            f"{', '.join(RANKING_METRICS)}"
+        )
+    return name
+
+
 def check_run_config(cfg: DictConfig) -> list[str]:
     """Everything a single job needs right, before data loading; returns the objective names."""
-    from search.champion import check_metric
 
     names = [check_objective(n) for n in objective_names(cfg.objective)]
     rule = str(OmegaConf.select(cfg, "evaluation.threshold_rule"))

@@ -17,7 +17,13 @@ register_resolvers()  # ${objective_direction:...} in the search spaces (sweep d
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | list[float]:
     """Train and evaluate one configuration; return the objective."""
-    from search.train import train  # imported here so the sweeper process never loads TF
+    from hydra.core.hydra_config import HydraConfig
+
+    from search.quiet_start import quiet_native_start
+
+    # imported here so the sweeper process never loads TF; its native start-up lines go
+    with quiet_native_start(verbose=bool(HydraConfig.get().verbose)):
+        from search.train import train
 
     return train(cfg)
 

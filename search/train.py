@@ -35,6 +35,7 @@ from search.callbacks import (
 )
 from search.config_checks import check_run_config, pruning_metric
 from search.faults import armed, fault_point, memory_fault
+from search.quiet_start import quiet_native_start
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,9 @@ def configure_runtime(seed: int, deterministic: bool, threads: int | None) -> No
             tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
         except RuntimeError:
             log.debug("TF runtime already initialised; thread pools unchanged")
-    for gpu in tf.config.list_physical_devices("GPU"):
+    with quiet_native_start():  # the first device query: cuInit's line on a CPU machine
+        gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
         with contextlib.suppress(RuntimeError):
             tf.config.experimental.set_memory_growth(gpu, True)
     keras.utils.set_random_seed(seed)
@@ -213,6 +216,7 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
                 steps_per_epoch=int(data.steps_per_epoch),
                 epochs=int(cfg.trainer.max_epochs),
                 validation_data=data.val,
+                shuffle=False,  # the tf.data pipeline shuffles (seeded); Keras would warn
                 class_weight=data.class_weight,
                 callbacks=callbacks,
                 verbose=int(cfg.trainer.verbose),

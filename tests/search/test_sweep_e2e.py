@@ -43,8 +43,12 @@ def runs_of(tmp_path: Path, study: str) -> tuple[MlflowClient, list, list]:
 
 
 def test_parent_child_runs_report_and_best_trial(tmp_path):
-    sweep(tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.study_name=e2e",
-          "hydra/sweeper/pruner=nop")
+    proc = sweep(tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.study_name=e2e",
+                 "hydra/sweeper/pruner=nop")
+    # a quiet terminal: no TF/absl/CUDA start-up lines from the workers, no Keras shuffle note
+    for noise in ("absl::InitializeLog", "Could not find cuda drivers", "failed call to cuInit",
+                  "oneDNN custom operations", "`shuffle=True` was passed"):
+        assert noise not in proc.stdout + proc.stderr, noise
     client, parents, children = runs_of(tmp_path, "e2e")
     assert len(parents) == 1 and len(children) == 2
     parent = parents[0]
