@@ -249,7 +249,10 @@ def check_imagenet_weights(cfg: DictConfig) -> None:
     weights = sweep_values(cfg, "model.weights") or []
     if "imagenet" not in [str(w) for w in weights]:
         return
-    from models.transfer import imagenet_weights_path
+    from search.quiet_start import quiet_native_start
+
+    with quiet_native_start():  # models.transfer imports TF
+        from models.transfer import imagenet_weights_path
 
     backbones = sweep_values(cfg, "model.backbone") or [model.get("backbone")]
     sizes = sweep_values(cfg, "data.image_size") or [OmegaConf.select(cfg, "data.image_size")]

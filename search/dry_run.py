@@ -38,9 +38,12 @@ def _data(cfg: DictConfig) -> Any:
 
 def check_trial(cfg: DictConfig) -> None:
     """Raise what the trial would raise before its first epoch; build nothing that stays."""
-    import keras
+    from search.quiet_start import quiet_native_start
 
-    from search.train import compile_model
+    with quiet_native_start():  # TF's native start-up lines, once per dry run
+        import keras
+
+        from search.train import compile_model
 
     check_run_config(cfg)
     data = _data(cfg)

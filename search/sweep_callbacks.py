@@ -108,9 +108,11 @@ class MlflowSweepCallback(Callback):
         try:
             if study is not None and len(study.directions) == 1:
                 from search.champion import floor_failure
+                from search.quiet_start import quiet_native_start
                 from search.registry import promote_sweep_best
 
-                decision = promote_sweep_best(config, self.run_id)
+                with quiet_native_start():  # held-out scoring imports TF in this process
+                    decision = promote_sweep_best(config, self.run_id)
                 if decision is not None:  # beside the summary, for CI summaries and people
                     write_promotion(Path(config.hydra.sweep.dir), decision.to_dict())
                 floor = (config.get("registry") or {}).get("floor")

@@ -274,11 +274,12 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
         mlflow.flush_async_logging()
         if info:
             mlflow.set_tag("optuna.trial_state", state)
-        try:  # the name says how it ended; never let a rename hide the trial's own outcome
-            mlflow.MlflowClient().update_run(run.info.run_id, name=run_names.final_name(
-                run_name, state, objectives[0], values[0] if values else None, epochs_run))
-        except Exception:  # noqa: BLE001
-            log.warning("could not rename run %s", run.info.run_id, exc_info=True)
+        if not cfg.tracking.get("run_name"):  # a name the user gave stays as given
+            try:  # the name says how it ended; never let a rename hide the trial's outcome
+                mlflow.MlflowClient().update_run(run.info.run_id, name=run_names.final_name(
+                    run_name, state, objectives[0], values[0] if values else None, epochs_run))
+            except Exception:  # noqa: BLE001
+                log.warning("could not rename run %s", run.info.run_id, exc_info=True)
         mlflow.end_run(status=status)
 
     log.info("Objective %s = %s", objectives, values)
