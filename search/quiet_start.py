@@ -21,13 +21,13 @@ from collections.abc import Iterator
 
 ENV = "XRAY_STARTUP_LOGS"
 _NATIVE = r"^[IWE]\d{4} \S+\s+\d+ "
-NOISE = [re.compile(p) for p in (
+NO_DRIVER = re.compile(_NATIVE + r"cudart_stub\.cc:\d+\] Could not find cuda drivers on your")
+NOISE = [NO_DRIVER, *(re.compile(p) for p in (
     r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR",
     _NATIVE + r"port\.cc:\d+\] oneDNN custom operations are on",
-    _NATIVE + r"cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine",
     _NATIVE + r"cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized",
     r"^To enable the following instructions: .* in other operations, rebuild TensorFlow",
-)]
+))]
 # Only noise where no driver is installed (the stub said so); elsewhere it is a real error.
 NO_DRIVER_CUINIT = re.compile(_NATIVE + r"cuda_platform\.cc:\d+\] failed call to cuInit: .*\(303\)")
 
@@ -41,7 +41,7 @@ def filter_lines(text: str, no_driver: bool) -> tuple[str, bool]:
     """``text`` without the known start-up lines; also whether the CUDA stub found no driver."""
     kept = []
     for line in text.splitlines(keepends=True):
-        if NOISE[2].match(line):
+        if NO_DRIVER.match(line):
             no_driver = True
         if any(p.match(line) for p in NOISE) or (no_driver and NO_DRIVER_CUINIT.match(line)):
             continue

@@ -131,15 +131,12 @@ class MedianPrunerConfig:
 
 
 @dataclass
-class PercentilePrunerConfig:
-    """optuna.pruners.PercentilePruner: prune outside the best ``percentile`` % at a step."""
+class PercentilePrunerConfig(MedianPrunerConfig):
+    """optuna.pruners.PercentilePruner: prune outside the best ``percentile`` % at a step
+    (the median pruner is its 50 %: same other settings)."""
 
     _target_: str = "optuna.pruners.PercentilePruner"
     percentile: float = 25.0
-    n_startup_trials: int = 5
-    n_warmup_steps: int = 0
-    interval_steps: int = 1
-    n_min_trials: int = 1
 
 
 @dataclass
