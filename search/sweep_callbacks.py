@@ -46,13 +46,21 @@ class MlflowSweepCallback(Callback):
             tracking.setup_tracking(config.tracking)
         except (ConfigError, tracking.TrackingError) as error:
             raise SystemExit(f"error: {error}") from None
+        except mlflow.exceptions.MlflowException as error:  # the store answered, but refused
+            raise SystemExit(f"error: the tracking store refused the sweep's setup "
+                             f"({error})") from None
         sweeper = config.hydra.sweeper
         study = sweeper.get("study_name")
         tags = {"sweep.parent": "true", "sweep.dir": str(config.hydra.sweep.dir),
                 **tracking.process_tags()}
         if study:
             tags["optuna.study"] = str(study)
-        run = mlflow.start_run(run_name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
+        try:
+            run = mlflow.start_run(run_name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
+        except Exception as error:  # noqa: BLE001 - Hydra would sweep on without a parent run
+            raise SystemExit(f"error: the sweep's MLflow parent run could not be started on "
+                             f"{tracking.redact_uri(mlflow.get_tracking_uri())} "
+                             f"({type(error).__name__}: {error})") from None
         self.run_id = run.info.run_id
         self.started = time.time()
         # Registered after MLflow's own exit hook, so it runs first: a sweep that never reached
@@ -189,7 +197,10 @@ def close_stale_runs(client: MlflowClient, study: optuna.Study, keep: str) -> in
             continue
         number = run.data.tags.get("optuna.trial_number")
         if number is None:
-            if run.data.tags.get("sweep.parent") == "true" and not alive:
+            # Between two trials no trial runs, yet the sweep may well be alive: a parent
+            # whose process on this host still runs is never closed.
+            if (run.data.tags.get("sweep.parent") == "true" and not alive
+                    and tracking.owner_alive(run.data.tags) is not True):
                 client.set_terminated(run.info.run_id, "KILLED")
                 closed += 1
             continue

@@ -165,6 +165,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def owner_alive(tags: dict[str, str]) -> bool | None:
+    """Whether the process that owns a run (its process.* tags) still runs; None when it
+    ran on another host, which this one cannot see."""
+    pid = tags.get("process.pid", "")
+    if tags.get("process.host") != host_id() or not pid.isdigit():
+        return None
+    return _pid_alive(int(pid))
+
+
 def close_dead_runs(experiment_id: str) -> int:
     """End RUNNING runs of processes on this host that no longer exist (status KILLED).
 
@@ -194,6 +203,25 @@ def close_dead_runs(experiment_id: str) -> int:
 
 # The experiment tag MLflow 3's UI reads to choose between its GenAI and model-training views.
 EXPERIMENT_KIND = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+
+
+def mark_training_kind(experiment: mlflow.entities.Experiment) -> None:
+    """Tag an experiment made before this release (or by hand) so MLflow 3's UI opens it on
+    its training runs, not GenAI traces.
+
+    Workers that start together may both find the tag missing; on PostgreSQL their two writes
+    can collide (the server answers 400, which MLflow does not retry), so a failed write is
+    fine once the tag is there.
+    """
+    if EXPERIMENT_KIND in (experiment.tags or {}):
+        return
+    try:
+        mlflow.set_experiment_tag(EXPERIMENT_KIND, TRAINING_KIND)
+    except mlflow.exceptions.MlflowException:
+        tags = mlflow.get_experiment(experiment.experiment_id).tags or {}
+        if EXPERIMENT_KIND not in tags:
+            raise
 
 
 def setup_tracking(tracking: DictConfig | dict) -> str:
@@ -215,16 +243,21 @@ def setup_tracking(tracking: DictConfig | dict) -> str:
     if experiment is None:
         root = default_artifact_root(uri, tracking.get("artifact_root"))
         try:
-            experiment_id = mlflow.create_experiment(name, artifact_location=root)
+            # The kind tag goes in with the experiment: one atomic write, so workers that
+            # start together never race to add it afterwards.
+            experiment_id = mlflow.create_experiment(name, artifact_location=root,
+                                                     tags={EXPERIMENT_KIND: TRAINING_KIND})
         except mlflow.exceptions.MlflowException:
             # Another worker created it between our lookup and create.
-            experiment_id = mlflow.get_experiment_by_name(name).experiment_id
+            experiment = mlflow.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            experiment_id = experiment.experiment_id
     else:
         experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
-    tags = (experiment.tags if experiment is not None else None) or {}
-    if EXPERIMENT_KIND not in tags:  # MLflow 3's UI opens it on its training runs, not GenAI
-        mlflow.set_experiment_tag(EXPERIMENT_KIND, "custom_model_development")
+    if experiment is not None:
+        mark_training_kind(experiment)
     check_artifacts_writable(mlflow.get_experiment(experiment_id).artifact_location)
     close_dead_runs(experiment_id)
     return experiment_id

@@ -44,6 +44,30 @@ def _first_connect(uri: str) -> str:
     return tracking.setup_tracking({"uri": uri, "experiment": "race"})
 
 
+def test_experiments_open_on_training_runs_old_or_new(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    new_id = tracking.setup_tracking({"uri": None, "experiment": "new"})
+    assert mlflow.get_experiment(new_id).tags[tracking.EXPERIMENT_KIND] == tracking.TRAINING_KIND
+    old_id = mlflow.create_experiment("made-by-hand")  # a store from before the kind tag
+    assert tracking.EXPERIMENT_KIND not in mlflow.get_experiment(old_id).tags
+    assert tracking.setup_tracking({"uri": None, "experiment": "made-by-hand"}) == old_id
+    assert mlflow.get_experiment(old_id).tags[tracking.EXPERIMENT_KIND] == tracking.TRAINING_KIND
+
+
+def test_owner_alive_only_judges_this_hosts_processes():
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    here = tracking.host_id()
+    assert tracking.owner_alive({"process.host": here, "process.pid": str(os.getpid())})
+    assert tracking.owner_alive({"process.host": here, "process.pid": done.stdout.strip()}) \
+        is False
+    assert tracking.owner_alive({"process.host": "another-box", "process.pid": "1"}) is None
+
+
 def test_two_processes_creating_one_new_store_at_once(tmp_path):
     """Two sweep processes on a new SQLite store: schema creation must not collide."""
     import multiprocessing

@@ -120,7 +120,9 @@ def test_three_workers_share_one_postgres_study_and_one_server(postgres, mlflow_
     runs = client.search_runs([experiment.experiment_id], max_results=100)
     parents = {r.info.run_id: r for r in runs if r.data.tags.get("sweep.parent") == "true"}
     children = [r for r in runs if "optuna.trial_number" in r.data.tags]
-    assert len(parents) == 3
+    assert len(parents) == 3, [  # which worker lacks one, and what its log said
+        [line for line in log.splitlines()
+         if "parent run" in line or "error" in line.lower()][:6] for log in logs]
     assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == [
         t.number for t in trials]
     assert {r.data.tags["mlflow.parentRunId"] for r in children} <= set(parents)
