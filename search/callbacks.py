@@ -35,11 +35,21 @@ class LearningRateLogger(keras.callbacks.Callback):
 
 
 class EpochMetricsToMlflow(mlflow.keras.MlflowCallback):
-    """MLflow's Keras callback, minus its per-evaluation logging.
+    """MLflow's Keras callback, minus its duplicates.
 
     During fit() the validation metrics already arrive as val_* in the epoch logs;
     MlflowCallback.on_test_end would add step-0 duplicates (validation_loss, ...) each epoch.
+    Its on_train_begin logs the optimizer's config as `optimizer_*` params, next to the
+    `optimizer.*` values the run already has: here that config is an artifact instead.
     """
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        config = self.model.optimizer.get_config()
+        mlflow.log_dict({k: v if isinstance(v, int | float | str | bool | None) else repr(v)
+                         for k, v in config.items()}, "config/optimizer.json")
+        lines: list[str] = []
+        self.model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line))
+        mlflow.log_text("\n".join(lines), "model_summary.txt")
 
     def on_test_end(self, logs: dict | None = None) -> None:
         return None

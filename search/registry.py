@@ -37,7 +37,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from search import model_store
+from search import descriptions, model_store
 from search.champion import (
     CHALLENGER,
     CHAMPION,
@@ -88,7 +88,7 @@ def run_model_metadata(client: MlflowClient, run_id: str) -> dict[str, Any]:
         return json.loads(Path(path).read_text())
 
 
-def version_tags(run_id: str, metadata: dict[str, Any], config_yaml: str) -> dict[str, str]:
+def version_tags(run_id: str, metadata: dict[str, Any]) -> dict[str, str]:
     """Model-version tags: what a version needs to be used and traced without its run."""
     tags = {
         "class_names": json.dumps(list(metadata["class_names"])),
@@ -98,23 +98,13 @@ def version_tags(run_id: str, metadata: dict[str, Any], config_yaml: str) -> dic
         "threshold_chosen_on": "val",
         "data_fingerprint": str(metadata.get("data_fingerprint")),
         "config_hash": str(metadata.get("config_hash")),
-        "config": config_yaml,
+        # The whole YAML as a tag lost its newlines and flooded the tags table: the run's
+        # artifact is the config, the tag points at it.
+        "config_uri": f"runs:/{run_id}/config/config.yaml",
         "run_uri": f"runs:/{run_id}",
         "run_id": run_id,
     }
     return tags
-
-
-def version_description(run: Any, metadata: dict[str, Any]) -> str:
-    trial = run.data.tags.get("optuna.trial_number")
-    study = run.data.tags.get("optuna.study")
-    origin = f"trial {trial} of study {study}" if trial is not None else "a single run"
-    return (
-        f"Keras model from run {run.info.run_id} ({origin}); decision threshold "
-        f"{metadata.get('threshold')} ({metadata.get('threshold_rule')}, chosen on val); "
-        f"config hash {metadata.get('config_hash')}; data fingerprint "
-        f"{metadata.get('data_fingerprint')}. Full config in the `config` tag."
-    )
 
 
 def existing_version(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
@@ -138,19 +128,18 @@ def register_run_model(client: MlflowClient, run_id: str, model_name: str) -> Mo
             "(tracking.log_model=false, or it is not a search/train.py run)"
         )
     metadata = run_model_metadata(client, run_id)
-    config_yaml = model_store.run_config_text(client, run_id) or ""
-    tags = version_tags(run_id, metadata, config_yaml)
+    tags = version_tags(run_id, metadata)
     mv = existing_version(client, model_name, run_id)
     if mv is None:
         # MLflow 3: models:/<model_id> registers the LoggedModel; the version keeps the run id.
         mv = mlflow.register_model(model_uri, model_name, tags=tags)
-        log.info("registered %s as %s v%s", model_uri, model_name, mv.version)
+        log.info("registered %s v%s (the model of run %s)", model_name, mv.version, run_id)
     else:
         log.info("run %s is already %s v%s; reusing it", run_id, model_name, mv.version)
         for key, value in tags.items():
             client.set_model_version_tag(model_name, mv.version, key, value)
     client.update_model_version(model_name, mv.version,
-                                description=version_description(run, metadata))
+                                description=descriptions.version_description(run, metadata))
     return client.get_model_version(model_name, mv.version)
 
 
@@ -301,6 +290,12 @@ def record_decision(client: MlflowClient, decision: PromotionDecision, target_ru
     from search.evaluate import json_ready
 
     client.log_dict(target_run_id, json_ready(decision.to_dict()), "promotion/decision.json")
+    # Where people look: the version's page says how it fared, the model's who is champion.
+    run = client.get_run(decision.run_id)
+    client.update_model_version(name, version, description=descriptions.version_description(
+        run, run_model_metadata(client, decision.run_id), decision.to_dict()))
+    client.update_registered_model(name, description=descriptions.model_description(
+        name, decision.to_dict(), mlflow.get_tracking_uri()))
 
 
 # ---------------------------------------------------------------------------------------------

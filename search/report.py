@@ -6,6 +6,7 @@ matplotlib backend, because plotly's PNG export needs kaleido plus a Chrome inst
 
 from __future__ import annotations
 
+import html
 import logging
 import warnings
 from pathlib import Path
@@ -52,6 +53,52 @@ def _plots(study: optuna.Study) -> dict[str, tuple[Any, Any]]:
     return plots
 
 
+# Parallel coordinates with ~20 axes cannot be read: only the most important parameters.
+TOP_PARAMS = 6
+
+
+def top_params(study: optuna.Study, k: int = TOP_PARAMS) -> list[str] | None:
+    """The `k` most important parameters (Optuna's fANOVA importances); None: all of them."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ranked = list(optuna.importance.get_param_importances(study))
+    except (ValueError, RuntimeError, ZeroDivisionError, IndexError):
+        return None
+    return ranked[:k] if len(ranked) > k else None
+
+
+def header_table(study: optuna.Study, summary: dict[str, Any]) -> str:
+    """The report's header: study, counts by state, best trial and its params, as HTML."""
+    rows = [("study", study.study_name),
+            ("trials", ", ".join(f"{n} {s.lower()}" for s, n in summary["counts"].items())),
+            ("objective", ", ".join(study.metric_names or []) or "value")]
+    best = summary.get("best")
+    if best:
+        rows.append(("best trial", f"{best['number']} → {best['value']:.6g}"))
+        rows += [(f"&nbsp;&nbsp;{k}", v) for k, v in best["params"].items()]
+    elif summary.get("pareto_front"):
+        rows.append(("Pareto front", f"{len(summary['pareto_front'])} trial(s)"))
+    cells = "".join(f"<tr><th>{html.escape(str(k), quote=False)}</th>"
+                    f"<td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    return ("<table style='border-collapse:collapse;font-family:sans-serif;font-size:14px'>"
+            "<style>th{text-align:left;padding:2px 14px 2px 0;font-weight:600}td{padding:2px 0}"
+            f"</style>{cells}</table>")
+
+
+def _curves_png(study: optuna.Study, summary: dict[str, Any], path: Path) -> None:
+    """The intermediate values as one readable figure (Optuna's cuts its legend at ~25)."""
+    from search.sweep_figures import curves_figure, study_curves
+
+    curves, states = study_curves(study.get_trials(deepcopy=False))
+    best = summary.get("best") or {}
+    names = study.metric_names or ["intermediate value"]
+    figure = curves_figure(curves, states, best.get("number"), f"reported {names[0]}",
+                           best_value=best.get("value"))
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def write_report(study: optuna.Study, folder: Path) -> list[Path]:
     """Write the sweep's plots (HTML + PNG) and its trials table (CSV) into ``folder``.
 
@@ -64,11 +111,15 @@ def write_report(study: optuna.Study, folder: Path) -> list[Path]:
     study.trials_dataframe().to_csv(table, index=False)
     written.append(table)
     multi = len(study.directions) > 1
+    summary = summarize(study)
     sections: list[str] = []
+    top = top_params(study)
     for name, (plotly_fn, mpl_fn) in _plots(study).items():
         kwargs: dict[str, Any] = {}
         if multi and name not in ("pareto_front", "intermediate_values"):
             kwargs = {"target": lambda t: t.values[0], "target_name": "objective 0"}
+        if name == "parallel_coordinate" and top:
+            kwargs["params"] = top
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Optuna flags its matplotlib backend experimental
@@ -76,22 +127,24 @@ def write_report(study: optuna.Study, folder: Path) -> list[Path]:
                 # plotly.js embedded once, in the first section: the page works offline.
                 sections.append(f"<h2>{name.replace('_', ' ')}</h2>" + fig.to_html(
                     full_html=False, include_plotlyjs=not sections))
-                ax = mpl_fn(study, **kwargs)
-                figure = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-                figure.set_size_inches(9, 5.5)
-                figure.tight_layout()
-                figure.savefig(folder / f"{name}.png", dpi=110)
-                plt.close(figure)
+                if name == "intermediate_values":
+                    _curves_png(study, summary, folder / f"{name}.png")
+                else:
+                    ax = mpl_fn(study, **kwargs)
+                    figure = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+                    figure.set_size_inches(9, 5.5)
+                    figure.tight_layout()
+                    figure.savefig(folder / f"{name}.png", dpi=110)
+                    plt.close(figure)
         except (ValueError, RuntimeError, ZeroDivisionError, IndexError) as exc:
             log.info("sweep report: %s skipped (%s)", name, exc)
             continue
         written.append(folder / f"{name}.png")
     page = folder / "sweep_report.html"
-    summary = summarize(study)
     page.write_text(
         f"<html><head><meta charset='utf-8'><title>Sweep {study.study_name}</title></head><body>"
-        f"<h1>Sweep report: {study.study_name}</h1><pre>{summary}</pre>{''.join(sections)}"
-        "</body></html>"
+        f"<h1>Sweep report: {study.study_name}</h1>{header_table(study, summary)}"
+        f"{''.join(sections)}</body></html>"
     )
     written.append(page)
     return written

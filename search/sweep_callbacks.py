@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from search import report, sweep_context, tracking
+from search import descriptions, report, sweep_context, tracking
 from search.config_checks import ConfigError, check_sweep_config
 from search.faults import fault_point
 
@@ -110,9 +110,11 @@ class MlflowSweepCallback(Callback):
             fault_point("sweep_report")
             report.write_report(study, folder)
             mlflow.log_artifacts(str(folder), self.report_dir_name)
+            log_sweep_curves(client, study, summary)
             log.info("Sweep report: %s", folder / "sweep_report.html")
         mlflow.log_metric("sweep_wall_seconds", time.time() - self.started)
         failure = session_failure(Path(config.hydra.sweep.dir))
+        decision = None
         try:
             if study is not None and len(study.directions) == 1:
                 from search.champion import floor_failure
@@ -134,12 +136,64 @@ class MlflowSweepCallback(Callback):
             failure = failure or (f"registering the sweep's best trial failed: "
                                   f"{type(error).__name__}: {error}")
         finally:
+            steps = self._describe(config, client, study, decision)
             self.ended = True
             mlflow.end_run(status="FAILED" if failure else "FINISHED")
             sweep_context.set_parent_run_id(None)
+        for line in steps:
+            log.info("%s", line)
         if failure:
             # Hydra would turn an exception into a warning and exit 0.
             raise SystemExit(f"error: {failure}")
+
+
+    def _describe(self, config: DictConfig, client: MlflowClient, study: optuna.Study | None,
+                  decision: Any) -> list[str]:
+        """The parent run's description (Markdown) and the lines that say what to do next."""
+        uri = mlflow.get_tracking_uri()
+        model_name = registry_model_name(config)
+        decided = decision.to_dict() if decision is not None else None
+        try:
+            run = client.get_run(self.run_id)
+            if study is not None:
+                summary = report.summarize(study)
+                best_id = run.data.tags.get("best_run_id")
+                note = descriptions.parent_description(
+                    study.study_name, summary, ", ".join(study.metric_names or ["value"]),
+                    (run.info.experiment_id, best_id) if best_id else None, decided, uri,
+                    model_name)
+                mlflow.set_tag("mlflow.note.content", note)
+            return descriptions.next_steps(uri, run.info.experiment_id, self.run_id,
+                                           model_name, decided)
+        except Exception:  # noqa: BLE001 - a description never fails the sweep's end
+            log.warning("could not describe the sweep's parent run", exc_info=True)
+            return []
+
+
+def registry_model_name(config: DictConfig) -> str:
+    from search.model_store import DEFAULT_MODEL_NAME
+
+    return str((config.get("registry") or {}).get("model_name") or DEFAULT_MODEL_NAME)
+
+
+def log_sweep_curves(client: MlflowClient, study: optuna.Study, summary: dict) -> None:
+    """Every trial's val_loss per epoch, from the tracked series, as one PNG on the parent."""
+    import matplotlib.pyplot as plt
+
+    from search.sweep_figures import curves_figure, run_curves
+
+    runs = child_runs(client, study.study_name)
+    curves = run_curves(client, runs, "val_loss")
+    if not curves:
+        return
+    states = {int(r.data.tags["optuna.trial_number"]): r.data.tags.get("optuna.trial_state", "")
+              for r in runs if "optuna.trial_number" in r.data.tags}
+    best = summary.get("best") or {}
+    figure = curves_figure(curves, states, best.get("number"), "val_loss",
+                           title=f"val_loss per epoch: {len(curves)} trials of {study.study_name}",
+                           best_value=best.get("value"))
+    mlflow.log_figure(figure, "sweep/val_loss_all_trials.png")
+    plt.close(figure)
 
 
 PROMOTION_FILE = "promotion.json"
@@ -219,13 +273,14 @@ def log_best_trial(client: MlflowClient, study: optuna.Study, summary: dict) -> 
     best = summary.get("best")
     if not best:
         return
-    mlflow.log_params({f"best.{k}": v for k, v in best["params"].items()})
-    mlflow.log_metric("best_value", best["value"])
+    # The names the trials' runs use, so the parent's row reads like its best trial's.
+    mlflow.log_params(dict(best["params"]))
+    mlflow.log_metric("objective", best["value"])
     runs = child_runs(client, study.study_name, f"tags.`optuna.trial_number` = '{best['number']}'")
     finished = [r for r in runs if r.info.status == "FINISHED"]
     if finished:
         run = finished[0]
         mlflow.set_tag("best_run_id", run.info.run_id)
         mlflow.log_metrics({
-            f"best_{k}": v for k, v in run.data.metrics.items() if k.startswith("eval_")
+            k: v for k, v in run.data.metrics.items() if k.startswith("eval_")
         })

@@ -329,17 +329,18 @@ def redacted(cfg: DictConfig) -> DictConfig:
     return copy
 
 
-def log_run_context(cfg: DictConfig) -> None:
-    """Log the composed config (flattened params + YAML), versions and git commit.
+def log_run_context(cfg: DictConfig, params: dict[str, Any] | None = None) -> None:
+    """Log the run's params, its composed config (YAML artifact), versions and git commit.
 
-    Passwords in store URIs are masked first: secrets never reach params or artifacts.
+    Params default to `run_params.hydra_job_params`: what was swept or set plus a few key
+    values, never the whole config. Passwords in store URIs are masked first: secrets never
+    reach params or artifacts.
     """
+    from search.run_params import hydra_job_params
+
     cfg = redacted(cfg)
-    params = flatten_config(cfg)
-    # log_params caps batch size at 100; chunk so big configs still go through.
-    items = list(params.items())
-    for start in range(0, len(items), 90):
-        mlflow.log_params(dict(items[start : start + 90]))
+    params = hydra_job_params(cfg) if params is None else params
+    mlflow.log_params(params)
     mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
     versions = package_versions()
     mlflow.log_dict(versions, "environment/versions.json")

@@ -40,6 +40,10 @@ from search.quiet_start import quiet_native_start
 log = logging.getLogger(__name__)
 
 MODEL_PACKAGES = ("tensorflow", "keras", "numpy")
+# evaluate_split's values that already have a metric of their own, so one quantity has one
+# name: recall is `sensitivity`; the threshold is `threshold` (chosen once, on val); the best
+# checkpoint's loss is the minimum of Keras' `val_loss` series (and `objective` by default).
+NOT_LOGGED = ("recall", "threshold", "loss")
 
 
 def _save_keras_flavor(path: str, **kwargs: Any) -> None:
@@ -266,6 +270,9 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
             raise KeyError(f"objective {missing} not among the evaluated metrics: "
                            f"{sorted(results)}")
         values = [float(results[name]) for name in objectives]
+        # One stable name for the value the sweeper optimises, whatever `objective` is.
+        mlflow.log_metrics({"objective" if len(values) == 1 else f"objective_{i}": v
+                            for i, v in enumerate(values) if math.isfinite(v)})
         status, state = "FINISHED", "COMPLETE"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -318,7 +325,7 @@ def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: Any, binary: boo
         results.update({f"{split}_{k}": v for k, v in result.metrics.items()})
         # eval_ prefix: val_loss/val_accuracy already name Keras' per-epoch series.
         mlflow.log_metrics({f"eval_{split}_{k}": v for k, v in result.metrics.items()
-                            if math.isfinite(v)})
+                            if k not in NOT_LOGGED and math.isfinite(v)})
         mlflow.log_figure(ev.confusion_figure(result), f"evaluation/{split}_confusion.png")
         mlflow.log_dict(
             {"labels": result.class_names, "matrix": result.confusion.tolist(),

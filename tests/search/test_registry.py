@@ -114,7 +114,7 @@ def version_files(version) -> Path:
 
 
 @pytest.mark.slow
-def test_first_version_becomes_champion_with_all_fields(registry_store, capsys):
+def test_first_version_becomes_champion_with_all_fields(registry_store, capsys, tmp_path):
     good = registry_store.runs.good_run_id
     parent = registry_store.new_parent_run()
     decision = registry.register_and_promote(good, parent_run_id=parent)
@@ -137,7 +137,14 @@ def test_first_version_becomes_champion_with_all_fields(registry_store, capsys):
     assert tags["threshold_rule"] == "max_f1" and tags["threshold_chosen_on"] == "val"
     assert tags["data_fingerprint"] == run.data.params["data.fingerprint"]
     assert tags["config_hash"] == run.data.params["config_hash"]
-    assert yaml.safe_load(tags["config"])["seed"] == 3
+    assert "config" not in tags and tags["config_uri"] == f"runs:/{good}/config/config.yaml"
+    config = client.download_artifacts(good, "config/config.yaml", str(tmp_path))
+    assert yaml.safe_load(Path(config).read_text())["seed"] == 3
+    # the version's page says how it fared on the held-out split, the model's who leads
+    mv = client.get_model_version(NAME, mv.version)
+    assert "Operating point (held-out, at the threshold)" in mv.description
+    assert f"held-out roc_auc = {decision.new_score:.4g}" in mv.description
+    assert f"v{decision.version}" in client.get_registered_model(NAME).description
     assert tags["run_uri"] == f"runs:/{good}"
     assert tags["promotion.decision"] == "champion" and tags["promotion.compared_with"] == "none"
     assert good in mv.description

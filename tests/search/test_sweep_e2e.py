@@ -62,7 +62,20 @@ def test_parent_child_runs_report_and_best_trial(tmp_path):
         assert child.data.tags["optuna.pruner"] == "NopPruner"
         assert len(client.get_metric_history(child.info.run_id, "val_loss")) == 2
     study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
+    assert parent.data.metrics["objective"] == pytest.approx(study.best_value)
+    # One name per thing, few enough to read: the swept values under Optuna's names, no
+    # Hydra internals or Keras-callback copies, one metric per quantity.
+    by_trial = {t.number: t for t in study.trials}
+    for child in children:
+        params, metrics = child.data.params, child.data.metrics
+        trial = by_trial[int(child.data.tags["optuna.trial_number"])]
+        assert len(params) < 40 and len(metrics) < 30, (sorted(params), sorted(metrics))
+        assert not [k for k in params if "_target_" in k or k.startswith("optimizer_")]
+        assert {k: params[k] for k in trial.params} == {k: str(v) for k, v in
+                                                         trial.params.items()}
+        assert metrics["objective"] == pytest.approx(trial.value)
+        assert not {"eval_val_recall", "eval_val_threshold", "eval_val_loss"} & set(metrics)
+        assert {"threshold", "eval_test_sensitivity", "val_loss"} <= set(metrics)
     # The UI opens the experiment on its training runs; names say what was tried and how
     # it ended; trials and runs point at each other; the objective is named in the study.
     experiment = client.get_experiment_by_name("sweeps")
@@ -77,12 +90,35 @@ def test_parent_child_runs_report_and_best_trial(tmp_path):
             child.info.run_name)
     assert parent.data.tags["best_run_id"] in {c.info.run_id for c in children}
     assert parent.data.metrics["trials_complete"] == 2
-    assert any(k.startswith("best.model.") for k in parent.data.params)
+    best_child = next(c for c in children if c.info.run_id == parent.data.tags["best_run_id"])
+    # the parent's row reads like its best trial's: same param and metric names
+    assert {k: parent.data.params[k] for k in study.best_params} == {
+        k: best_child.data.params[k] for k in study.best_params}
+    assert parent.data.metrics["eval_test_roc_auc"] == best_child.data.metrics[
+        "eval_test_roc_auc"]
+    # the parent's description names the best trial (linked to its run) and how to pull it
+    note = parent.data.tags["mlflow.note.content"]
+    assert f"trial {study.best_trial.number}" in note and best_child.info.run_id in note
+    assert "python search/pull.py --name pneumonia-cnn" in note and "@champion" in note
+    sweep_files = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert "sweep/val_loss_all_trials.png" in sweep_files
+    # the end of the sweep says what to do next
+    out = proc.stdout + proc.stderr
+    assert "compareRunsMode=CHART" in out and "mlflow ui --backend-store-uri" in out
+    assert "pull:    python search/pull.py --name pneumonia-cnn" in out
+    # the version and the registered model describe themselves; the config is an artifact
+    version = client.get_model_version_by_alias("pneumonia-cnn", "champion")
+    assert "Trained on" in version.description and "Operating point" in version.description
+    assert "config" not in version.tags
+    assert version.tags["config_uri"] == f"runs:/{version.run_id}/config/config.yaml"
+    assert "@champion" in client.get_registered_model("pneumonia-cnn").description
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep_report")}
     for name in ("optimization_history.png", "intermediate_values.png",
                  "parallel_coordinate.png", "param_importances.png", "trials.csv",
                  "sweep_report.html"):
         assert f"sweep_report/{name}" in report, sorted(report)
+    page = (tmp_path / "sweep" / "sweep_report" / "sweep_report.html").read_text()
+    assert "<table" in page and "<pre>" not in page  # the header is a table, not a dict
 
 
 def test_pruned_trials_are_recorded_and_keep_their_curves(tmp_path):

@@ -1,0 +1,172 @@
+"""What a sweep tells people where they look: the parent run's description, the registered
+model's and each version's, and the lines printed when the sweep ends.
+
+MLflow shows a run's `mlflow.note.content` tag as its Markdown description, and a model's or
+version's `description` on its page. Pure builders: the callers write them.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+from search.tracking import DEFAULT_STORE
+
+LOCAL_UI = "http://127.0.0.1:5000"
+# The runs page on its chart view, model-training runs only (MLflow 3's UI query keys).
+CHART_QUERY = "runs?workflowType=machine_learning&compareRunsMode=CHART"
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def public_uri(uri: str) -> str:
+    """A server URI without its user:password part: links and commands people copy must
+    work, so credentials are left out (MLflow reads MLFLOW_TRACKING_USERNAME/PASSWORD)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=host)).rstrip("/")
+
+
+def ui_base(tracking_uri: str) -> str:
+    """Where the MLflow UI of this store answers: the server itself, or `mlflow ui`."""
+    return public_uri(tracking_uri) if is_server(tracking_uri) else LOCAL_UI
+
+
+def ui_command(tracking_uri: str) -> str | None:
+    """The command that serves a local store's UI (None: a server already does)."""
+    if is_server(tracking_uri):
+        return None
+    return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)} --host 127.0.0.1"
+
+
+def chart_url(tracking_uri: str, experiment_id: str) -> str:
+    return f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/{CHART_QUERY}"
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    return f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def pull_command(model_name: str, tracking_uri: str, alias: str = "champion") -> str:
+    """The exact `search/pull.py` line for this store (the password stays in the env)."""
+    parts = ["python", "search/pull.py", "--name", model_name]
+    if alias != "champion":
+        parts += ["--alias", alias]
+    if is_server(tracking_uri):
+        parts += ["--tracking-uri", public_uri(tracking_uri)]
+    elif tracking_uri and tracking_uri != f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}":
+        parts += ["--tracking-uri", tracking_uri]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def parent_description(study: str, summary: dict[str, Any], objective: str,
+                       best_run: tuple[str, str] | None, decision: dict[str, Any] | None,
+                       tracking_uri: str, model_name: str) -> str:
+    """The sweep's parent-run description (Markdown).
+
+    Args:
+        best_run: (experiment id, run id) of the best trial's run, when it has one.
+        decision: the registry decision (`PromotionDecision.to_dict()`), when one was made.
+    """
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in summary.get("counts", {}).items())
+    lines = [f"**Sweep of study `{study}`**: {counts or 'no trials'}.", ""]
+    best = summary.get("best")
+    if best:
+        trial = f"trial {best['number']}"
+        if best_run:
+            trial = f"[{trial}]({run_link(tracking_uri, *best_run)})"
+        lines.append(f"**Best:** {trial}, {objective} = {_fmt(best['value'])}")
+        lines += [f"- `{k}` = {_fmt(v)}" for k, v in best["params"].items()]
+    elif summary.get("pareto_front"):
+        lines.append(f"**Pareto front:** {len(summary['pareto_front'])} trial(s); see "
+                     "`sweep/summary.json`.")
+    else:
+        lines.append("**No trial completed.**")
+    lines.append("")
+    if decision:
+        held_out = decision.get("new_metrics", {}).get(decision["metric"])
+        lines.append(
+            f"**Registry:** `{decision['model_name']}` v{decision['version']} → "
+            f"@{decision['alias']} ({'promoted' if decision['promoted'] else 'not promoted'}: "
+            f"{decision['reason']}); held-out {decision['metric']} = {_fmt(held_out)}.")
+        lines += ["", "Pull and predict:", "```",
+                  pull_command(model_name, tracking_uri),
+                  f"python search/predict.py models:/{model_name}@champion <images> --out "
+                  "predictions", "```"]
+    else:
+        lines.append("**Registry:** nothing promoted by this sweep.")
+    return "\n".join(lines)
+
+
+def operating_point(metrics: dict[str, float]) -> str:
+    keys = [("sensitivity", "sensitivity"), ("specificity", "specificity"),
+            ("accuracy", "accuracy"), ("roc_auc", "ROC AUC")]
+    found = [f"{label} {_fmt(metrics[k])}" for k, label in keys if k in metrics]
+    return ", ".join(found) or "n/a"
+
+
+def version_description(run: Any, metadata: dict[str, Any],
+                        decision: dict[str, Any] | None = None) -> str:
+    """A model version's description: what it was trained on, what it won on, where it
+    operates, and where its full config is (the run's `config/config.yaml` artifact)."""
+    tags, params = run.data.tags, run.data.params
+    trial = tags.get("optuna.trial_number")
+    origin = (f"trial {trial} of study `{tags.get('optuna.study')}`" if trial is not None
+              else "a single run")
+    data = params.get("data", "?")
+    lines = [
+        f"Keras model from run `{run.info.run_id}` ({origin}).",
+        f"- **Trained on:** `{data}` ({params.get('data.n_train', '?')} train / "
+        f"{params.get('data.n_val', '?')} val images, fingerprint "
+        f"`{str(metadata.get('data_fingerprint'))[:12]}`); config hash "
+        f"`{metadata.get('config_hash')}`.",
+        f"- **Threshold:** {_fmt(metadata.get('threshold'))} "
+        f"({metadata.get('threshold_rule')}, chosen on val).",
+    ]
+    if decision:
+        metrics = decision.get("new_metrics", {})
+        lines += [
+            f"- **Promotion:** @{decision['alias']} on held-out {decision['metric']} = "
+            f"{_fmt(metrics.get(decision['metric']))} ({decision['reason']}).",
+            f"- **Operating point (held-out, at the threshold):** {operating_point(metrics)}.",
+        ]
+    lines.append(f"- **Config:** `runs:/{run.info.run_id}/config/config.yaml`.")
+    return "\n".join(lines)
+
+
+def model_description(model_name: str, decision: dict[str, Any], tracking_uri: str) -> str:
+    """The registered model's description: who is champion now and how to pull it."""
+    champion = (decision["version"] if decision["promoted"]
+                else decision.get("champion_version"))
+    metric = decision["metric"]
+    lines = [f"Image classifier promoted by the sweeps' champion/challenger gate on "
+             f"held-out {metric} (tie-break {decision['tie_break']}).", ""]
+    if champion is not None:
+        lines.append(f"**Champion:** v{champion} (`models:/{model_name}@champion`).")
+    lines += ["", "```", pull_command(model_name, tracking_uri), "```"]
+    return "\n".join(lines)
+
+
+def next_steps(tracking_uri: str, experiment_id: str, parent_run_id: str,
+               model_name: str, decision: dict[str, Any] | None) -> list[str]:
+    """What to do after the sweep, printed at its end."""
+    lines = ["Next:"]
+    command = ui_command(tracking_uri)
+    if command:
+        lines.append(f"  UI:      {command}")
+    lines += [f"  curves:  {chart_url(tracking_uri, experiment_id)}  (val_loss chart)",
+              f"  sweep:   {run_link(tracking_uri, experiment_id, parent_run_id)}"]
+    if decision:
+        state = "champion" if decision["promoted"] else "challenger (the champion stays)"
+        lines += [f"  model:   models:/{model_name}/{decision['version']} is {state}; "
+                  f"serve models:/{model_name}@champion",
+                  f"  pull:    {pull_command(model_name, tracking_uri)}"]
+    return lines

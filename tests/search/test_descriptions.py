@@ -1,0 +1,80 @@
+"""The sweep's descriptions, next-step lines and its all-trials curve figure."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from search import descriptions as d
+from search.sweep_figures import curves_figure
+
+SERVER = "http://alice:s3cret@127.0.0.1:5000"
+SUMMARY = {"counts": {"COMPLETE": 3, "PRUNED": 5, "FAIL": 1},
+           "best": {"number": 7, "value": 0.0761, "params": {"optimizer": "adamax",
+                                                              "model.depth": 4}}}
+DECISION = {"model_name": "pneumonia-cnn", "version": 3, "alias": "champion", "promoted": True,
+            "reason": "beats v2", "metric": "roc_auc", "tie_break": "sensitivity",
+            "champion_version": 2, "new_metrics": {"roc_auc": 0.9712, "sensitivity": 0.95,
+                                                   "specificity": 0.88}}
+
+
+def test_parent_description_links_the_best_trial_and_gives_the_pull_command():
+    note = d.parent_description("study-a", SUMMARY, "val_loss", ("4", "abc123"), DECISION,
+                                SERVER, "pneumonia-cnn")
+    assert "3 complete, 5 pruned, 1 fail" in note
+    assert "[trial 7](http://127.0.0.1:5000/#/experiments/4/runs/abc123)" in note
+    assert "val_loss = 0.0761" in note and "`optimizer` = adamax" in note
+    assert "v3 → @champion (promoted: beats v2); held-out roc_auc = 0.9712" in note
+    assert ("python search/pull.py --name pneumonia-cnn --tracking-uri "
+            "http://127.0.0.1:5000") in note
+    assert "s3cret" not in note and "alice" not in note
+    empty = d.parent_description("s", {"counts": {"FAIL": 2}}, "val_loss", None, None,
+                                 "sqlite:///x.db", "m")
+    assert "No trial completed" in empty and "nothing promoted" in empty
+
+
+def test_next_steps_for_a_local_store_start_the_ui_and_open_the_chart_view():
+    lines = d.next_steps("sqlite:////data/mlruns/mlflow.db", "1", "run9", "m", DECISION)
+    text = "\n".join(lines)
+    assert "mlflow ui --backend-store-uri sqlite:////data/mlruns/mlflow.db --host 127.0.0.1" in text
+    assert ("http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
+            "&compareRunsMode=CHART") in text
+    assert "http://127.0.0.1:5000/#/experiments/1/runs/run9" in text
+    assert "models:/m/3 is champion; serve models:/m@champion" in text
+    assert "pull:    python search/pull.py --name m --tracking-uri" in text
+    server = "\n".join(d.next_steps(SERVER, "1", "r", "m", None))
+    assert "mlflow ui" not in server and "s3cret" not in server and "pull:" not in server
+
+
+def test_version_and_model_descriptions_say_what_won_and_where_it_operates():
+    class Run:
+        class info:  # noqa: N801 - the shape of mlflow.entities.Run
+            run_id = "r1"
+
+        class data:  # noqa: N801
+            tags = {"optuna.trial_number": "7", "optuna.study": "s"}
+            params = {"data": "pneumoniamnist", "data.n_train": "4237", "data.n_val": "471"}
+
+    meta = {"threshold": 0.4123, "threshold_rule": "max_f1", "data_fingerprint": "f" * 40,
+            "config_hash": "h1"}
+    text = d.version_description(Run, meta, DECISION)
+    assert "trial 7 of study `s`" in text and "`pneumoniamnist` (4237 train / 471 val" in text
+    assert "**Threshold:** 0.4123 (max_f1, chosen on val)" in text
+    assert "held-out roc_auc = 0.9712" in text
+    assert "sensitivity 0.95, specificity 0.88" in text
+    assert "`runs:/r1/config/config.yaml`" in text
+    model = d.model_description("m", {**DECISION, "promoted": False}, SERVER)
+    assert "**Champion:** v2 (`models:/m@champion`)" in model and "s3cret" not in model
+
+
+def test_the_curve_figure_reads_with_forty_trials():
+    rng = np.random.default_rng(0)
+    curves = {n: list(1 / np.arange(1, 11) + rng.random(10) * 0.1)[: 2 + n % 9]
+              for n in range(40)}
+    states = {n: "PRUNED" if n % 3 else "COMPLETE" for n in range(40)}
+    states[5] = "FAIL"
+    figure = curves_figure(curves, states, best=9, metric="val_loss", best_value=0.1234)
+    legend = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+    assert legend[0] == "best: trial 9 (0.1234)"
+    assert sorted(legend[1:]) == ["complete (13)", "fail (1)", "pruned (25)"]
+    # one line per trial, a cross where each pruned one stopped
+    assert len(figure.axes[0].lines) == 40 + 25
