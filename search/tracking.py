@@ -19,6 +19,8 @@ from typing import Any
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
+from search.store_move import follow_move
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +46,7 @@ def setup_cli(tracking_uri: str | None) -> str:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet CLI
     uri = resolve_tracking_uri(tracking_uri)
+    follow_move(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
@@ -114,6 +117,7 @@ def open_store(uri: str) -> None:
     try:
         with sqlite_init_lock(uri):
             mlflow.MlflowClient(uri).search_experiments(max_results=1)
+            follow_move(uri)  # a moved mlruns/ keeps its artifact and model views
     except PermissionError as error:
         raise TrackingError(
             f"cannot write the MLflow store {redact_uri(uri)}: {error}; make the folder "

@@ -115,7 +115,8 @@ def log_run_like_train(cfg: Any, invert_labels: bool, epochs: int) -> tuple[str,
     model = instantiate(cfg.model, input_shape=tuple(data.input_shape), num_classes=2)
     compile_model(model, keras.optimizers.Adam(1e-3), binary=True)
     train = data.train.map(lambda x, y: (x, 1.0 - y)) if invert_labels else data.train
-    model.fit(train, steps_per_epoch=data.steps_per_epoch, epochs=epochs, verbose=0)
+    model.fit(train, steps_per_epoch=data.steps_per_epoch, epochs=epochs, verbose=0,
+              shuffle=False)  # the tf.data pipeline shuffles, as in train.py
     tracking.setup_tracking(cfg.tracking)
     with mlflow.start_run(run_name=cfg.tracking.run_name) as run:
         tracking.log_run_context(cfg)

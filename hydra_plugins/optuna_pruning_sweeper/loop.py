@@ -79,6 +79,7 @@ class SweepLoop:
         self.config = config  # passed to the custom_search_space hook
         self.custom = custom
         self.in_flight: dict[Future, _InFlight] = {}
+        self.view: progress.LiveView | None = None  # run() opens it
         self.outcomes: list[worker.TrialOutcome] = []
         self.min_finished = (
             conf.failure_rate_min_trials
@@ -91,6 +92,7 @@ class SweepLoop:
 
     def run(self) -> str:
         """Run until the budget is used, the timeout passes or failures exceed the limit."""
+        self.view = progress.LiveView(self.conf.n_trials)
         try:
             return self._run()
         except KeyboardInterrupt:
@@ -101,6 +103,7 @@ class SweepLoop:
             )
             raise
         finally:
+            self.view.close()
             self.executor.shutdown()
 
     def _run(self) -> str:
@@ -190,6 +193,16 @@ class SweepLoop:
         progress.trial_started(
             trial.number, slot, self.executor.gpu_of(slot), params, self.elapsed()
         )
+        if self.view is not None and self.view.bar is not None:  # the bar shows it running
+            self._show(self.storage.get_all_trials(self.study._study_id, deepcopy=False))
+
+    def _show(self, trials: "list[optuna.trial.FrozenTrial]") -> str:
+        """The sweep's status, shown on the live view; returned for the trial's end line."""
+        text = progress.status_text(trials, self.study, self.conf.n_trials, self.elapsed(),
+                                    len(self.outcomes), self.conf.timeout)
+        if self.view is not None:
+            self.view.update(text, progress.finished_counted(trials))
+        return text
 
     def _collect(self, fut: Future, info: _InFlight) -> None:
         try:
@@ -210,7 +223,7 @@ class SweepLoop:
             )
         self.outcomes.append(outcome)
         trials = self.storage.get_all_trials(self.study._study_id, deepcopy=False)
-        progress.trial_finished(outcome, trials, self.study, self.conf.n_trials, self.elapsed())
+        progress.trial_finished(outcome, trials, self._show(trials))
 
     def _still_running(self, info: _InFlight) -> bool:
         try:

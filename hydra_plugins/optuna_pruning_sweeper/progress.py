@@ -1,11 +1,17 @@
-"""Progress lines of a sweep: one when a trial starts, one when it ends (state, value, best).
+"""Progress of a sweep: a line when a trial starts, one when it ends (state, value, best),
+and one live status (done/total, running, pruned, failed, best so far, elapsed, ETA, time
+left before the timeout): a tqdm bar under the log lines on a terminal, and at the end of
+each trial's line (CI logs, files).
 
 Hydra imports this module in every Hydra process (plugin scan): nothing heavy here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -19,30 +25,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+PARAMS_SHOWN = 140  # characters of params on a trial's start line
+
 
 def trial_started(
     number: int, slot: int, gpu: str | None, params: dict[str, Any], elapsed: float
 ) -> None:
     """``[trial N] started slot S [gpu G] | params | elapsed``."""
+    shown = " ".join(f"{k}={_fmt(v)}" for k, v in params.items())
+    if len(shown) > PARAMS_SHOWN:  # all of them are in the trial's overrides and its run
+        shown = shown[:PARAMS_SHOWN].rsplit(" ", 1)[0] + f" … ({len(params)} params)"
     log.info(
         "[trial %d] started  slot %d%s | %s | elapsed %s",
         number,
         slot,
         f" gpu {gpu}" if gpu is not None else "",
-        " ".join(f"{k}={_fmt(v)}" for k, v in params.items()),
+        shown,
         _hms(elapsed),
     )
 
 
-def trial_finished(
-    o: TrialOutcome,
-    trials: Sequence[FrozenTrial],
-    study: optuna.Study,
-    n_trials: int,
-    elapsed: float,
-) -> None:
-    """``[trial N] STATE value | best | duration | elapsed | counted/n_trials | reason``."""
-    counted = count_toward_budget(trials)
+def trial_finished(o: TrialOutcome, trials: Sequence[FrozenTrial], status: str) -> None:
+    """``[trial N] STATE value | duration | status | reason`` (status: `status_text`)."""
     if o.values is not None:
         value = " ".join(f"{v:.6g}" for v in o.values)
     elif o.state == "PRUNED":
@@ -50,20 +54,9 @@ def trial_finished(
         value = f"{t.value:.6g} (last report)" if t is not None and t.value is not None else "-"
     else:
         value = "-"
-    best = best_text(trials, study)
     reason = f" | {o.reason[:200]}" if o.reason else ""
-    log.info(
-        "[trial %d] %-8s value %s | best %s | %.1fs | elapsed %s | %d/%d counted%s",
-        o.number,
-        o.state,
-        value,
-        best,
-        o.duration_s,
-        _hms(elapsed),
-        counted,
-        n_trials,
-        reason,
-    )
+    log.info("[trial %d] %-8s value %s | %.1fs | %s%s", o.number, o.state, value,
+             o.duration_s, status, reason)
 
 
 def best_text(trials: Sequence[FrozenTrial], study: optuna.Study) -> str:
@@ -85,3 +78,57 @@ def _hms(seconds: float) -> str:
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def finished_counted(trials: Sequence[FrozenTrial]) -> int:
+    """Trials that used up the budget and ended (running ones are not done yet)."""
+    return count_toward_budget([t for t in trials if t.state.is_finished()])
+
+
+def status_text(trials: Sequence[FrozenTrial], study: optuna.Study, n_trials: int,
+                elapsed: float, finished_here: int, timeout: float | None) -> str:
+    """``done 12/40 · running 2 · pruned 5 · failed 1 · best … · elapsed … · ETA … · …``.
+
+    ETA: this session's wall time per finished trial (slots included) times what is left.
+    """
+    done = finished_counted(trials)
+    states = [t.state.name for t in trials]
+    parts = [f"done {done}/{n_trials}", f"running {states.count('RUNNING')}",
+             f"pruned {states.count('PRUNED')}", f"failed {states.count('FAIL')}",
+             f"best {best_text(trials, study)}", f"elapsed {_hms(elapsed)}"]
+    left = max(n_trials - done, 0)
+    if finished_here and left:
+        parts.append(f"ETA {_hms(elapsed / finished_here * left)}")
+    if timeout:
+        parts.append(f"timeout in {_hms(timeout - elapsed)}" if elapsed < timeout
+                     else "timeout passed: no new trials")
+    return " · ".join(parts)
+
+
+class LiveView:
+    """The sweep's status: a tqdm bar on a terminal (log lines print above it); elsewhere
+    each trial's end line carries it. `XRAY_PLAIN_PROGRESS=1` forces plain lines."""
+
+    def __init__(self, n_trials: int, done: int = 0) -> None:
+        self.bar = None
+        self._redirect: contextlib.AbstractContextManager | None = None
+        if sys.stderr.isatty() and not os.environ.get("XRAY_PLAIN_PROGRESS"):
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self.bar = tqdm(total=n_trials, initial=done, unit="trial", dynamic_ncols=True,
+                            file=sys.stderr, bar_format="{l_bar}{bar}| {postfix}")
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
+
+    def update(self, text: str, done: int) -> None:
+        if self.bar is None:
+            return  # plain output: the status ends each trial's line
+        self.bar.n = done
+        self.bar.set_postfix_str(text, refresh=True)
+
+    def close(self) -> None:
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+        if self.bar is not None:
+            self.bar.close()

@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import console  # noqa: E402 - light (the plugin scan imports this module)
+
 log = logging.getLogger(__name__)
 
 # Survives Hydra's plugin rescan, which re-executes this module in place.
@@ -232,9 +234,17 @@ def _execute_job(task: TrialTask) -> Any:
         sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{task.number}"
         sweep_config.hydra.job.num = task.number
     HydraConfig.instance().set_config(sweep_config)
+    task_function = _STATE["task_function"]
+    seen = f"{sweep_config.hydra.sweep.dir}/{console.SEEN_FILE}.{_STATE['setup'].parent_pid}"
+    verbose = bool(sweep_config.hydra.verbose)
+
+    def quiet_task(cfg: Any) -> Any:  # run_job configured the job's logging just before
+        console.quiet_console(seen, verbose)
+        return task_function(cfg)
+
     return run_job(
         hydra_context=hydra_context,
-        task_function=_STATE["task_function"],
+        task_function=quiet_task,
         config=sweep_config,
         job_dir_key="hydra.sweep.dir",
         job_subdir_key="hydra.sweep.subdir",
