@@ -22,6 +22,8 @@ downloads and safe loading are `search.model_store`. Concurrency: see `search.ch
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import math
@@ -132,7 +134,9 @@ def register_run_model(client: MlflowClient, run_id: str, model_name: str) -> Mo
     mv = existing_version(client, model_name, run_id)
     if mv is None:
         # MLflow 3: models:/<model_id> registers the LoggedModel; the version keeps the run id.
-        mv = mlflow.register_model(model_uri, model_name, tags=tags)
+        # register_model prints "Successfully registered..." to stderr; our line says it.
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            mv = mlflow.register_model(model_uri, model_name, tags=tags)
         log.info("registered %s v%s (the model of run %s)", model_name, mv.version, run_id)
     else:
         log.info("run %s is already %s v%s; reusing it", run_id, model_name, mv.version)

@@ -166,7 +166,11 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a killed process its parent has not reaped yet (a zombie) still answers kill(0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def owner_alive(tags: dict[str, str]) -> bool | None:
@@ -237,6 +241,9 @@ def setup_tracking(tracking: DictConfig | dict) -> str:
     Returns:
         The experiment id.
     """
+    # MLflow's tqdm bars for artifact downloads (registry, held-out scoring) are noise in
+    # a sweep's log; MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true brings them back.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = resolve_tracking_uri(tracking.get("uri"))
     check_server(uri)
     open_store(uri)  # creates/migrates the schema

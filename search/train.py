@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import math
 import os
@@ -363,7 +364,19 @@ def log_keras_model(cfg: DictConfig, model: keras.Model, data: Any, results: dic
         "config_hash": config_hash(cfg),
     }
     fault_point("model_logging")
-    info = mlflow.models.Model.log(
+    # MLflow validates the input example by predicting in another thread with Keras' default
+    # verbosity: two progress bars (ANSI codes) per trial. Keras' switch for that is
+    # thread-local, so with trainer.verbose=0 the call's stdout is dropped instead.
+    quiet = int(cfg.trainer.verbose) == 0
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        info = _log_model(model, signature, example, metadata)
+    mlflow.log_dict(metadata, "model_metadata.json")
+    mlflow.set_tag("best_model_uri", info.model_uri)
+
+
+def _log_model(model: keras.Model, signature: Any, example: np.ndarray,
+               metadata: dict) -> Any:
+    return mlflow.models.Model.log(
         artifact_path=None, name="model", flavor=KERAS_FLAVOR, model=model, signature=signature,
         input_example=example, metadata=metadata,
         # Explicit requirements: inferring them makes MLflow load the model again in a fresh
@@ -371,5 +384,3 @@ def log_keras_model(cfg: DictConfig, model: keras.Model, data: Any, results: dic
         pip_requirements=[f"{name}=={version}" for name, version in
                           tracking.package_versions().items() if name in MODEL_PACKAGES],
     )
-    mlflow.log_dict(metadata, "model_metadata.json")
-    mlflow.set_tag("best_model_uri", info.model_uri)

@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 SEEN_FILE = ".warnings_seen"
-_DIGITS = re.compile(r"\d+(\.\d+)?")
+# Numbers and addresses differ between repeats of one warning (`at 0x7fa...`, `trial 3`).
+_VARYING = re.compile(r"0x[0-9a-fA-F]+|\d+(\.\d+)?")
 
 
 def _is_console(handler: logging.Handler) -> bool:
@@ -42,7 +43,7 @@ class OncePerSweep(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno != logging.WARNING:
             return True  # errors are never dropped
-        key = hashlib.sha1(_DIGITS.sub("#", record.getMessage()).encode()).hexdigest()[:16]
+        key = hashlib.sha1(_VARYING.sub("#", record.getMessage()).encode()).hexdigest()[:16]
         try:
             with open(self.seen_file, "a+") as handle:
                 fcntl.flock(handle, fcntl.LOCK_EX)  # two workers may warn at once

@@ -107,10 +107,22 @@ def sweep_summary(
 
 
 def write_summary(summary: dict[str, Any], sweep_dir: Path) -> None:
-    """Write ``optuna_summary.yaml`` into the sweep folder and log it."""
+    """Write ``optuna_summary.yaml`` into the sweep folder; log its gist in two lines (the
+    whole YAML, ~50 lines with the best params twice, is in the file)."""
     text = yaml.safe_dump(summary, sort_keys=False)
     (sweep_dir / SUMMARY_FILE).write_text(text)
-    log.info("Sweep summary (%s):\n%s", sweep_dir / SUMMARY_FILE, text)
+    states = summary.get("states", {})
+    counts = " · ".join(f"{n} {s.lower()}" for s, n in states.items() if n)
+    log.info("Sweep summary: %s of %s counted · %s · stopped by %s after %.0f s (%s)",
+             summary.get("counted"), summary.get("n_trials"), counts or "no trials",
+             summary.get("stop_reason"), summary.get("elapsed_s", 0.0), sweep_dir / SUMMARY_FILE)
+    best = summary.get("best")
+    if best:
+        overrides = best.get("overrides") or [f"{k}={v}" for k, v in best["params"].items()]
+        log.info("Best: trial %d = %.6g with %s", best["number"], best["value"],
+                 " ".join(overrides))
+    elif summary.get("pareto_front"):
+        log.info("Pareto front: %d trial(s) (in the file)", len(summary["pareto_front"]))
 
 
 def official_results(study: optuna.Study) -> dict[str, Any] | None:

@@ -47,8 +47,13 @@ def test_parent_child_runs_report_and_best_trial(tmp_path):
                  "hydra/sweeper/pruner=nop")
     # a quiet terminal: no TF/absl/CUDA start-up lines from the workers, no Keras shuffle note
     for noise in ("absl::InitializeLog", "Could not find cuda drivers", "failed call to cuInit",
-                  "oneDNN custom operations", "`shuffle=True` was passed"):
+                  "oneDNN custom operations", "`shuffle=True` was passed",
+                  "ms/step", "Downloading artifacts", "Successfully registered model",
+                  "] Loading data"):  # Keras/MLflow bars, MLflow's prints, workers' INFO
         assert noise not in proc.stdout + proc.stderr, noise
+    warned = [re.sub(r"^\[[^]]*\]|0x[0-9a-f]+|\d+", "#", line)
+              for line in (proc.stdout + proc.stderr).splitlines() if "[WARNING]" in line]
+    assert len(warned) == len(set(warned)), warned  # each warning once per sweep
     client, parents, children = runs_of(tmp_path, "e2e")
     assert len(parents) == 1 and len(children) == 2
     parent = parents[0]

@@ -1,5 +1,7 @@
 """Tracking store resolution and config flattening against a real SQLite MLflow store."""
 
+from pathlib import Path
+
 import mlflow
 from omegaconf import OmegaConf
 
@@ -61,6 +63,7 @@ def test_owner_alive_only_judges_this_hosts_processes():
     import os
     import subprocess
     import sys
+    import time
 
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
@@ -69,6 +72,15 @@ def test_owner_alive_only_judges_this_hosts_processes():
     assert tracking.owner_alive({"process.host": here, "process.pid": done.stdout.strip()}) \
         is False
     assert tracking.owner_alive({"process.host": "another-box", "process.pid": "1"}) is None
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # exits, not reaped yet
+    for _ in range(100):
+        stat = Path(f"/proc/{zombie.pid}/stat").read_text()
+        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+            break
+        time.sleep(0.05)
+    assert tracking.owner_alive({"process.host": here, "process.pid": str(zombie.pid)}) \
+        is False
+    zombie.wait()
 
 
 def test_two_processes_creating_one_new_store_at_once(tmp_path):
