@@ -10,25 +10,15 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
-from search.tracking import DEFAULT_STORE
+from search.tracking import DEFAULT_STORE, ML_VIEW, public_uri
 
 LOCAL_UI = "http://127.0.0.1:5000"
 # The runs page on its chart view, model-training runs only (MLflow 3's UI query keys).
-CHART_QUERY = "runs?workflowType=machine_learning&compareRunsMode=CHART"
+CHART_QUERY = f"runs?{ML_VIEW}&compareRunsMode=CHART"
 
 
 def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
-
-
-def public_uri(uri: str) -> str:
-    """A server URI without its user:password part: links and commands people copy must
-    work, so credentials are left out (MLflow reads MLFLOW_TRACKING_USERNAME/PASSWORD)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=host)).rstrip("/")
 
 
 def ui_base(tracking_uri: str) -> str:
@@ -48,7 +38,7 @@ def chart_url(tracking_uri: str, experiment_id: str) -> str:
 
 
 def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    return f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}?{ML_VIEW}"
 
 
 def pull_command(model_name: str, tracking_uri: str, alias: str = "champion") -> str:

@@ -142,7 +142,22 @@ def run_url(experiment_id: str, run_id: str) -> str | None:
     uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return None
-    return f"{redact_uri(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{public_uri(uri)}/#/experiments/{experiment_id}/runs/{run_id}?{ML_VIEW}"
+
+
+# MLflow 3.17's UI picks its GenAI or model-training side from a toggle, not from the
+# experiment's kind tag: links carry the toggle (seen in headless Chromium).
+ML_VIEW = "workflowType=machine_learning"
+
+
+def public_uri(uri: str) -> str:
+    """A server URI without its user:password part: links and commands people copy must
+    work, so credentials are left out (MLflow reads MLFLOW_TRACKING_USERNAME/PASSWORD)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=host)).rstrip("/")
 
 
 def host_id() -> str:

@@ -21,7 +21,8 @@ def test_parent_description_links_the_best_trial_and_gives_the_pull_command():
     note = d.parent_description("study-a", SUMMARY, "val_loss", ("4", "abc123"), DECISION,
                                 SERVER, "pneumonia-cnn")
     assert "3 complete, 5 pruned, 1 fail" in note
-    assert "[trial 7](http://127.0.0.1:5000/#/experiments/4/runs/abc123)" in note
+    assert ("[trial 7](http://127.0.0.1:5000/#/experiments/4/runs/abc123"
+            "?workflowType=machine_learning)") in note
     assert "val_loss = 0.0761" in note and "`optimizer` = adamax" in note
     assert "v3 → @champion (promoted: beats v2); held-out roc_auc = 0.9712" in note
     assert ("python search/pull.py --name pneumonia-cnn --tracking-uri "
@@ -38,7 +39,7 @@ def test_next_steps_for_a_local_store_start_the_ui_and_open_the_chart_view():
     assert "mlflow ui --backend-store-uri sqlite:////data/mlruns/mlflow.db --host 127.0.0.1" in text
     assert ("http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
             "&compareRunsMode=CHART") in text
-    assert "http://127.0.0.1:5000/#/experiments/1/runs/run9" in text
+    assert "http://127.0.0.1:5000/#/experiments/1/runs/run9?workflowType=machine_learning" in text
     assert "models:/m/3 is champion; serve models:/m@champion" in text
     assert "pull:    python search/pull.py --name m --tracking-uri" in text
     server = "\n".join(d.next_steps(SERVER, "1", "r", "m", None))
