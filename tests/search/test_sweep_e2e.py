@@ -34,7 +34,8 @@ def sweep(tmp_path: Path, *overrides: str, expect_ok: bool = True) -> subprocess
 
 
 def runs_of(tmp_path: Path, study: str) -> tuple[MlflowClient, list, list]:
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # never the process's default
     exp = client.get_experiment_by_name("sweeps")
     runs = client.search_runs([exp.experiment_id], f"tags.`optuna.study` = '{study}'")
     parents = [r for r in runs if r.data.tags.get("sweep.parent") == "true"]
