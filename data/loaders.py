@@ -392,7 +392,9 @@ def scan_folder(root: str | os.PathLike | None, label_mode: str = "binary") -> F
     if absent:
         raise ValueError(
             f"no images of class(es) {absent} under {root} (label_mode={label_mode!r}); every "
-            f"class needs images — a single-class dataset cannot be trained"
+            f"class needs images ({len(class_names) - len(absent)} of {len(class_names)} "
+            f"classes have some: {[n for n in class_names if n not in absent]}); add images "
+            "of the missing class(es) or choose a label_mode without them"
         )
     return FolderData(
         paths=np.array([str(p) for p, _ in kept]),

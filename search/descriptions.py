@@ -128,8 +128,29 @@ def version_description(run: Any, metadata: dict[str, Any],
             f"{_fmt(metrics.get(decision['metric']))} ({decision['reason']}).",
             f"- **Operating point (held-out, at the threshold):** {operating_point(metrics)}.",
         ]
+    lines += contract_lines(metadata)
     lines.append(f"- **Config:** `runs:/{run.info.run_id}/config/config.yaml`.")
     return "\n".join(lines)
+
+
+def contract_lines(metadata: dict[str, Any]) -> list[str]:
+    """The served input and output (search/serving.py), for a description."""
+    prep = metadata.get("preprocessing") or {}
+    size, channels = prep.get("image_size", "?"), prep.get("channels", "?")
+    names = list(metadata.get("class_names") or [])
+    columns = ", ".join(f"`p_{n}`" for n in names)
+    return [
+        f"- **Input (serving):** raw 0–255 pixels, float32 `(N, {size}, {size}, {channels})` "
+        "(JSON numbers over REST); `params={\"scaled\": true}` for pixels already scaled "
+        "to 0–1. Other sizes: `search/predict.py`, which decodes and resizes files.",
+        f"- **Output:** {columns} (probabilities, classes in output order), `label` (at the "
+        "threshold) and `threshold`.",
+    ]
+
+
+def serve_command(model_name: str) -> str:
+    return (f"mlflow models serve -m models:/{model_name}@champion --env-manager local "
+            "--host 127.0.0.1 --port 5001")
 
 
 def model_description(model_name: str, decision: dict[str, Any], tracking_uri: str) -> str:
@@ -141,7 +162,11 @@ def model_description(model_name: str, decision: dict[str, Any], tracking_uri: s
              f"held-out {metric} (tie-break {decision['tie_break']}).", ""]
     if champion is not None:
         lines.append(f"**Champion:** v{champion} (`models:/{model_name}@champion`).")
-    lines += ["", "```", pull_command(model_name, tracking_uri), "```"]
+    lines += ["", "```", pull_command(model_name, tracking_uri),
+              f"python search/predict.py models:/{model_name}@champion <images> --out "
+              "predictions",
+              serve_command(model_name) + "   # PATH must hold the venv's bin (uvicorn)",
+              "```", "", "Each version's description gives its input and output contract."]
     return "\n".join(lines)
 
 

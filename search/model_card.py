@@ -69,8 +69,27 @@ def model_card(info: dict[str, Any], has_config: bool = True) -> str:
         "`safe_mode=True`), `model_info.json`"
         + (", `config.yaml` (composed Hydra config of the run)" if has_config else "") + ".",
         "",
-        "Research use only: not a medical device, not validated for diagnosis. Training data: "
-        "Kermany et al. (2018) pediatric chest X-rays / MedMNIST v2 (CC BY 4.0).",
+        f"Research use only: not a medical device, not validated for diagnosis. "
+        f"{training_data(info)}",
         "",
     ]
     return "\n".join(lines)
+
+
+# The built-in dataset's source, as its ATTRIBUTION.md gives it (other data: its own config).
+BUILTIN_ATTRIBUTION = ("Kermany et al. (2018) pediatric chest X-rays, as MedMNIST v2 "
+                       "PneumoniaMNIST (CC BY 4.0)")
+
+
+def training_data(info: dict[str, Any]) -> str:
+    """The card's training-data line, from the run's own data params (never assumed)."""
+    data = info.get("training_data") or {}
+    name = data.get("data")
+    if not name:
+        return "Training data: see the run's config (`config.yaml`)."
+    sizes = "/".join(data.get(f"data.n_{s}", "?") for s in ("train", "val", "test"))
+    line = f"Training data: `{name}` ({sizes} train/val/test images"
+    line += f", fingerprint `{str(info.get('data_fingerprint'))[:12]}`)."
+    if name == "pneumoniamnist":
+        line += f" Source: {BUILTIN_ATTRIBUTION}."
+    return line

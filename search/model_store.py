@@ -163,6 +163,12 @@ def run_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:
             if k.startswith(("eval_val_", "eval_test_")) or k == "threshold"}
 
 
+def run_data(client: MlflowClient, run_id: str) -> dict[str, str]:
+    """What the run trained on, from its params (`data`, `data.n_*`, `data.fingerprint`)."""
+    params = client.get_run(run_id).data.params
+    return {k: v for k, v in params.items() if k == "data" or k.startswith("data.n_")}
+
+
 def run_link(client: MlflowClient, run_id: str) -> str:
     """A clickable run address for a tracking server, else the runs:/ URI."""
     uri = redact_uri(mlflow.get_tracking_uri())
@@ -199,6 +205,7 @@ def version_info(client: MlflowClient, mv: ModelVersion, model_dir: Path) -> dic
         "description": mv.description,
         "version_tags": tags,
         "metrics": run_metrics(client, mv.run_id) if mv.run_id else {},
+        "training_data": run_data(client, mv.run_id) if mv.run_id else {},
         "created": time.strftime(
             "%Y-%m-%d %H:%M:%S", time.gmtime(int(mv.creation_timestamp) / 1000)
         ) + " UTC",

@@ -7,14 +7,10 @@ the configured objective so a Hydra sweeper can optimise it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import logging
 import math
-import os
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import keras
@@ -36,29 +32,15 @@ from search.callbacks import (
 )
 from search.config_checks import check_run_config, pruning_metric
 from search.faults import armed, fault_point, memory_fault
+from search.model_logging import config_hash, log_keras_model
 from search.quiet_start import quiet_native_start
 
 log = logging.getLogger(__name__)
 
-MODEL_PACKAGES = ("tensorflow", "keras", "numpy")
 # evaluate_split's values that already have a metric of their own, so one quantity has one
 # name: recall is `sensitivity`; the threshold is `threshold` (chosen once, on val); the best
 # checkpoint's loss is the minimum of Keras' `val_loss` series (and `objective` by default).
 NOT_LOGGED = ("recall", "threshold", "loss")
-
-
-def _save_keras_flavor(path: str, **kwargs: Any) -> None:
-    """mlflow.keras.save_model, with its target folder created first.
-
-    MLflow 3.17's Keras flavour writes input_example.json before it creates the model folder,
-    so `mlflow.keras.log_model(..., input_example=...)` fails with FileNotFoundError.
-    """
-    os.makedirs(path, exist_ok=True)
-    mlflow.keras.save_model(path=path, **kwargs)
-
-
-# Stands in for the `mlflow.keras` module in Model.log (same flavour name, same saver).
-KERAS_FLAVOR = SimpleNamespace(__name__="mlflow.keras", save_model=_save_keras_flavor)
 
 
 def configure_runtime(seed: int, deterministic: bool, threads: int | None) -> None:
@@ -79,12 +61,6 @@ def configure_runtime(seed: int, deterministic: bool, threads: int | None) -> No
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
-
-
-def config_hash(cfg: DictConfig) -> str:
-    """Stable short hash of the resolved task config (what defines the model)."""
-    text = OmegaConf.to_yaml(cfg, resolve=True, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer, binary: bool) -> None:
@@ -271,6 +247,11 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
             raise KeyError(f"objective {missing} not among the evaluated metrics: "
                            f"{sorted(results)}")
         values = [float(results[name]) for name in objectives]
+        bad = [n for n, v in zip(objectives, values, strict=True) if not math.isfinite(v)]
+        if bad:  # a NaN told to the sampler would rank as nothing; fail with the reason
+            raise FloatingPointError(
+                f"objective {bad} is not finite on the val split (e.g. ROC AUC needs both "
+                f"classes in val: n_val={data.n_val}); choose another objective, or more data")
         # One stable name for the value the sweeper optimises, whatever `objective` is.
         mlflow.log_metrics({"objective" if len(values) == 1 else f"objective_{i}": v
                             for i, v in enumerate(values) if math.isfinite(v)})
@@ -327,6 +308,11 @@ def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: Any, binary: boo
         # eval_ prefix: val_loss/val_accuracy already name Keras' per-epoch series.
         mlflow.log_metrics({f"eval_{split}_{k}": v for k, v in result.metrics.items()
                             if k not in NOT_LOGGED and math.isfinite(v)})
+        undefined = sorted(k for k, v in result.metrics.items()
+                           if k not in NOT_LOGGED and not math.isfinite(v))
+        if undefined:  # never dropped silently
+            log.warning("%s: %s undefined (NaN: a class is missing from the %s split), not "
+                        "logged", split, ", ".join(undefined), split)
         mlflow.log_figure(ev.confusion_figure(result), f"evaluation/{split}_confusion.png")
         mlflow.log_dict(
             {"labels": result.class_names, "matrix": result.confusion.tolist(),
@@ -349,38 +335,3 @@ def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: Any, binary: boo
             "evaluation/threshold.json",
         )
     return results
-
-
-def log_keras_model(cfg: DictConfig, model: keras.Model, data: Any, results: dict) -> None:
-    """Log the best checkpoint as an MLflow Keras model with signature, example and metadata."""
-    example = next(iter(data.val.take(1)))[0][:1].numpy()
-    signature = mlflow.models.infer_signature(example, model.predict(example, verbose=0))
-    metadata = {
-        "class_names": list(data.class_names),
-        "preprocessing": dict(data.preprocessing),
-        "threshold": results.get("val_threshold"),
-        "threshold_rule": str(cfg.evaluation.threshold_rule),
-        "data_fingerprint": data.fingerprint,
-        "config_hash": config_hash(cfg),
-    }
-    fault_point("model_logging")
-    # MLflow validates the input example by predicting in another thread with Keras' default
-    # verbosity: two progress bars (ANSI codes) per trial. Keras' switch for that is
-    # thread-local, so with trainer.verbose=0 the call's stdout is dropped instead.
-    quiet = int(cfg.trainer.verbose) == 0
-    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-        info = _log_model(model, signature, example, metadata)
-    mlflow.log_dict(metadata, "model_metadata.json")
-    mlflow.set_tag("best_model_uri", info.model_uri)
-
-
-def _log_model(model: keras.Model, signature: Any, example: np.ndarray,
-               metadata: dict) -> Any:
-    return mlflow.models.Model.log(
-        artifact_path=None, name="model", flavor=KERAS_FLAVOR, model=model, signature=signature,
-        input_example=example, metadata=metadata,
-        # Explicit requirements: inferring them makes MLflow load the model again in a fresh
-        # subprocess (TF import included), seconds per trial for the same answer.
-        pip_requirements=[f"{name}=={version}" for name, version in
-                          tracking.package_versions().items() if name in MODEL_PACKAGES],
-    )

@@ -56,15 +56,19 @@ def test_version_and_model_descriptions_say_what_won_and_where_it_operates():
             params = {"data": "pneumoniamnist", "data.n_train": "4237", "data.n_val": "471"}
 
     meta = {"threshold": 0.4123, "threshold_rule": "max_f1", "data_fingerprint": "f" * 40,
-            "config_hash": "h1"}
+            "config_hash": "h1", "class_names": ["normal", "pneumonia"],
+            "preprocessing": {"image_size": 28, "channels": 1}}
     text = d.version_description(Run, meta, DECISION)
     assert "trial 7 of study `s`" in text and "`pneumoniamnist` (4237 train / 471 val" in text
     assert "**Threshold:** 0.4123 (max_f1, chosen on val)" in text
     assert "held-out roc_auc = 0.9712" in text
     assert "sensitivity 0.95, specificity 0.88" in text
     assert "`runs:/r1/config/config.yaml`" in text
+    assert "raw 0–255 pixels, float32 `(N, 28, 28, 1)`" in text
+    assert "`p_normal`, `p_pneumonia` (probabilities, classes in output order)" in text
     model = d.model_description("m", {**DECISION, "promoted": False}, SERVER)
     assert "**Champion:** v2 (`models:/m@champion`)" in model and "s3cret" not in model
+    assert "mlflow models serve -m models:/m@champion --env-manager local" in model
 
 
 def test_the_curve_figure_reads_with_forty_trials():
@@ -79,3 +83,19 @@ def test_the_curve_figure_reads_with_forty_trials():
     assert sorted(legend[1:]) == ["complete (13)", "fail (1)", "pruned (25)"]
     # one line per trial, a cross where each pruned one stopped
     assert len(figure.axes[0].lines) == 40 + 25
+
+
+def test_model_card_names_the_runs_own_training_data():
+    from search.model_card import training_data
+
+    info = {"data_fingerprint": "abcdef1234567890",
+            "training_data": {"data": "chest_xray", "data.n_train": "12", "data.n_val": "2",
+                              "data.n_test": "2"}}
+    line = training_data(info)
+    assert line == ("Training data: `chest_xray` (12/2/2 train/val/test images, fingerprint "
+                    "`abcdef123456`).")
+    assert "Kermany" not in line  # the built-in set's attribution only for the built-in set
+    builtin = training_data({**info, "training_data": {**info["training_data"],
+                                                         "data": "pneumoniamnist"}})
+    assert "Kermany et al. (2018)" in builtin and "MedMNIST v2" in builtin
+    assert "see the run's config" in training_data({})

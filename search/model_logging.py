@@ -1,0 +1,81 @@
+"""The trained model into MLflow: the Keras flavour plus the serving contract
+(search/serving.py as its pyfunc flavour), its signature, example and metadata."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+from types import SimpleNamespace
+from typing import Any
+
+import keras
+import mlflow
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from search import serving, tracking
+from search.faults import fault_point
+
+MODEL_PACKAGES = ("tensorflow", "keras", "numpy")
+
+
+def _save_keras_flavor(path: str, **kwargs: Any) -> None:
+    """mlflow.keras.save_model, with its target folder created first.
+
+    MLflow 3.17's Keras flavour writes input_example.json before it creates the model folder,
+    so `mlflow.keras.log_model(..., input_example=...)` fails with FileNotFoundError.
+    """
+    os.makedirs(path, exist_ok=True)
+    mlflow.keras.save_model(path=path, **kwargs)
+    serving.add_to_saved_model(path, kwargs["mlflow_model"])  # raw pixels in, names out
+
+
+# Stands in for the `mlflow.keras` module in Model.log (same flavour name, same saver).
+KERAS_FLAVOR = SimpleNamespace(__name__="mlflow.keras", save_model=_save_keras_flavor)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Stable short hash of the resolved task config (what defines the model)."""
+    text = OmegaConf.to_yaml(cfg, resolve=True, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def log_keras_model(cfg: DictConfig, model: keras.Model, data: Any, results: dict) -> None:
+    """Log the best checkpoint as an MLflow Keras model with signature, example and metadata."""
+    # The served contract (search/serving.py): raw 0–255 pixels, named outputs. The example
+    # is a val image as a client would send it, and MLflow's validation serves it.
+    example = np.round(next(iter(data.val.take(1)))[0][:1].numpy() * 255.0).astype(np.float32)
+    signature = serving.serving_signature(int(data.preprocessing["image_size"]),
+                                          int(data.preprocessing["channels"]),
+                                          list(data.class_names))
+    metadata = {
+        "class_names": list(data.class_names),
+        "preprocessing": dict(data.preprocessing),
+        "threshold": results.get("val_threshold"),
+        "threshold_rule": str(cfg.evaluation.threshold_rule),
+        "data_fingerprint": data.fingerprint,
+        "config_hash": config_hash(cfg),
+    }
+    fault_point("model_logging")
+    # MLflow validates the input example by predicting in another thread with Keras' default
+    # verbosity: two progress bars (ANSI codes) per trial. Keras' switch for that is
+    # thread-local, so with trainer.verbose=0 the call's stdout is dropped instead.
+    quiet = int(cfg.trainer.verbose) == 0
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        info = _log_model(model, signature, example, metadata)
+    mlflow.log_dict(metadata, "model_metadata.json")
+    mlflow.set_tag("best_model_uri", info.model_uri)
+
+
+def _log_model(model: keras.Model, signature: Any, example: np.ndarray,
+               metadata: dict) -> Any:
+    return mlflow.models.Model.log(
+        artifact_path=None, name="model", flavor=KERAS_FLAVOR, model=model, signature=signature,
+        input_example=example, metadata=metadata,
+        # Explicit requirements: inferring them makes MLflow load the model again in a fresh
+        # subprocess (TF import included), seconds per trial for the same answer.
+        pip_requirements=[f"{name}=={version}" for name, version in
+                          tracking.package_versions().items() if name in MODEL_PACKAGES],
+    )
