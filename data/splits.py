@@ -205,7 +205,33 @@ def assign_splits(
         out["train"], out["val"] = carve(
             out["train"], labels, groups, val_fraction, seed + 1, "val", class_names
         )
-    return {s: np.sort(out[s]).astype(np.int64) for s in SPLITS}
+    splits = {s: np.sort(out[s]).astype(np.int64) for s in SPLITS}
+    check_class_coverage(splits, labels, class_names)
+    return splits
+
+
+def check_class_coverage(splits: Mapping[str, np.ndarray], labels: np.ndarray,
+                         class_names: list[str] | None = None) -> None:
+    """Every class of the data in every non-empty split, or stop before training.
+
+    A class missing from val or test makes its ROC AUC undefined (NaN) and its recall
+    unmeasured; with K classes that used to pass silently.
+    """
+    classes = np.unique(labels)
+    missing = [(s, c) for s, idx in splits.items() if len(idx)
+               for c in classes if not np.any(labels[idx] == c)]
+    if not missing:
+        return
+    def name(c: int) -> str:
+        return class_names[c] if class_names and c < len(class_names) else str(c)
+    counts = "; ".join(
+        f"{name(int(c))}: " + ", ".join(f"{s} {int(np.sum(labels[idx] == c))}"
+                                        for s, idx in splits.items())
+        for c in sorted({c for _, c in missing}))
+    raise ValueError(
+        f"class(es) {sorted({name(int(c)) for _, c in missing})} missing from split(s) "
+        f"{sorted({s for s, _ in missing})} (images per split: {counts}); add images of "
+        "those classes, or change data.val_fraction/test_fraction (or data.resplit)")
 
 
 def stratified_subset(

@@ -302,3 +302,14 @@ def check_schedules_fit(cfg: DictConfig) -> None:
                 f"to decay over in trainer.max_epochs={fewest}: every trial with it would fail. "
                 f"Raise trainer.max_epochs above {warmup}, or {fix}"
             )
+
+
+def check_threshold_rule(cfg: DictConfig, class_names: list[str]) -> None:
+    """A threshold rule other than the default only means something for two classes; for K
+    classes the prediction is the most probable class, so the rule is refused, not ignored."""
+    rule = str(OmegaConf.select(cfg, "evaluation.threshold_rule"))
+    if len(class_names) > 2 and rule != "max_f1":
+        raise ConfigError(
+            f"evaluation.threshold_rule={rule} needs two classes; this data has "
+            f"{len(class_names)} ({', '.join(class_names)}) and a K-class model predicts the "
+            "most probable class: drop the override")

@@ -118,8 +118,10 @@ def version_description(run: Any, metadata: dict[str, Any],
         f"{params.get('data.n_val', '?')} val images, fingerprint "
         f"`{str(metadata.get('data_fingerprint'))[:12]}`); config hash "
         f"`{metadata.get('config_hash')}`.",
-        f"- **Threshold:** {_fmt(metadata.get('threshold'))} "
-        f"({metadata.get('threshold_rule')}, chosen on val).",
+        (f"- **Threshold:** {_fmt(metadata.get('threshold'))} "
+         f"({metadata.get('threshold_rule')}, chosen on val)."
+         if metadata.get("threshold") is not None else
+         "- **Decision:** the most probable class (argmax; no threshold)."),
     ]
     if decision:
         metrics = decision.get("new_metrics", {})

@@ -10,6 +10,15 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def decision(info: dict[str, Any]) -> str:
+    """How a label is chosen: the stored threshold (two classes) or the argmax (K)."""
+    if info.get("threshold") is None:
+        return (f"the most probable of the {len(info['class_names'])} classes (argmax; no "
+                "threshold)")
+    return (f"P({info['class_names'][-1]}) >= {_fmt(info.get('threshold'))} (threshold rule "
+            f"`{info.get('threshold_rule')}`, chosen on validation)")
+
+
 def model_card(info: dict[str, Any], has_config: bool = True) -> str:
     """MODEL_CARD.md for a pulled version."""
     tags = info.get("version_tags") or {}
@@ -29,8 +38,7 @@ def model_card(info: dict[str, Any], has_config: bool = True) -> str:
         f"| registered | {info.get('created')} |",
         f"| exported | {info.get('exported')} |",
         f"| classes | {', '.join(map(str, info['class_names']))} |",
-        f"| decision threshold | {_fmt(info.get('threshold'))} "
-        f"(rule `{info.get('threshold_rule')}`, chosen on validation) |",
+        f"| decision | {decision(info)} |",
         f"| data fingerprint | `{info.get('data_fingerprint')}` |",
         f"| config hash | `{info.get('config_hash')}` |",
         f"| preprocessing | `{json.dumps(info['preprocessing'], sort_keys=True)}` |",

@@ -30,7 +30,7 @@ from search.callbacks import (
     LearningRateLogger,
     check_divergence,
 )
-from search.config_checks import check_run_config, pruning_metric
+from search.config_checks import check_run_config, check_threshold_rule, pruning_metric
 from search.faults import armed, fault_point, memory_fault
 from search.model_logging import config_hash, log_keras_model
 from search.quiet_start import quiet_native_start
@@ -121,6 +121,7 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
     data = instantiate(cfg.data, seed=int(cfg.seed), _convert_="all")
     n_classes = len(data.class_names)
     binary = n_classes == 2
+    check_threshold_rule(cfg, list(data.class_names))  # before any training
     log.info(
         "Data: %d train / %d val / %d test, classes %s, input %s, fingerprint %s",
         data.n_train, data.n_val, data.n_test, data.class_names, data.input_shape,

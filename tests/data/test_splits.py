@@ -224,3 +224,16 @@ def test_fingerprint_depends_on_membership_and_labels() -> None:
     assert split_fingerprint("npz:x", ids, labels, moved) != base
     assert split_fingerprint("npz:x", ids, 1 - labels, splits) != base
     assert split_fingerprint("npz:y", ids, labels, splits) != base
+
+
+def test_a_class_missing_from_a_split_stops_before_training_naming_it():
+    from data.splits import check_class_coverage
+
+    labels = np.array([0, 0, 1, 1, 2, 2, 0, 1])
+    splits = {"train": np.array([0, 2, 4, 6]), "val": np.array([1, 3]),
+              "test": np.array([5, 7])}
+    with pytest.raises(ValueError, match=r"class\(es\) \['normal', 'virus'\] missing from "
+                       r"split\(s\) \['test', 'val'\].*virus: train 1, val 0, test 1"):
+        check_class_coverage(splits, labels, ["normal", "bacteria", "virus"])
+    check_class_coverage({"train": np.arange(8), "val": np.arange(8),
+                          "test": np.array([], dtype=int)}, labels)  # empty test: no test

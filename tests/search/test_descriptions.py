@@ -99,3 +99,14 @@ def test_model_card_names_the_runs_own_training_data():
                                                          "data": "pneumoniamnist"}})
     assert "Kermany et al. (2018)" in builtin and "MedMNIST v2" in builtin
     assert "see the run's config" in training_data({})
+
+
+def test_model_card_says_how_a_label_is_chosen():
+    from search.model_card import decision
+
+    assert decision({"class_names": ["normal", "pneumonia"], "threshold": 0.38,
+                     "threshold_rule": "max_f1"}) == (
+        "P(pneumonia) >= 0.3800 (threshold rule `max_f1`, chosen on validation)")
+    assert decision({"class_names": ["a", "b", "c"], "threshold": None,
+                     "threshold_rule": "max_f1"}) == (
+        "the most probable of the 3 classes (argmax; no threshold)")
