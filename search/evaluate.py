@@ -190,6 +190,13 @@ def roc_pr_figure(
         RocCurveDisplay.from_predictions(y, s, name=name, ax=ax_roc)
         PrecisionRecallDisplay.from_predictions(y, s, name=name, ax=ax_pr)
     ax_roc.plot([0, 1], [0, 1], "k--", lw=0.8)
+    # scikit-learn's labels say "(Positive label: 1)", which names no class: each curve is
+    # its class (against the rest when there are more than two), as the legend says.
+    versus = " (each class vs the rest)" if scores.ndim == 2 else f" ({class_names[-1]})"
+    ax_roc.set_xlabel("false positive rate")
+    ax_roc.set_ylabel("true positive rate" + versus)
+    ax_pr.set_xlabel("recall" + versus)
+    ax_pr.set_ylabel("precision")
     ax_roc.set_title(f"{split} ROC")
     ax_pr.set_title(f"{split} precision-recall")
     fig.tight_layout()

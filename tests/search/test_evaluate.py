@@ -68,3 +68,14 @@ def test_figures_render():
     assert len(ev.roc_pr_figure("val", Y, S, ["normal", "pneumonia"]).axes) == 2
     fig = ev.history_figure({"loss": [1, 0.5], "val_loss": [1.1, 0.7], "accuracy": [0.5, 0.8]})
     assert len(fig.axes) == 2
+
+
+def test_roc_pr_axes_name_the_class_not_a_label_number():
+    binary = ev.roc_pr_figure("val", Y, S, ["normal", "pneumonia"])
+    assert binary.axes[0].get_ylabel() == "true positive rate (pneumonia)"
+    y3 = np.array([0, 1, 2, 0, 1, 2])
+    p3 = np.eye(3)[[0, 1, 2, 1, 1, 2]] * 0.8 + 0.2 / 3
+    labels = [ax.get_xlabel() + ax.get_ylabel()
+              for ax in ev.roc_pr_figure("val", y3, p3, ["a", "b", "c"]).axes]
+    assert all("Positive label" not in text for text in labels)
+    assert "each class vs the rest" in labels[0]
