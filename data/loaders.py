@@ -232,10 +232,12 @@ def _npz_class_names(
         )
     absent = [names[c] for c in range(len(names)) if not np.any(all_labels == c)]
     if absent:
+        present = [names[c] for c in range(len(names)) if names[c] not in absent]
         raise ValueError(
             f"{path}: no images of class(es) {absent} (labels present: "
-            f"{sorted(set(all_labels.tolist()))}); a classifier needs every class — a dataset "
-            f"with only one class cannot be trained"
+            f"{sorted(set(all_labels.tolist()))}, {len(present)} of {len(names)} classes have "
+            f"images: {present}); a classifier needs images of every class: add them, or drop "
+            "the class from data.class_names"
         )
     return names
 

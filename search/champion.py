@@ -146,6 +146,18 @@ class HeldOutEvaluator:
             ),
         }
 
+    def metric_name(self, name: str | None = None) -> str:
+        """The metric as this task names it: `sensitivity` is `macro_recall` for K classes,
+        and `macro_recall` is `sensitivity` for two."""
+        from search.config_checks import MACRO_NAMES
+
+        name = name or self.metric
+        if self.class_names is None:
+            return name
+        if len(self.class_names) > 2:
+            return MACRO_NAMES.get(name, name)
+        return next((b for b, m in MACRO_NAMES.items() if m == name and b != "recall"), name)
+
     def bundle(self, image_size: int, channels: int) -> Any:
         key = (int(image_size), int(channels))
         if key not in self._bundles:
@@ -199,14 +211,15 @@ class HeldOutEvaluator:
                                    None if threshold is None else float(threshold))
         score = HeldOutScore(
             version=version,
-            metric=result.metrics[self.metric],
-            tie_break=result.metrics[self.tie_break],
+            metric=result.metrics[self.metric_name()],
+            tie_break=result.metrics[self.metric_name(self.tie_break)],
             threshold=result.threshold,
             metrics=result.metrics,
             data_fingerprint=info.get("data_fingerprint"),
         )
-        log.info("%s v%s on the held-out split: %s %.4f, %s %.4f", name, version, self.metric,
-                 score.metric, self.tie_break, score.tie_break)
+        log.info("%s v%s on the held-out split: %s %.4f, %s %.4f", name, version,
+                 self.metric_name(), score.metric, self.metric_name(self.tie_break),
+                 score.tie_break)
         self._scores[version] = score
         return score
 

@@ -23,14 +23,20 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 # sklearn (2.5 s of imports in the sweeper process).
 THRESHOLD_RULES = ("max_f1", "youden", "min_sensitivity")
 
+# The K-class names of the binary metrics (averaged over classes, so the name says so).
+MACRO_NAMES = {"precision": "macro_precision", "recall": "macro_recall",
+               "sensitivity": "macro_recall", "specificity": "macro_specificity",
+               "f1": "macro_f1"}
+
 # Metrics of search.evaluate.evaluate_split that can rank model versions (registry.metric,
-# tie_break; all: higher is better).
+# tie_break; all: higher is better). A binary name ranks K-class models by its macro_*
+# counterpart and the reverse; the decision records the name actually compared.
 RANKING_METRICS = ("roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity", "f1",
-                   "precision", "recall")
+                   "precision", "recall", *dict.fromkeys(MACRO_NAMES.values()))
 
 # What search/train.py returns: evaluate_split's metrics of the val split, plus model facts.
 VAL_METRICS = ("loss", "accuracy", "precision", "recall", "sensitivity", "specificity", "f1",
-               "roc_auc", "pr_auc")
+               "roc_auc", "pr_auc", *dict.fromkeys(MACRO_NAMES.values()))
 MODEL_FACTS = ("n_params", "epochs_trained", "best_epoch")
 MINIMISED = ("loss", *MODEL_FACTS)
 # What Keras logs each epoch (compile_model's metrics), which trainer.monitor may watch.
@@ -313,3 +319,27 @@ def check_threshold_rule(cfg: DictConfig, class_names: list[str]) -> None:
             f"evaluation.threshold_rule={rule} needs two classes; this data has "
             f"{len(class_names)} ({', '.join(class_names)}) and a K-class model predicts the "
             "most probable class: drop the override")
+
+
+def check_task_metrics(cfg: DictConfig, class_names: list[str]) -> None:
+    """The objective and `trainer.monitor` must name metrics this task reports: K-class runs
+    report `macro_recall` (never a bare `sensitivity`), binary runs the reverse."""
+    k = len(class_names)
+    for name in objective_names(cfg.objective):
+        metric = name.removeprefix("val_")
+        if k > 2 and metric in MACRO_NAMES:
+            raise ConfigError(
+                f"objective={name}: with {k} classes ({', '.join(class_names)}) there is no "
+                f"single {metric}; use objective=val_{MACRO_NAMES[metric]} (the mean over "
+                "classes) or val_roc_auc (one-vs-rest, macro)")
+        if k == 2 and metric in MACRO_NAMES.values():
+            binary = next(b for b, m in MACRO_NAMES.items() if m == metric)
+            raise ConfigError(
+                f"objective={name} is a K-class average; this data has 2 classes "
+                f"({', '.join(class_names)}): use objective=val_{binary}")
+    monitor = str(OmegaConf.select(cfg, "trainer.monitor", default="val_loss"))
+    if k > 2 and monitor.removeprefix("val_") in ("precision", "recall"):
+        raise ConfigError(
+            f"trainer.monitor={monitor} is a binary per-epoch metric; a {k}-class run logs "
+            "loss, accuracy, auc (one-vs-rest, macro) and recall_<class> each epoch: use "
+            "trainer.monitor=val_loss or val_auc")

@@ -98,6 +98,7 @@ def parent_description(study: str, summary: dict[str, Any], objective: str,
 
 def operating_point(metrics: dict[str, float]) -> str:
     keys = [("sensitivity", "sensitivity"), ("specificity", "specificity"),
+            ("macro_recall", "macro recall"), ("macro_specificity", "macro specificity"),
             ("accuracy", "accuracy"), ("roc_auc", "ROC AUC")]
     found = [f"{label} {_fmt(metrics[k])}" for k, label in keys if k in metrics]
     return ", ".join(found) or "n/a"
@@ -114,6 +115,8 @@ def version_description(run: Any, metadata: dict[str, Any],
     data = params.get("data", "?")
     lines = [
         f"Keras model from run `{run.info.run_id}` ({origin}).",
+        "- " + task_line(list(metadata.get("class_names") or []), metadata.get("threshold"),
+                         metadata.get("threshold_rule")),
         f"- **Trained on:** `{data}` ({params.get('data.n_train', '?')} train / "
         f"{params.get('data.n_val', '?')} val images, fingerprint "
         f"`{str(metadata.get('data_fingerprint'))[:12]}`); config hash "
@@ -187,3 +190,59 @@ def next_steps(tracking_uri: str, experiment_id: str, parent_run_id: str,
                   f"serve models:/{model_name}@champion",
                   f"  pull:    {pull_command(model_name, tracking_uri)}"]
     return lines
+
+
+def task_line(class_names: list[str], threshold: float | None = None,
+              rule: str | None = None) -> str:
+    """What the model predicts and how a label is chosen."""
+    names = ", ".join(f"`{n}`" for n in class_names)
+    if len(class_names) == 2:
+        cut = (f"P({class_names[-1]}) ≥ {_fmt(threshold)} ({rule}, chosen on val)"
+               if threshold is not None else f"P({class_names[-1]}) ≥ the stored threshold")
+        return f"**Task:** two classes ({names}, output order); the label is `{class_names[-1]}` " \
+               f"when {cut}."
+    return (f"**Task:** {len(class_names)} classes ({names}, output order); the label is the "
+            "most probable class (argmax, no threshold). `macro_*` metrics are means over the "
+            "classes, `roc_auc`/`pr_auc` are one-vs-rest and macro-averaged, and every class "
+            "has `recall_<class>`, `precision_<class>` and `f1_<class>` (per epoch: `auc` and "
+            "`recall_<class>`).")
+
+
+def data_lines(source_info: dict[str, Any], input_shape: tuple[int, ...],
+               fingerprint: str) -> list[str]:
+    """Where the images came from and how many of each class each split holds."""
+    where = source_info.get("root") or source_info.get("path") or "?"
+    mode = source_info.get("label_mode")
+    lines = [f"**Data:** {source_info.get('source', '?')} `{where}`"
+             + (f" (label_mode {mode})" if mode else "")
+             + f", input {'×'.join(map(str, input_shape))}, fingerprint `{fingerprint[:12]}`."]
+    counts = source_info.get("counts") or {}
+    if counts:
+        classes = list(next(iter(counts.values())))
+        lines += ["", "| split | " + " | ".join(classes) + " |",
+                  "|---|" + "---|" * len(classes)]
+        lines += [f"| {split} | " + " | ".join(str(c.get(k, 0)) for k in classes) + " |"
+                  for split, c in counts.items()]
+    return lines
+
+
+def run_description(class_names: list[str], source_info: dict[str, Any],
+                    input_shape: tuple[int, ...], fingerprint: str,
+                    results: dict[str, float] | None = None, threshold_rule: str | None = None,
+                    ) -> str:
+    """A training run's description (Markdown): the task, its data and, once evaluated, the
+    best checkpoint's val and test figures."""
+    threshold = (results or {}).get("val_threshold")
+    lines = [task_line(class_names, threshold, threshold_rule), "",
+             *data_lines(source_info, input_shape, fingerprint)]
+    if results:
+        from search.evaluate import headline  # sklearn: only once there are results
+
+        lines += ["", "**Best checkpoint:**"]
+        for split in ("val", "test"):
+            metrics = {k.removeprefix(f"{split}_"): v for k, v in results.items()
+                       if k.startswith(f"{split}_")}
+            if metrics:
+                lines.append(f"- {split}: loss {_fmt(metrics.get('loss'))}  "
+                             f"{headline(metrics)}")
+    return "\n".join(lines)

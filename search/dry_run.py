@@ -18,7 +18,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from search.config_checks import check_run_config
+from search.config_checks import check_run_config, check_task_metrics, check_threshold_rule
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ def check_trial(cfg: DictConfig) -> None:
     check_run_config(cfg)
     data = _data(cfg)
     n_classes = len(data.class_names)
+    check_threshold_rule(cfg, list(data.class_names))
+    check_task_metrics(cfg, list(data.class_names))
     keras.backend.clear_session()
     try:
         model = instantiate(cfg.model, input_shape=tuple(data.input_shape), num_classes=n_classes)
@@ -58,7 +60,7 @@ def check_trial(cfg: DictConfig) -> None:
             epochs=int(cfg.trainer.max_epochs),
         )
         optimizer = instantiate(cfg.optimizer, learning_rate=schedule.learning_rate)
-        compile_model(model, optimizer, n_classes == 2)
+        compile_model(model, optimizer, n_classes == 2, list(data.class_names))
         log.debug("dry run: %s with %d params", model.name, model.count_params())
     finally:
         keras.backend.clear_session()

@@ -31,7 +31,8 @@ from sklearn.metrics import (  # noqa: E402
 )
 from sklearn.preprocessing import label_binarize  # noqa: E402
 
-from search.config_checks import THRESHOLD_RULES  # noqa: E402
+from search.config_checks import MACRO_NAMES, THRESHOLD_RULES  # noqa: E402
+from search.keras_metrics import class_keys  # noqa: E402
 
 
 @dataclass
@@ -132,20 +133,7 @@ def evaluate_split(
         }
     else:
         y_pred = scores.argmax(axis=1)
-        cm = confusion_matrix(y_true, y_pred, labels=labels)
-        fp = cm.sum(axis=0) - np.diag(cm)
-        tn = cm.sum() - cm.sum(axis=1) - fp
-        onehot = label_binarize(y_true, classes=labels)
-        metrics = {
-            "accuracy": accuracy_score(y_true, y_pred),
-            "precision": precision_score(y_true, y_pred, average="macro", zero_division=0),
-            "recall": recall_score(y_true, y_pred, average="macro", zero_division=0),
-            "sensitivity": recall_score(y_true, y_pred, average="macro", zero_division=0),
-            "specificity": float(np.mean(tn / np.maximum(tn + fp, 1))),
-            "f1": f1_score(y_true, y_pred, average="macro", zero_division=0),
-            "roc_auc": roc_auc_score(y_true, scores, multi_class="ovr", labels=labels),
-            "pr_auc": average_precision_score(onehot, scores, average="macro"),
-        }
+        metrics = multiclass_metrics(y_true, y_pred, scores, class_names)
     if loss is not None:
         metrics["loss"] = loss
     report = classification_report(
@@ -159,6 +147,61 @@ def evaluate_split(
         class_names=list(class_names),
         threshold=threshold,
     )
+
+
+def multiclass_metrics(y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray,
+                       class_names: list[str]) -> dict[str, float]:
+    """K-class metrics under an argmax decision, named for what they are.
+
+    Averages say so (`macro_recall`, not `sensitivity`); `roc_auc` / `pr_auc` are one-vs-rest,
+    macro-averaged over classes; every class has `recall_<class>`, `precision_<class>` and
+    `f1_<class>`. A class missing from the split makes its recall and the AUCs NaN (named by
+    the caller, never dropped silently).
+    """
+    labels = list(range(len(class_names)))
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    fp = cm.sum(axis=0) - np.diag(cm)
+    tn = cm.sum() - cm.sum(axis=1) - fp
+    present = np.isin(labels, y_true)
+    recall = np.where(present, recall_score(y_true, y_pred, labels=labels, average=None,
+                                            zero_division=0), np.nan)
+    precision = precision_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    f1 = f1_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    if present.all():
+        roc_auc = roc_auc_score(y_true, scores, multi_class="ovr", labels=labels)
+        pr_auc = average_precision_score(label_binarize(y_true, classes=labels), scores,
+                                         average="macro")
+    else:  # scikit-learn refuses one-vs-rest AUC for a class without positives
+        roc_auc = pr_auc = float("nan")
+    metrics = {
+        "accuracy": accuracy_score(y_true, y_pred),
+        MACRO_NAMES["precision"]: float(np.mean(precision)),
+        MACRO_NAMES["recall"]: float(np.mean(recall)),
+        MACRO_NAMES["specificity"]: float(np.mean(tn / np.maximum(tn + fp, 1))),
+        MACRO_NAMES["f1"]: float(np.mean(f1)),
+        "roc_auc": roc_auc,
+        "pr_auc": pr_auc,
+    }
+    for i, key in enumerate(class_keys(class_names)):
+        metrics[f"recall_{key}"] = recall[i]
+        metrics[f"precision_{key}"] = precision[i]
+        metrics[f"f1_{key}"] = f1[i]
+    return metrics
+
+
+def task_metric(name: str, n_classes: int) -> str:
+    """A ranking metric's name for a task: `sensitivity` is `macro_recall` for K classes."""
+    return MACRO_NAMES.get(name, name) if n_classes > 2 else name
+
+
+def headline(metrics: dict[str, float]) -> str:
+    """`acc 0.91  ROC AUC 0.97  sensitivity 0.93  specificity 0.88` (macro_* for K classes)."""
+    parts = [("acc", "accuracy"), ("ROC AUC", "roc_auc")]
+    if "sensitivity" in metrics:
+        parts += [("sensitivity", "sensitivity"), ("specificity", "specificity")]
+    else:
+        parts += [("macro recall", "macro_recall"), ("macro specificity", "macro_specificity")]
+    return "  ".join(f"{label} {metrics[key]:.4f}" for label, key in parts if key in metrics)
 
 
 def confusion_figure(evaluation: SplitEvaluation) -> plt.Figure:

@@ -276,11 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     if result.skipped:
         print(f"{len(result.skipped)} input(s) skipped -> {result.files['skipped']}")
     if result.metrics:
+        from search.evaluate import headline
+
         m = result.metrics["metrics"]
         print(f"metrics on {result.metrics['n']} labelled image(s) at threshold "
-              f"{result.metrics['threshold']}: accuracy {m['accuracy']:.4f}, ROC AUC "
-              f"{m['roc_auc']:.4f}, sensitivity {m['sensitivity']:.4f}, specificity "
-              f"{m['specificity']:.4f}")
+              f"{result.metrics['threshold']}: {headline(m)}")
         print(f"  confusion (rows true, columns predicted) "
               f"{result.metrics['confusion_matrix']['matrix']} -> {result.files['metrics']}")
     if "gradcam" in result.files:

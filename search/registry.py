@@ -215,8 +215,8 @@ def register_and_promote(
         run_id=run_id,
         alias=CHAMPION if promoted else CHALLENGER,
         promoted=promoted,
-        metric=metric,
-        tie_break=tie_break,
+        metric=evaluator.metric_name(metric),  # as the task names it (macro_* for K classes)
+        tie_break=evaluator.metric_name(tie_break),
         reason=reason,
         new_score=None if new is None else new.metric,
         new_tie_break=None if new is None else new.tie_break,

@@ -7,6 +7,7 @@ the configured objective so a Hydra sweeper can optimise it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import tempfile
@@ -21,8 +22,8 @@ import tensorflow as tf
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from search import descriptions, run_names, sweep_context, tracking
 from search import evaluate as ev
-from search import run_names, sweep_context, tracking
 from search.callbacks import (
     AtomicModelCheckpoint,
     EpochMetricsToMlflow,
@@ -30,8 +31,14 @@ from search.callbacks import (
     LearningRateLogger,
     check_divergence,
 )
-from search.config_checks import check_run_config, check_threshold_rule, pruning_metric
+from search.config_checks import (
+    check_run_config,
+    check_task_metrics,
+    check_threshold_rule,
+    pruning_metric,
+)
 from search.faults import armed, fault_point, memory_fault
+from search.keras_metrics import multiclass_metrics
 from search.model_logging import config_hash, log_keras_model
 from search.quiet_start import quiet_native_start
 
@@ -63,8 +70,13 @@ def configure_runtime(seed: int, deterministic: bool, threads: int | None) -> No
         tf.config.experimental.enable_op_determinism()
 
 
-def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer, binary: bool) -> None:
-    """Loss and per-epoch indicator metrics matching the output head."""
+def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer | str, binary: bool,
+                  class_names: list[str] | None = None) -> None:
+    """Loss and per-epoch indicator metrics matching the output head.
+
+    K classes: accuracy, `auc` (one-vs-rest, macro) and `recall_<class>` for every class,
+    as the binary head has precision/recall/auc.
+    """
     if binary:
         loss = "binary_crossentropy"
         metrics = [
@@ -75,7 +87,8 @@ def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer, bin
         ]
     else:
         loss = "sparse_categorical_crossentropy"
-        metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+        k = int(model.output_shape[-1])
+        metrics = multiclass_metrics(list(class_names or [f"class_{i}" for i in range(k)]))
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
 
 
@@ -122,6 +135,7 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
     n_classes = len(data.class_names)
     binary = n_classes == 2
     check_threshold_rule(cfg, list(data.class_names))  # before any training
+    check_task_metrics(cfg, list(data.class_names))
     log.info(
         "Data: %d train / %d val / %d test, classes %s, input %s, fingerprint %s",
         data.n_train, data.n_val, data.n_test, data.class_names, data.input_shape,
@@ -139,7 +153,7 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
         epochs=int(cfg.trainer.max_epochs),
     )
     optimizer = instantiate(cfg.optimizer, learning_rate=schedule.learning_rate)
-    compile_model(model, optimizer, binary)
+    compile_model(model, optimizer, binary, list(data.class_names))
 
     trial = sweep_context.current_trial()
     info = trial.info if trial is not None else None
@@ -165,6 +179,11 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
             "config_hash": config_hash(cfg),
         })
         mlflow.log_dict(data.source_info, "data/source_info.json")
+        describe = functools.partial(
+            descriptions.run_description, list(data.class_names), data.source_info,
+            tuple(data.input_shape), data.fingerprint,
+            threshold_rule=str(cfg.evaluation.threshold_rule))
+        mlflow.set_tag("mlflow.note.content", describe())
 
         checkpoint = output_dir / "checkpoints" / "best.keras"
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -227,8 +246,12 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
         if not checkpoint.exists():
             raise FloatingPointError(f"no finite {monitor} was seen, so no checkpoint was saved")
         check_divergence(losses, float(cfg.trainer.get("divergence_factor") or 0), n_classes)
-        best = keras.models.load_model(checkpoint, safe_mode=True)
+        # Without its training metrics: evaluation needs only the loss, and the logged model
+        # then loads anywhere without this package's metric classes.
+        best = keras.models.load_model(checkpoint, safe_mode=True, compile=False)
+        best.compile(loss=model.loss)
         results = evaluate_and_log(cfg, best, data, binary)
+        mlflow.set_tag("mlflow.note.content", describe(results))
         results["n_params"] = float(best.count_params())
         results["epochs_trained"] = float(len(losses))
         results["best_epoch"] = float(int(np.argmin(history[monitor])) + 1
@@ -324,11 +347,7 @@ def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: Any, binary: boo
         mlflow.log_figure(
             ev.roc_pr_figure(split, y, scores, data.class_names), f"evaluation/{split}_roc_pr.png"
         )
-        log.info(
-            "%s: loss %.4f  acc %.4f  ROC AUC %.4f  sensitivity %.4f  specificity %.4f",
-            split, result.metrics["loss"], result.metrics["accuracy"], result.metrics["roc_auc"],
-            result.metrics["sensitivity"], result.metrics["specificity"],
-        )
+        log.info("%s: loss %.4f  %s", split, result.metrics["loss"], ev.headline(result.metrics))
     if threshold is not None:
         mlflow.log_dict(
             {"threshold": threshold, "rule": str(cfg.evaluation.threshold_rule),

@@ -157,3 +157,23 @@ def test_threshold_rules_other_than_the_default_are_refused_for_k_classes():
         check_threshold_rule(cfg, ["normal", "bacteria", "virus"])
     check_threshold_rule(OmegaConf.create({"evaluation": {"threshold_rule": "max_f1"}}),
                          ["a", "b", "c"])  # the default stands for "argmax" with K classes
+
+
+def test_objective_and_monitor_must_name_this_tasks_metrics():
+    from search.config_checks import ConfigError, check_task_metrics
+
+    three = ["normal", "bacteria", "virus"]
+
+    def cfg(objective: str, monitor: str = "val_loss"):
+        return OmegaConf.create({"objective": objective, "trainer": {"monitor": monitor}})
+
+    with pytest.raises(ConfigError, match=r"objective=val_sensitivity: with 3 classes.*"
+                                          r"val_macro_recall"):
+        check_task_metrics(cfg("val_sensitivity"), three)
+    with pytest.raises(ConfigError, match=r"objective=val_macro_f1 is a K-class.*val_f1"):
+        check_task_metrics(cfg("val_macro_f1"), ["normal", "pneumonia"])
+    with pytest.raises(ConfigError, match=r"trainer.monitor=val_recall .*val_auc"):
+        check_task_metrics(cfg("val_loss", "val_recall"), three)
+    for objective in ("val_macro_recall", "val_roc_auc", "val_loss", "val_accuracy"):
+        check_task_metrics(cfg(objective, "val_auc"), three)
+    check_task_metrics(cfg("val_sensitivity", "val_recall"), ["normal", "pneumonia"])

@@ -79,3 +79,33 @@ def test_roc_pr_axes_name_the_class_not_a_label_number():
               for ax in ev.roc_pr_figure("val", y3, p3, ["a", "b", "c"]).axes]
     assert all("Positive label" not in text for text in labels)
     assert "each class vs the rest" in labels[0]
+
+
+def test_multiclass_names_say_macro_and_per_class_values_are_hand_checked():
+    y = np.array([0, 1, 2, 2])
+    p = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.5, 0.2, 0.3]])
+    m = ev.evaluate_split("val", y, p, ["Normal", "bacteria", "Viral pneumonia"]).metrics
+    for binary_only in ("sensitivity", "specificity", "precision", "recall", "f1"):
+        assert binary_only not in m  # a K-class average is never passed off as one value
+    # the second virus image is called normal: virus recall 1/2, normal precision 1/2
+    assert m["recall_normal"] == 1.0 and m["recall_bacteria"] == 1.0
+    assert m["recall_viral_pneumonia"] == pytest.approx(0.5)
+    assert m["precision_normal"] == pytest.approx(0.5)
+    assert m["f1_viral_pneumonia"] == pytest.approx(2 / 3)
+    assert m["macro_recall"] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert m["macro_precision"] == pytest.approx((0.5 + 1 + 1) / 3)
+    # specificity of each class: normal 2/3 (a virus called normal), bacteria 1, virus 1
+    assert m["macro_specificity"] == pytest.approx((2 / 3 + 1 + 1) / 3)
+    assert m["roc_auc"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr"))
+    assert ev.task_metric("sensitivity", 3) == "macro_recall"
+    assert ev.task_metric("sensitivity", 2) == "sensitivity"
+    assert ev.task_metric("roc_auc", 3) == "roc_auc"
+    assert "macro recall 0.8333" in ev.headline(m)
+
+
+def test_multiclass_class_missing_from_the_split_is_nan_not_a_number():
+    y = np.array([0, 0, 1, 1])  # no virus image in this split
+    p = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1]])
+    m = ev.evaluate_split("val", y, p, ["normal", "bacteria", "virus"]).metrics
+    assert np.isnan(m["recall_virus"]) and np.isnan(m["roc_auc"]) and np.isnan(m["macro_recall"])
+    assert m["recall_normal"] == 1.0 and m["accuracy"] == 1.0
