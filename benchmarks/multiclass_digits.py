@@ -62,7 +62,7 @@ def sweep(store: Path, trials: int, name: str, *overrides: str) -> float:
     cmd = [sys.executable, str(REPO / "search" / "run.py"), "-m", *overrides,
            f"hydra.sweeper.n_trials={trials}", f"hydra.sweeper.study_name={name}",
            f"hydra.sweeper.storage=sqlite:///{store / 'optuna.db'}", f"registry.model_name={name}",
-           f"tracking.experiment={name}", f"hydra.sweep.dir={store / name}",
+           f"tracking.experiment={name}", f"hydra.sweep.dir={store / 'sweeps' / name}",
            "tracking.artifact_root=" + (store / "artifacts").as_uri()]
     print("$", " ".join(cmd[1:]), flush=True)
     start = time.perf_counter()

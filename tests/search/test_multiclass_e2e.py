@@ -13,6 +13,7 @@ Nothing is downloaded.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -151,9 +152,31 @@ def test_folder_multiclass_sweep_registers_pulls_and_predicts_four_digits(tmp_pa
     proc = entry(tmp_path, "models:/folder-multiclass-cnn@champion", str(digits_tree),
                  "--out", str(out), script="predict.py")
     assert "macro recall" in proc.stdout and "sensitivity" not in proc.stdout
-    rows = (out / "predictions.csv").read_text().splitlines()
-    assert len(rows) == 1 + sum(1 for _ in digits_tree.rglob("*.png"))
-    assert {"prob_zero", "prob_three"} <= set(rows[0].split(","))
+    with open(out / "predictions.csv") as handle:
+        rows = {Path(r["path"]).as_posix(): r for r in csv.DictReader(handle)}
+    files = sorted(digits_tree.rglob("*.png"))
+    assert len(rows) == len(files)
+    # served as it is: raw RGB pixels through MLflow's pyfunc give predict.py's answer,
+    # one p_<class> column per class and the argmax label (no threshold)
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        served = mlflow.pyfunc.load_model("models:/folder-multiclass-cnn@champion")
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    pixels = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files[:40]])
+    frame = served.predict(pixels.astype(np.float32))
+    assert list(frame.columns) == [*(f"p_{c}" for c in classes), "label", "threshold"]
+    for file, (_, answer) in zip(files[:40], frame.iterrows(), strict=True):
+        row = next(r for key, r in rows.items() if key.endswith(file.relative_to(
+            digits_tree).as_posix()))
+        assert answer["label"] == row["predicted"], file
+        for c in classes:
+            assert answer[f"p_{c}"] == pytest.approx(float(row[f"prob_{c}"]), abs=1e-5)
+        assert answer["label"] == classes[int(np.argmax([answer[f"p_{c}"] for c in classes]))]
 
 
 def test_ten_digit_npz_single_run_reports_each_class(tmp_path):

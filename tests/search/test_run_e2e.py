@@ -86,3 +86,31 @@ def test_folder_loader_transfer_224px_on_real_jpegs(tmp_path, chest_xray_tree):
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 1
     assert int(run.data.params["data.n_train"]) + int(run.data.params["data.n_val"]) + int(
         run.data.params["data.n_test"]) == 16
+    # the transfer model serves like the CNN: raw 0-255 pixels at its input contract (224 px,
+    # grayscale: the network repeats the channel for its ImageNet backbone and preprocesses
+    # inside) through MLflow's pyfunc give search/predict.py's probabilities and labels
+    import csv
+
+    import mlflow
+    import numpy as np
+
+    from data.pipeline import decode_to_uint8
+    from search.predict import predict
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        model_dir = Path(mlflow.artifacts.download_artifacts(
+            run.data.tags["best_model_uri"], dst_path=str(tmp_path / "model")))
+    finally:
+        mlflow.set_tracking_uri(None)
+    predict(model_dir, chest_xray_tree, out=tmp_path / "pred")
+    with open(tmp_path / "pred" / "predictions.csv") as handle:
+        by_file = {Path(r["path"]).name: r for r in csv.DictReader(handle)}
+    files = sorted(chest_xray_tree.rglob("*.jpeg"))
+    pixels = np.stack([decode_to_uint8(f.read_bytes(), 224, 1).numpy() for f in files])
+    frame = mlflow.pyfunc.load_model(str(model_dir)).predict(pixels.astype(np.float32))
+    assert list(frame.columns) == ["p_normal", "p_pneumonia", "label", "threshold"]
+    for file, (_, row) in zip(files, frame.iterrows(), strict=True):
+        assert row["label"] == by_file[file.name]["predicted"], file.name
+        assert row["p_pneumonia"] == pytest.approx(
+            float(by_file[file.name]["prob_pneumonia"]), abs=1e-5), file.name
