@@ -168,6 +168,25 @@ class NopPrunerConfig:
     _target_: str = "optuna.pruners.NopPruner"
 
 
+@dataclass
+class KerasTunerConf:
+    """``hydra.sweeper.keras_tuner.*``: keras-tuner's oracle, used when ``engine=keras_tuner``."""
+
+    algorithm: str = "hyperband"  # hyperband | bayesian | random (keras-tuner's oracles)
+    seed: int | None = None  # the oracle's seed; null = keras-tuner draws one
+    # Hyperband: most epochs one model trains; bayesian/random: every trial's max_epochs.
+    # null = the composed trainer.max_epochs.
+    max_epochs: int | None = None
+    factor: int = 3  # Hyperband's reduction factor
+    hyperband_iterations: int = 1  # Hyperband: times the whole bracket schedule runs
+    num_initial_points: int | None = None  # bayesian: random trials first; null = 3 x params
+    # Where projects go; null = <hydra.sweep.dir>/keras_tuner (a new project every sweep).
+    directory: str | None = None
+    # The folder of an earlier search's project to continue (same params and algorithm);
+    # null = a new project. An old project is never reused unless named here.
+    resume: str | None = None
+
+
 # --- the sweeper (group hydra/sweeper) ------------------------------------------------------
 
 
@@ -235,6 +254,10 @@ class OptunaPruningSweeperConf:
     # Dotpath of a function (cfg) -> None called on each dry-run trial's composed config;
     # it raises on a trial that would fail (e.g. builds the model without training).
     dry_run_check: str | None = None
+    # Who chooses the trials: "optuna" (sampler + pruner above) or "keras_tuner" (one of
+    # keras-tuner's oracles, see ``keras_tuner``; runs and tracking stay the same).
+    engine: str = "optuna"
+    keras_tuner: KerasTunerConf = field(default_factory=KerasTunerConf)
 
 
 def register_configs() -> None:

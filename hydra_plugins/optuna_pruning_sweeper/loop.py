@@ -33,15 +33,17 @@ from typing import TYPE_CHECKING, Any
 from . import progress, worker
 from .conditions import ConditionResolver, sample_trial
 from .config import OptunaPruningSweeperConf
-from .distributions import format_override
+from .distributions import config_key, format_override
 from .executors import TrialExecutor
 from .hooks import extend_trial
 from .storage import AskLock
-from .study import OVERRIDES_ATTR, ask_within_budget
+from .study import OVERRIDES_ATTR, ask_within_budget, count_toward_budget
 
 if TYPE_CHECKING:
     import optuna
     from omegaconf import DictConfig
+
+    from .keras_tuner_engine import KerasTunerEngine, Proposal
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class SweepLoop:
         t0: float,
         config: "DictConfig | None" = None,
         custom: "Callable[..., Any] | None" = None,
+        engine: "KerasTunerEngine | None" = None,
     ) -> None:
         self.conf = conf
         self.study = study
@@ -78,6 +81,7 @@ class SweepLoop:
         self.t0 = t0
         self.config = config  # passed to the custom_search_space hook
         self.custom = custom
+        self.engine = engine  # keras-tuner's oracle chooses the values (engine=keras_tuner)
         self.in_flight: dict[Future, _InFlight] = {}
         self.view: progress.LiveView | None = None  # run() opens it
         self.outcomes: list[worker.TrialOutcome] = []
@@ -122,12 +126,23 @@ class SweepLoop:
             if stop_reason is None:
                 stop_reason = self._limit_reached()
             while free and stop_reason is None:
+                proposal = None
+                if self.engine is not None:
+                    proposal = self._propose(free[0])
+                    if proposal == "idle":  # Hyperband waits for its round to finish
+                        break
+                    if proposal == "stopped":
+                        stop_reason = "keras_tuner"
+                        log.info("keras-tuner's oracle has no more trials.")
+                        break
                 trial = ask_within_budget(
                     self.study, self.storage, self.lock, conf.n_trials, conf.heartbeat_interval
                 )
                 if trial is None:
+                    if proposal is not None:  # asked of the oracle, never run
+                        self.engine.abandon(proposal, "not run: the study reached n_trials")
                     break
-                self._submit(trial, free.pop(0))
+                self._submit(trial, free.pop(0), proposal)
             if not self.in_flight:
                 if stop_reason is not None:
                     return stop_reason
@@ -173,9 +188,22 @@ class SweepLoop:
             "hydra.sweeper.max_failure_rate."
         )
 
-    def _submit(self, trial: "optuna.trial.Trial", slot: int) -> None:
+    def _propose(self, slot: int) -> "Proposal | str":
+        """The oracle's next trial, queued in the study so the next ask returns it."""
+        if count_toward_budget(self.storage.get_all_trials(
+                self.study._study_id, deepcopy=False)) >= self.conf.n_trials:
+            return "stopped"
+        proposal = self.engine.propose(slot)
+        if not isinstance(proposal, str):
+            self.study.enqueue_trial(proposal.params, user_attrs=proposal.attrs)
+        return proposal
+
+    def _submit(self, trial: "optuna.trial.Trial", slot: int,
+                proposal: "Proposal | None" = None) -> None:
         try:
             params, lines = sample_trial(trial, self.resolver)
+            if proposal is not None:
+                lines = self._engine_lines(trial, proposal, params, lines)
             extra = extend_trial(
                 self.custom, self.config, trial, params, set(self.resolver.space.fixed)
             )
@@ -195,6 +223,18 @@ class SweepLoop:
         )
         if self.view is not None and self.view.bar is not None:  # the bar shows it running
             self._show(self.storage.get_all_trials(self.study._study_id, deepcopy=False))
+
+    def _engine_lines(self, trial: "optuna.trial.Trial", proposal: "Proposal",
+                      params: dict[str, Any], lines: list[str]) -> list[str]:
+        """The trial's lines with the engine's own (epochs, continuation) replacing any fixed
+        line for the same key."""
+        if params != proposal.params:  # the same conditional rule on both sides
+            log.warning("trial %d: keras-tuner proposed %s, the space sampled %s",
+                        trial.number, proposal.params, params)
+        self.engine.started(proposal, trial.number)
+        own = {config_key(line.split("=", 1)[0]) for line in proposal.lines}
+        kept = [line for line in lines if config_key(line.split("=", 1)[0]) not in own]
+        return kept + proposal.lines
 
     def _show(self, trials: "list[optuna.trial.FrozenTrial]") -> str:
         """The sweep's status, shown on the live view; returned for the trial's end line."""
@@ -222,6 +262,8 @@ class SweepLoop:
                 pid=-1,
             )
         self.outcomes.append(outcome)
+        if self.engine is not None:
+            self.engine.finish(outcome.number, outcome.state, outcome.values, outcome.reason)
         trials = self.storage.get_all_trials(self.study._study_id, deepcopy=False)
         progress.trial_finished(outcome, trials, self._show(trials))
 
