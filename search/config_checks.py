@@ -166,6 +166,14 @@ def check_run_config(cfg: DictConfig) -> list[str]:
         raise ConfigError(f"optimizer.learning_rate must be > 0, got {lr}")
     _positive_int(cfg, "trainer.max_epochs")
     _positive_int(cfg, "trainer.patience", minimum=0)
+    initial = int(OmegaConf.select(cfg, "trainer.initial_epoch", default=0) or 0)
+    if not 0 <= initial < int(cfg.trainer.max_epochs):
+        raise ConfigError(f"trainer.initial_epoch={initial} must be in [0, trainer.max_epochs="
+                          f"{cfg.trainer.max_epochs}): fit would train no epoch")
+    weights = OmegaConf.select(cfg, "trainer.init_weights", default=None)
+    if weights and not Path(str(weights)).expanduser().is_file():
+        raise ConfigError(f"trainer.init_weights={weights}: no such file; give a .keras "
+                          "checkpoint of the same model, or null")
     _positive_int(cfg, "data.batch_size")
     _positive_int(cfg, "seed", minimum=0)
     registry = cfg.get("registry") or {}

@@ -68,11 +68,17 @@ class MlflowSweepCallback(Callback):
         atexit.register(self._end_if_unfinished)
         sweep_context.set_parent_run_id(self.run_id)
         mlflow.log_text(redacted_sweeper_yaml(sweeper), "sweep/sweeper.yaml")
+        engine = str(sweeper.get("engine") or "optuna")
+        kt = sweeper.get("keras_tuner") or {}
         mlflow.log_params({
             "sweeper.n_trials": sweeper.get("n_trials"),
             "sweeper.n_jobs": sweeper.get("n_jobs"),
-            "sweeper.sampler": str(sweeper.get("sampler", {}).get("_target_", "")),
-            "sweeper.pruner": str((sweeper.get("pruner") or {}).get("_target_", "")),
+            "sweeper.engine": engine,
+            # with keras-tuner, its oracle chooses and no Optuna pruner runs
+            "sweeper.sampler": (f"keras_tuner.{kt.get('algorithm')}" if engine == "keras_tuner"
+                                else str(sweeper.get("sampler", {}).get("_target_", ""))),
+            "sweeper.pruner": ("none" if engine == "keras_tuner"
+                               else str((sweeper.get("pruner") or {}).get("_target_", ""))),
             "sweeper.direction": str(sweeper.get("direction")),
             "objective": str(config.get("objective")),
         })

@@ -48,6 +48,12 @@ class SweepTrial:
             "pruner": self.pruner,
         }
 
+    def engine_tags(self) -> dict[str, str]:
+        """keras-tuner's facts about the trial when its oracle chose it (bracket, round,
+        epochs, the trial it continues), as run tags."""
+        return {k: str(v) for k, v in self.trial.user_attrs.items()
+                if k.startswith("keras_tuner.")}
+
     def report(self, value: float, step: int) -> None:
         """Report an intermediate objective value (the pruner decides on these)."""
         self.trial.report(value, step)

@@ -154,12 +154,19 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
     )
     optimizer = instantiate(cfg.optimizer, learning_rate=schedule.learning_rate)
     compile_model(model, optimizer, binary, list(data.class_names))
+    init_weights = cfg.trainer.get("init_weights")
+    initial_epoch = int(cfg.trainer.get("initial_epoch") or 0)
+    if init_weights:  # weights only, as keras-tuner continues a model: a fresh optimizer
+        model.set_weights(keras.models.load_model(
+            str(init_weights), safe_mode=True, compile=False).get_weights())
+        log.info("Starting from %s at epoch %d", init_weights, initial_epoch)
 
     trial = sweep_context.current_trial()
     info = trial.info if trial is not None else None
     parent = sweep_context.parent_run_id()
     run_name = run_names.initial_name(cfg, info["trial_number"] if info else None)
-    tags = {**run_tags(cfg, info), **tracking.process_tags()}
+    tags = {**run_tags(cfg, info), **tracking.process_tags(),
+            **(trial.engine_tags() if trial is not None else {})}
     run = mlflow.start_run(run_name=run_name, parent_run_id=parent, tags=tags)
     log.info("MLflow run %s (%s)", run.info.run_id, mlflow.get_tracking_uri())
     if trial is not None:  # optuna-dashboard shows user attrs: the trial links to its run
@@ -216,6 +223,7 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
                 data.train,
                 steps_per_epoch=int(data.steps_per_epoch),
                 epochs=int(cfg.trainer.max_epochs),
+                initial_epoch=initial_epoch,
                 validation_data=data.val,
                 shuffle=False,  # the tf.data pipeline shuffles (seeded); Keras would warn
                 class_weight=data.class_weight,
@@ -254,8 +262,8 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
         mlflow.set_tag("mlflow.note.content", describe(results))
         results["n_params"] = float(best.count_params())
         results["epochs_trained"] = float(len(losses))
-        results["best_epoch"] = float(int(np.argmin(history[monitor])) + 1
-                                      if monitor in history else len(losses))
+        results["best_epoch"] = float(initial_epoch + (int(np.argmin(history[monitor])) + 1
+                                                       if monitor in history else len(losses)))
         mlflow.log_metrics({k: results[k] for k in ("epochs_trained", "best_epoch")})
         if cfg.tracking.get("log_model", True):
             try:

@@ -219,6 +219,10 @@ class OptunaPruningSweeperConf:
     n_jobs: int = 1
     # Seconds after which no new trial is asked; running ones finish. null = no limit.
     timeout: float | None = None
+    # No new trial once the study's trials have trained this many epochs in total (every
+    # per-epoch value a trial reports counts one); running ones finish. null = no limit. Makes
+    # samplers, pruners and engines comparable at equal compute.
+    max_epochs_total: int | None = None
     # Stop asking and exit non-zero (RuntimeError) when FAIL / finished > this, counted over
     # this sweeper process's trials once enough of them finished.
     max_failure_rate: float = 0.5

@@ -154,6 +154,7 @@ class KerasTunerEngine:
         self.sweep_dir = sweep_dir
         self.max_epochs = int(conf.max_epochs or default_epochs)
         self.hp, self.maps = build_hyperparameters(resolver)
+        self.names = {h.name for h in self.hp.space}  # `in hp` is False for inactive ones
         self.project_dir, self.study_name, resumed = self._project(conf, base_name, fingerprint)
         common = {
             "objective": kt.Objective(objective, "min" if direction == "minimize" else "max"),
@@ -235,8 +236,7 @@ class KerasTunerEngine:
         hps = trial.hyperparameters
         params = {name: self.maps.get(name, {}).get(value, value)
                   for name, value in hps.values.items()
-                  if not name.startswith("tuner/") and name in self.hp
-                  and hps.is_active(name)}
+                  if name in self.names and hps.is_active(name)}
         attrs = {f"{TAG}trial_id": trial.trial_id, f"{TAG}algorithm": self.algorithm}
         lines = []
         if self.algorithm == "hyperband":

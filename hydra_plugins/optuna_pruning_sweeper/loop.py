@@ -167,12 +167,21 @@ class SweepLoop:
         if self.conf.timeout is not None and self.elapsed() >= self.conf.timeout:
             log.info("Timeout of %ss reached: no new trials.", self.conf.timeout)
             return "timeout"
+        budget = self.conf.max_epochs_total
+        if budget is not None and self.epochs_spent() >= budget:
+            log.info("Epoch budget of %d reached: no new trials.", budget)
+            return "epoch_budget"
         finished = len(self.outcomes)
         fails = sum(1 for o in self.outcomes if o.state == "FAIL")
         if finished >= self.min_finished and fails / finished > self.conf.max_failure_rate:
             log.error(self.failure_message())
             return "failure_rate"
         return None
+
+    def epochs_spent(self) -> int:
+        """Epochs the study's trials trained: one per reported intermediate value."""
+        trials = self.storage.get_all_trials(self.study._study_id, deepcopy=False)
+        return sum(len(t.intermediate_values) for t in trials)
 
     def failure_message(self) -> str:
         finished = len(self.outcomes)

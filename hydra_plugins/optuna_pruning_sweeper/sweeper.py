@@ -200,6 +200,15 @@ class OptunaPruningSweeper(Sweeper):
         st.check_shareable(url)
         base_name = conf.study_name or default_study_name(config)
         fingerprint = {**space.fingerprint(), "directions": directions}
+        engine = None
+        if conf.engine == "keras_tuner":
+            engine = keras_tuner_engine(conf, resolver, space, fingerprint, directions,
+                                        metric_names, base_name, sweep_dir, config)
+            base_name = engine.study_name  # its own study: never mixed with Optuna's trials
+            # keras-tuner decides budgets (Hyperband) and retries; no pruner, no re-queue
+            conf = dataclasses.replace(conf, pruner=None, max_retry=0)
+        elif conf.engine != "optuna":
+            raise ValueError(f"hydra.sweeper.engine={conf.engine!r}; use optuna or keras_tuner")
         pruner = build_pruner(conf.pruner)
         lock = st.AskLock(url, base_name)
         with lock():  # also serializes table creation in a fresh database
@@ -211,8 +220,14 @@ class OptunaPruningSweeper(Sweeper):
             )
         if metric_names and study.metric_names != metric_names:
             set_metric_names(study, metric_names)
-        study.sampler = build_sampler(conf.sampler, space, seed_offset=session)
-        sampler_name = type(study.sampler).__name__
+        if engine is None:
+            study.sampler = build_sampler(conf.sampler, space, seed_offset=session)
+            sampler_name = type(study.sampler).__name__
+        else:  # every trial arrives enqueued with the oracle's values
+            import optuna
+
+            study.sampler = optuna.samplers.RandomSampler(seed=conf.keras_tuner.seed)
+            sampler_name = engine.label
         os.environ[tc.ENV_STUDY] = study.study_name
         os.environ[tc.ENV_STORAGE] = url
         os.environ[tc.ENV_SAMPLER] = sampler_name
@@ -252,14 +267,15 @@ class OptunaPruningSweeper(Sweeper):
             study_name=study.study_name,
             sampler_name=sampler_name,
             pruner_json=pruner_json(conf.pruner),
-            sampler_json=sampler_json(conf.sampler),
+            sampler_json=sampler_json(conf.sampler) if engine is None else None,
             threads=threads,
             n_objectives=len(directions),
             heartbeat_interval=conf.heartbeat_interval,
             max_retry=conf.max_retry,
         )
         executor = LocalProcessExecutor(setup_common, gpus, conf.trials_per_worker)
-        loop = SweepLoop(conf, study, storage, lock, resolver, executor, t0, config, custom)
+        loop = SweepLoop(conf, study, storage, lock, resolver, executor, t0, config, custom,
+                         engine)
         try:
             stop_reason = loop.run()
         finally:
@@ -267,11 +283,38 @@ class OptunaPruningSweeper(Sweeper):
         summary = sweep_summary(
             study, storage, url, n_trials, loop.outcomes, stop_reason, time.monotonic() - t0
         )
+        if engine is not None:
+            summary["keras_tuner"] = engine.summary()
+            log.info("keras-tuner %s: %s; best %s (trial %s); project %s", engine.algorithm,
+                     summary["keras_tuner"]["states"], summary["keras_tuner"]["best_score"],
+                     summary["keras_tuner"]["best_optuna_trial"], engine.project_dir)
         write_summary(summary, sweep_dir)
         write_official_results(study, sweep_dir)
         if stop_reason == "failure_rate":
             raise RuntimeError(loop.failure_message())
         return summary
+
+
+def keras_tuner_engine(conf: OptunaPruningSweeperConf, resolver: ConditionResolver,
+                       space: SearchSpace, fingerprint: dict[str, Any], directions: list[str],
+                       metric_names: list[str], base_name: str, sweep_dir: Path,
+                       config: DictConfig) -> Any:
+    """keras-tuner's oracle over this search space (``engine=keras_tuner``)."""
+    from .keras_tuner_engine import KerasTunerEngine
+
+    if len(directions) != 1:
+        raise ValueError("hydra.sweeper.engine=keras_tuner optimises one objective; this "
+                         f"sweep has {len(directions)} directions")
+    if conf.custom_search_space:
+        raise ValueError("hydra.sweeper.custom_search_space suggests on an Optuna trial; it "
+                         "cannot run with engine=keras_tuner")
+    fixed = space.fixed.get("trainer.max_epochs")
+    epochs = (fixed.line.split("=", 1)[1] if fixed is not None
+              else OmegaConf.select(config, "trainer.max_epochs", default=10))
+    return KerasTunerEngine(
+        conf.keras_tuner, resolver, objective=(metric_names or ["objective"])[0],
+        direction=directions[0], fingerprint=fingerprint, base_name=base_name,
+        sweep_dir=sweep_dir, n_trials=conf.n_trials, default_epochs=int(epochs))
 
 
 def set_metric_names(study: Any, names: list[str]) -> None:

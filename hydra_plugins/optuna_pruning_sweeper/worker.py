@@ -21,6 +21,7 @@ and friends stay inside the functions. Hydra re-executes plugin modules when it 
 (``Singleton.set_state``), so the process state is kept across re-execution.
 """
 
+import contextlib
 import ctypes
 import importlib
 import inspect
@@ -309,6 +310,10 @@ def run_trial(task: TrialTask) -> TrialOutcome:
         os.environ.pop(tc.ENV_TRIAL_ID, None)
         os.environ.pop(tc.ENV_TRIAL_NUMBER, None)
 
+    _STATE["trials_run"] = _STATE.get("trials_run", 0) + 1
+    with contextlib.suppress(Exception):  # memory per trial: growth across trials shows
+        storage.set_trial_user_attr(task.trial_id, "worker_rss_mb", round(rss_mb(), 1))
+        storage.set_trial_user_attr(task.trial_id, "worker_trial_index", _STATE["trials_run"])
     if reason is not None:
         reason = reason[:FAIL_REASON_MAX_CHARS]
         storage.set_trial_user_attr(task.trial_id, "fail_reason", reason)
@@ -323,6 +328,20 @@ def run_trial(task: TrialTask) -> TrialOutcome:
         duration_s=time.monotonic() - start,
         pid=os.getpid(),
     )
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (Linux /proc; else the peak from getrusage)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def requeue_trial(study: Any, failed_trial: Any, max_retry: int | None) -> bool:

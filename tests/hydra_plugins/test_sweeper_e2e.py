@@ -311,6 +311,20 @@ def test_timeout_and_fresh_worker_per_trial(sweep):
     assert len(set(pids)) == len(trials)
 
 
+def test_epoch_budget_stops_asking_and_counts_reported_epochs(sweep):
+    """max_epochs_total: no new trial once the trials reported that many epochs in total;
+    the running one finishes. Every trial records its worker's memory."""
+    proc = sweep.run("hydra.sweeper.n_trials=50", "hydra.sweeper.max_epochs_total=7",
+                     "hydra/sweeper/pruner=nop", "epochs=3")
+    trials = sweep.trials()
+    assert len(trials) == 3  # 3 + 3 < 7 epochs after two trials: a third starts, none more
+    assert sum(len(t.intermediate_values) for t in trials) == 9
+    assert sweep.summary()["stop_reason"] == "epoch_budget"
+    assert "Epoch budget of 7 reached" in proc.stdout + proc.stderr
+    assert all(t.user_attrs["worker_rss_mb"] > 10 for t in trials)
+    assert [t.user_attrs["worker_trial_index"] for t in trials] == [1, 2, 3]
+
+
 def test_two_sweepers_share_one_study(sweep):
     procs = [sweep.start("hydra.sweeper.n_trials=6") for _ in range(2)]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
