@@ -170,6 +170,11 @@ def check_run_config(cfg: DictConfig) -> list[str]:
     if not 0 <= initial < int(cfg.trainer.max_epochs):
         raise ConfigError(f"trainer.initial_epoch={initial} must be in [0, trainer.max_epochs="
                           f"{cfg.trainer.max_epochs}): fit would train no epoch")
+    span = OmegaConf.select(cfg, "trainer.schedule_epochs", default=None)
+    if span is not None and int(span) < int(cfg.trainer.max_epochs):
+        raise ConfigError(f"trainer.schedule_epochs={span} is shorter than trainer.max_epochs="
+                          f"{cfg.trainer.max_epochs}; the schedule must span every epoch (null "
+                          "= max_epochs)")
     weights = OmegaConf.select(cfg, "trainer.init_weights", default=None)
     if weights and not Path(str(weights)).expanduser().is_file():
         raise ConfigError(f"trainer.init_weights={weights}: no such file; give a .keras "

@@ -57,7 +57,7 @@ def check_trial(cfg: DictConfig) -> None:
             cfg.lr_schedule,
             initial_learning_rate=float(cfg.optimizer.learning_rate),
             steps_per_epoch=math.ceil(data.n_train / int(cfg.data.batch_size)),
-            epochs=int(cfg.trainer.max_epochs),
+            epochs=int(cfg.trainer.get("schedule_epochs") or cfg.trainer.max_epochs),
         )
         optimizer = instantiate(cfg.optimizer, learning_rate=schedule.learning_rate)
         compile_model(model, optimizer, n_classes == 2, list(data.class_names))

@@ -150,7 +150,7 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
         cfg.lr_schedule,
         initial_learning_rate=float(cfg.optimizer.learning_rate),
         steps_per_epoch=int(data.steps_per_epoch),
-        epochs=int(cfg.trainer.max_epochs),
+        epochs=int(cfg.trainer.get("schedule_epochs") or cfg.trainer.max_epochs),
     )
     optimizer = instantiate(cfg.optimizer, learning_rate=schedule.learning_rate)
     compile_model(model, optimizer, binary, list(data.class_names))

@@ -245,7 +245,8 @@ class KerasTunerEngine:
             attrs.update({f"{TAG}bracket": int(hps.values["tuner/bracket"]),
                           f"{TAG}round": int(hps.values["tuner/round"]),
                           f"{TAG}epochs": epochs, f"{TAG}initial_epoch": initial})
-            lines.append(f"trainer.max_epochs={epochs}")
+            # the schedule spans the whole budget: a later round may continue this model
+            lines += [f"trainer.max_epochs={epochs}", f"trainer.schedule_epochs={self.max_epochs}"]
             previous = hps.values.get("tuner/trial_id")
             checkpoint = self._checkpoint(previous) if previous else None
             if checkpoint is not None:  # continue the earlier round's model

@@ -70,8 +70,8 @@ def test_translation_keeps_kinds_scales_and_conditions(resolver):
 def test_every_proposal_obeys_the_optuna_sides_conditional_rule(resolver, tmp_path, algorithm):
     kt = engine(resolver, tmp_path, algorithm)
     study = optuna.create_study()
-    seen_momentum = seen_without = False
-    for number in range(8):
+    seen_momentum = seen_without = continued = False
+    for number in range(6):
         proposal = kt.propose(slot=0)
         assert not isinstance(proposal, str), proposal
         study.enqueue_trial(proposal.params)
@@ -81,12 +81,20 @@ def test_every_proposal_obeys_the_optuna_sides_conditional_rule(resolver, tmp_pa
         seen_momentum |= "optimizer.momentum" in params
         seen_without |= params["optimizer"] in ("adam", "adamax")
         kt.started(proposal, trial.number)
+        best = tmp_path / str(trial.number) / "checkpoints" / "best.keras"  # as train() leaves
+        best.parent.mkdir(parents=True)
+        best.touch()
+        continued |= any(line.startswith("trainer.init_weights=") for line in proposal.lines)
         value = 0.5 + 0.01 * number
         study.tell(trial, value)
         kt.finish(trial.number, "COMPLETE", [value], None)
         epochs = [line for line in proposal.lines if line.startswith("trainer.max_epochs=")]
         assert epochs and (algorithm == "hyperband" or epochs == ["trainer.max_epochs=4"])
+        if algorithm == "hyperband":  # a round's schedule spans the whole budget
+            assert "trainer.schedule_epochs=4" in proposal.lines
     assert seen_momentum and seen_without  # both sides of the condition were proposed
+    # Hyperband's second round continues a first-round model from its checkpoint
+    assert continued == (algorithm == "hyperband")
 
 
 def test_failed_trial_is_failed_in_keras_tuner_and_never_best(resolver, tmp_path):
