@@ -118,9 +118,12 @@ def memory(work: Path, trials: int, subset: float) -> list[str]:
                            "hydra.sweeper.keras_tuner.seed=1"])
         study = optuna.load_study(study_name=study_of(work, name).study_name,
                                   storage=f"sqlite:///{work / 'optuna.db'}")
-        by_number = {t.number: t.user_attrs.get("worker_rss_mb") for t in study.trials}
-        # with n_jobs 2, trial k is the k-th trial of the sweep, not of one worker
-        rows.append(f"| {label} | {by_number.get(4)} | {by_number.get(trials - 1)} |")
+        # with n_jobs 2, trial k is the k-th of the sweep; the index is its worker's count
+        by_number = {t.number: (t.user_attrs.get("worker_rss_mb"),
+                                t.user_attrs.get("worker_trial_index")) for t in study.trials}
+        cells = [f"{rss} (worker's trial {index})" for rss, index in
+                 (by_number.get(4, (None, None)), by_number.get(trials - 1, (None, None)))]
+        rows.append(f"| {label} | {cells[0]} | {cells[1]} |")
     return rows
 
 
