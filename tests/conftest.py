@@ -56,6 +56,54 @@ def chest_xray_tree(tmp_path: Path, chest_xray_sample_files: list[Path]) -> Path
     return root
 
 
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def write_cause_tree(root: Path, sample_files: list[Path]) -> Path:
+    """The 16 real X-rays plus a DERIVED viral class, as root/val/{NORMAL,PNEUMONIA}/.
+
+    The sample holds only normal and bacterial cases: each pneumonia image, mirrored
+    left-right, is saved again under a viral file name (`person9NNN_virus_K.jpeg`, a new
+    patient id). The images are real; their viral label is not.
+    """
+    from PIL import Image, ImageOps
+
+    for i, source in enumerate(sample_files):
+        target = root / "val" / source.parent.name / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(source.read_bytes())
+        if source.parent.name == "PNEUMONIA":
+            ImageOps.mirror(Image.open(source)).save(
+                target.parent / f"person{9000 + i}_virus_{i}.jpeg", quality=95)
+    return root
+
+
+def digit_images(n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 digits (0-16) as uint8 28x28 images (never downloaded)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits(n_class=n_classes)
+    small = (bunch.images * (255 / 16)).round().astype(np.uint8)
+    big = np.stack([np.asarray(Image.fromarray(im).resize((28, 28), Image.BILINEAR))
+                    for im in small])
+    return big, bunch.target.astype(np.int64)
+
+
+def write_digits_tree(root: Path, n_classes: int) -> Path:
+    """Digits as root/<name>/<k>.png, RGB (a random tint per image, so colour is real)."""
+    from PIL import Image
+
+    images, labels = digit_images(n_classes)
+    tints = np.random.default_rng(0).uniform(0.5, 1.0, size=(len(images), 3))
+    for k, (image, label) in enumerate(zip(images, labels, strict=True)):
+        folder = root / DIGIT_NAMES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        rgb = (image[..., None] * tints[k]).round().astype(np.uint8)
+        Image.fromarray(rgb, "RGB").save(folder / f"{k}.png")
+    return root
+
+
 @pytest.fixture
 def make_npz(tmp_path: Path) -> Callable[..., Path]:
     """Factory writing a MedMNIST-layout npz in tmp: ``make_npz(train_images=..., ...) -> path``."""

@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
-from PIL import Image, ImageOps
+from PIL import Image
+
+from tests.conftest import DIGIT_NAMES, digit_images, write_cause_tree, write_digits_tree
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 TINY = ("trainer.max_epochs=2", "trainer.patience=5", "model.depth=2", "model.base_filters=8",
         "model.dense_units=16", "seed=3")
-DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
 def entry(store: Path, *args: str, script: str = "run.py") -> subprocess.CompletedProcess:
@@ -46,28 +47,10 @@ def client_of(store: Path) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def digits(n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's bundled 8x8 digits (0-16) as uint8 28x28 images."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits(n_class=n_classes)
-    small = (bunch.images * (255 / 16)).round().astype(np.uint8)
-    big = np.stack([np.asarray(Image.fromarray(im).resize((28, 28), Image.BILINEAR))
-                    for im in small])
-    return big, bunch.target.astype(np.int64)
-
-
 @pytest.fixture(scope="module")
 def cause_tree(tmp_path_factory, chest_xray_sample_files) -> Path:
-    root = tmp_path_factory.mktemp("cause") / "chest_xray"
-    for i, source in enumerate(chest_xray_sample_files):
-        target = root / "val" / source.parent.name / source.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(source.read_bytes())
-        if source.parent.name == "PNEUMONIA":  # the derived viral case (see the docstring)
-            ImageOps.mirror(Image.open(source)).save(
-                target.parent / f"person{9000 + i}_virus_{i}.jpeg", quality=95)
-    return root
+    return write_cause_tree(tmp_path_factory.mktemp("cause") / "chest_xray",
+                            chest_xray_sample_files)
 
 
 def test_cause_recipe_on_real_xrays_names_every_metric_for_three_classes(tmp_path, cause_tree):
@@ -107,16 +90,8 @@ def test_cause_recipe_on_real_xrays_names_every_metric_for_three_classes(tmp_pat
 
 @pytest.fixture(scope="module")
 def digits_tree(tmp_path_factory) -> Path:
-    """4 digit classes as root/<name>/<k>.png, RGB (a tint per image, so colour is real)."""
-    root = tmp_path_factory.mktemp("digits") / "digits"
-    images, labels = digits(4)
-    tints = np.random.default_rng(0).uniform(0.5, 1.0, size=(len(images), 3))
-    for k, (image, label) in enumerate(zip(images, labels, strict=True)):
-        folder = root / DIGIT_NAMES[label]
-        folder.mkdir(parents=True, exist_ok=True)
-        rgb = (image[..., None] * tints[k]).round().astype(np.uint8)
-        Image.fromarray(rgb, "RGB").save(folder / f"{k}.png")
-    return root
+    """4 digit classes as root/<name>/<k>.png, RGB."""
+    return write_digits_tree(tmp_path_factory.mktemp("digits") / "digits", 4)
 
 
 def test_folder_multiclass_sweep_registers_pulls_and_predicts_four_digits(tmp_path, digits_tree):
@@ -180,7 +155,7 @@ def test_folder_multiclass_sweep_registers_pulls_and_predicts_four_digits(tmp_pa
 
 
 def test_ten_digit_npz_single_run_reports_each_class(tmp_path):
-    images, labels = digits(10)
+    images, labels = digit_images(10)
     order = np.random.default_rng(1).permutation(len(labels))
     cut = int(0.85 * len(order))
     path = tmp_path / "digits10.npz"

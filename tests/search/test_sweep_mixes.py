@@ -21,6 +21,8 @@ from pathlib import Path
 import optuna
 import pytest
 
+from tests.conftest import write_cause_tree, write_digits_tree
+
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
@@ -108,7 +110,7 @@ def run(root: Path, *args: str) -> Outcome:
 
 def readme_sweeps() -> list[list[str]]:
     """The override lists of the README's `python search/run.py -m ...` examples."""
-    text = (REPO / "README.md").read_text()
+    text = re.sub(r"\\\n\s*", " ", (REPO / "README.md").read_text())  # join `\` lines
     found = []
     for line in re.findall(r"^python search/run\.py -m(.*)$", text, flags=re.MULTILINE):
         # Only this command's words: not a comment, nor what follows a shell operator.
@@ -118,9 +120,16 @@ def readme_sweeps() -> list[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
+def outcomes(tmp_path_factory: pytest.TempPathFactory,
+             chest_xray_sample_files: list[Path]) -> dict[str, Outcome]:
     """Every mix as a real tiny sweep, then the dry runs, two at a time."""
     root = tmp_path_factory.mktemp("mixes")
+    # the README's multi-class recipes name placeholder folders: real trees stand in
+    placeholders = {
+        "data.root=/path/to/chest_xray":
+            write_cause_tree(root / "cause" / "chest_xray", chest_xray_sample_files),
+        "data.root=/path/to/folders": write_digits_tree(root / "digits", 4),
+    }
     jobs = {m.name: (root / f"mix{i}", (*TINY, *m.args)) for i, m in enumerate(MIXES)}
     dry = {  # the shipped spaces, the failing mixes of the issue, then the README's sweeps
         "dry: default": (),
@@ -133,6 +142,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
         if "data.root=/data/chest_xray" in args:  # a placeholder path: the built-in data
             args = [a for a in args if not a.startswith(("data=", "data.root="))]
             args.append("model.weights=none")  # tests never download
+        args = [f"data.root={placeholders[a]}" if a in placeholders else a for a in args]
         if tuple(args) not in dry.values():
             dry[f"dry: README {' '.join(args)}"] = tuple(args)
     for i, (name, args) in enumerate(dry.items()):
