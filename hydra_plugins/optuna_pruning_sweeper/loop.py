@@ -129,7 +129,7 @@ class SweepLoop:
                 proposal = None
                 if self.engine is not None:
                     proposal = self._propose(free[0])
-                    if proposal == "idle":  # Hyperband waits for its round to finish
+                    if proposal in ("idle", "budget"):  # idle: Hyperband awaits its round
                         break
                     if proposal == "stopped":
                         stop_reason = "keras_tuner"
@@ -201,7 +201,7 @@ class SweepLoop:
         """The oracle's next trial, queued in the study so the next ask returns it."""
         if count_toward_budget(self.storage.get_all_trials(
                 self.study._study_id, deepcopy=False)) >= self.conf.n_trials:
-            return "stopped"
+            return "budget"  # n_trials reached: never ask the oracle for a trial not run
         proposal = self.engine.propose(slot)
         if not isinstance(proposal, str):
             self.study.enqueue_trial(proposal.params, user_attrs=proposal.attrs)

@@ -284,6 +284,7 @@ class OptunaPruningSweeper(Sweeper):
             study, storage, url, n_trials, loop.outcomes, stop_reason, time.monotonic() - t0
         )
         if engine is not None:
+            summary["sampler"] = engine.label
             summary["keras_tuner"] = engine.summary()
             log.info("keras-tuner %s: %s; best %s (trial %s); project %s", engine.algorithm,
                      summary["keras_tuner"]["states"], summary["keras_tuner"]["best_score"],

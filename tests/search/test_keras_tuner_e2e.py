@@ -86,7 +86,8 @@ def test_every_keras_tuner_trial_is_a_tracked_child_run(swept):
     assert failed.info.status == "FAILED"
     assert "[trial 0] FAIL" in log and "out of memory" in log
     summary = yaml.safe_load((tmp / "sweep" / "optuna_summary.yaml").read_text())
-    assert summary["counts"]["FAIL"] == 1 and summary["stop_reason"] == "n_trials"
+    assert summary["states"]["FAIL"] == 1 and summary["stop_reason"] == "n_trials"
+    assert summary["sampler"] == "keras-tuner HyperbandOracle"
     kt = summary["keras_tuner"]
     assert kt["states"]["FAILED"] == 1 and kt["best_optuna_trial"] != 0
     study = optuna.load_study(study_name=kt["project"].rsplit("/", 1)[-1],
