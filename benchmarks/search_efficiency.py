@@ -17,7 +17,7 @@ best val_loss; that trial's val ROC AUC; its test ROC AUC and accuracy (the test
 from train, never used for selection); the epochs it needed to reach unpruned TPE's final
 best of the same seed ("-" where it never did); the epochs used; trials by state; wall time.
 
-`--memory-trials N` also runs N one-epoch keras-tuner random trials twice: in our recycled
+`--memory-trials N` also runs N two-epoch keras-tuner random trials twice: in our recycled
 workers (`trials_per_worker=3`, the search spaces' default) and in one process for all of
 them (`trials_per_worker=null`, like keras-tuner's own loop). It prints the worker RSS after
 trials 5 and N.
@@ -112,7 +112,8 @@ def memory(work: Path, trials: int, subset: float) -> list[str]:
         name = f"memory-{per_worker}"
         sweep(work, name, ["hydra.sweeper.engine=keras_tuner",
                            "hydra.sweeper.keras_tuner.algorithm=random",
-                           "hydra.sweeper.keras_tuner.max_epochs=1", "trainer.max_epochs=1",
+                           # 2: a 1-epoch trial leaves the cosine schedule's warm-up nothing
+                           "hydra.sweeper.keras_tuner.max_epochs=2", "trainer.max_epochs=2",
                            f"hydra.sweeper.n_trials={trials}", f"data.subset_fraction={subset}",
                            f"hydra.sweeper.trials_per_worker={per_worker}",
                            "hydra.sweeper.keras_tuner.seed=1"])
@@ -134,10 +135,15 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=9, help="most epochs of one trial")
     parser.add_argument("--subset", type=float, default=0.3, help="data.subset_fraction")
     parser.add_argument("--memory-trials", type=int, default=0)
+    parser.add_argument("--memory-only", action="store_true", help="only the RSS comparison")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="search-efficiency-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.memory_only:
+        print("| workers | after trial 5 | after the last trial |\n|---|---|---|")
+        print("\n".join(memory(work, args.memory_trials or 31, args.subset)))
+        return
     common = [f"data.subset_fraction={args.subset}", f"trainer.max_epochs={args.max_epochs}",
               f"hydra.sweeper.max_epochs_total={args.budget}", "hydra.sweeper.n_trials=200",
               "hydra.sweeper.timeout=null",
@@ -186,7 +192,7 @@ def main() -> None:
             mean_sd([r["wall"] for r in rows], 0)]) + " |")
     if args.memory_trials:
         print(f"\nworker RSS (MB) of keras-tuner random trials, {args.memory_trials} trials of "
-              "1 epoch\n\n| workers | after trial 5 | after the last trial |\n|---|---|---|")
+              "2 epochs\n\n| workers | after trial 5 | after the last trial |\n|---|---|---|")
         print("\n".join(memory(work, args.memory_trials, args.subset)))
     mean = {c: statistics.mean(r["best"] for r in rows) for c, rows in results.items()}
     peer = min((c for c in mean if c != "default"), key=mean.get)
