@@ -1,11 +1,16 @@
 """The champion/challenger gate: held-out scoring, the comparison and the promotion lock.
 
 A new version gets the `champion` alias only if it beats the current champion on the same
-held-out split: the test split rebuilt from the new run's composed config (`data` with its
-`seed`; never used for tuning), both models scored there at their own stored decision
-thresholds (scikit-learn metrics), on a metric (ROC AUC by default) with a tie-break
-(sensitivity); otherwise it gets `challenger`. The first version becomes champion. Aliases
-only, never stages.
+held-out images: the test split rebuilt from the new run's composed config (`data` with its
+`seed`; never used for tuning), or one of its `evaluation.external` sets
+(`registry.compare_on`), both models scored there at their own stored decision thresholds,
+on a metric (ROC AUC by default) with a tie-break (sensitivity); otherwise it gets
+`challenger`. "Beats" means beyond noise (`registry.gate=paired_bootstrap`, the default):
+the 95 % paired bootstrap interval of new - champion, image by image, lies above zero. A split
+with fewer than `registry.min_per_class` images of some class is too small to decide: the
+new version stays challenger and the decision says so. `registry.gate=point` compares the
+point values (the rule before intervals). The first version becomes champion. Aliases only,
+never stages.
 
 Concurrency: for a local SQLite store an `fcntl` lock file next to the database serialises
 read-champion → compare → set-alias across processes; if the champion changed while we
@@ -21,48 +26,36 @@ import contextlib
 import fcntl
 import logging
 import math
-import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, OmegaConf
 
-from search import model_store
 from search.config_checks import RANKING_METRICS, check_metric  # noqa: F401 - re-exported
+from search.heldout import (  # noqa: F401 - the gate's parts, re-exported
+    DEFAULT_METRIC,
+    DEFAULT_TIE_BREAK,
+    GATES,
+    TIE_TOLERANCE,
+    GateSpec,
+    HeldOutEvaluator,
+    HeldOutScore,
+    NoHeldOutSplit,
+    beats,
+)
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-DEFAULT_METRIC = "roc_auc"
-DEFAULT_TIE_BREAK = "sensitivity"
-TIE_TOLERANCE = 1e-9
 MAX_VERIFY_ROUNDS = 5
 LOCK_SUFFIX = ".promotion.lock"
 
 
-class NoHeldOutSplit(ValueError):
-    """The run's config has no test split to compare models on."""
-
-
-@dataclass
-class HeldOutScore:
-    """One model version's metrics on the held-out split, at its own stored threshold."""
-
-    version: int
-    metric: float
-    tie_break: float
-    threshold: float | None
-    metrics: dict[str, float]
-    data_fingerprint: str | None
-
-
-@dataclass
 class PromotionDecision:
     """What happened to a new version, and why."""
 
@@ -83,6 +76,12 @@ class PromotionDecision:
     new_metrics: dict[str, float] = field(default_factory=dict)
     champion_metrics: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    difference: dict[str, Any] = field(default_factory=dict)  # paired bootstrap, new - champion
+    new_intervals: dict[str, list[float]] = field(default_factory=dict)
+    champion_intervals: dict[str, list[float]] = field(default_factory=dict)
+    new_external: dict[str, dict[str, Any]] = field(default_factory=dict)
+    champion_external: dict[str, dict[str, Any]] = field(default_factory=dict)
+    gate: str = "paired_bootstrap"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,138 +102,21 @@ class PromotionDecision:
             + (f" vs champion {fmt(self.champion_tie_break)}"
                if self.champion_version is not None else ""),
         ]
+        low, high = (self.new_intervals.get(self.metric) or [None, None])[:2]
+        if low is not None:
+            lines[1] += f" [{fmt(low)}, {fmt(high)}]"
+        if self.difference.get("text"):
+            lines.append(f"  paired: {self.difference['text']}")
+        for set_name, ext in self.new_external.items():
+            value = ext["metrics"].get(self.metric)
+            champ = (self.champion_external.get(set_name) or {}).get("metrics", {})
+            lines.append(f"  external {set_name} ({ext['n']} images) {self.metric}: new "
+                         f"{fmt(value)}" + (f" vs champion {fmt(champ.get(self.metric))}"
+                                            if champ else ""))
         if self.evaluation:
             lines.append(f"  split: {self.evaluation.get('description')}")
         lines += [f"  WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Held-out evaluation
-
-
-class HeldOutEvaluator:
-    """Scores model versions on the held-out split rebuilt from one run's composed config.
-
-    Each model is fed the split preprocessed its own way (image size, channels): the split's
-    membership does not depend on them, which the data fingerprint confirms.
-    """
-
-    def __init__(self, cfg: DictConfig, metric: str = DEFAULT_METRIC,
-                 tie_break: str = DEFAULT_TIE_BREAK) -> None:
-        self.cfg = cfg
-        self.metric = check_metric(metric)
-        self.tie_break = check_metric(tie_break)
-        self._bundles: dict[tuple[int, int], Any] = {}
-        self._scores: dict[int, HeldOutScore] = {}
-        self.fingerprint: str | None = None
-        self.n_test: int | None = None
-        self.class_names: list[str] | None = None
-
-    def description(self) -> dict[str, Any]:
-        data = OmegaConf.to_container(self.cfg.data, resolve=True)
-        return {
-            "split": "test",
-            "seed": int(self.cfg.seed),
-            "n": self.n_test,
-            "data_fingerprint": self.fingerprint,
-            "source": data.get("source"),
-            "path": data.get("path") or data.get("root"),
-            "description": (
-                f"test split of the new run's config (seed {int(self.cfg.seed)}, "
-                f"{self.n_test} images, data fingerprint {str(self.fingerprint)[:12]})"
-            ),
-        }
-
-    def metric_name(self, name: str | None = None) -> str:
-        """The metric as this task names it: `sensitivity` is `macro_recall` for K classes,
-        and `macro_recall` is `sensitivity` for two."""
-        from search.config_checks import MACRO_NAMES
-
-        name = name or self.metric
-        if self.class_names is None:
-            return name
-        if len(self.class_names) > 2:
-            return MACRO_NAMES.get(name, name)
-        return next((b for b, m in MACRO_NAMES.items() if m == name and b != "recall"), name)
-
-    def bundle(self, image_size: int, channels: int) -> Any:
-        key = (int(image_size), int(channels))
-        if key not in self._bundles:
-            from hydra.utils import instantiate
-
-            bundle = instantiate(self.cfg.data, seed=int(self.cfg.seed), image_size=key[0],
-                                 channels=key[1], _convert_="all")
-            if bundle.n_test == 0:
-                raise NoHeldOutSplit(
-                    "the run's config has no test split (data.test_fraction=0 and no given "
-                    "test split), so models cannot be compared on held-out data; sweep with "
-                    "data.test_fraction > 0"
-                )
-            if self.fingerprint is None:
-                self.fingerprint, self.n_test = bundle.fingerprint, bundle.n_test
-                self.class_names = list(bundle.class_names)
-            elif bundle.fingerprint != self.fingerprint:
-                raise RuntimeError(
-                    f"rebuilding the split at {key} gave fingerprint {bundle.fingerprint}, not "
-                    f"{self.fingerprint}: the split depends on preprocessing, so the comparison "
-                    "would not be fair"
-                )
-            self._bundles[key] = bundle
-        return self._bundles[key]
-
-    def score(self, client: MlflowClient, name: str, version: int | str) -> HeldOutScore:
-        """Metrics of one registered version (cached per version)."""
-        version = int(version)
-        if version in self._scores:
-            return self._scores[version]
-        from search import evaluate as ev
-
-        mv = client.get_model_version(name, str(version))
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = model_store.download_version(mv, Path(tmp))
-            info = model_store.version_info(client, mv, folder)
-            model = model_store.load_keras_safely(folder)
-        prep = info["preprocessing"]
-        bundle = self.bundle(int(prep["image_size"]), int(prep["channels"]))
-        if [c.casefold() for c in info["class_names"]] != [
-            c.casefold() for c in bundle.class_names
-        ]:  # NORMAL (folder) and normal (npz) are one class
-            raise ValueError(
-                f"{name} v{version} predicts {info['class_names']} but the held-out split has "
-                f"classes {bundle.class_names}; register models of another task under another "
-                "--name"
-            )
-        scores = ev.positive_scores(model.predict(bundle.test, verbose=0))
-        threshold = info.get("threshold")
-        result = ev.evaluate_split("heldout", bundle.y_test, scores, bundle.class_names,
-                                   None if threshold is None else float(threshold))
-        score = HeldOutScore(
-            version=version,
-            metric=result.metrics[self.metric_name()],
-            tie_break=result.metrics[self.metric_name(self.tie_break)],
-            threshold=result.threshold,
-            metrics=result.metrics,
-            data_fingerprint=info.get("data_fingerprint"),
-        )
-        log.info("%s v%s on the held-out split: %s %.4f, %s %.4f", name, version,
-                 self.metric_name(), score.metric, self.metric_name(self.tie_break),
-                 score.tie_break)
-        self._scores[version] = score
-        return score
-
-
-def beats(new: HeldOutScore, champion: HeldOutScore) -> tuple[bool, str]:
-    """Whether `new` strictly beats `champion`: metric first, tie-break second."""
-    if math.isnan(new.metric):
-        return False, "the new version's metric is undefined (one class in the split?)"
-    if math.isnan(champion.metric) or new.metric > champion.metric + TIE_TOLERANCE:
-        return True, "higher metric than the champion"
-    if new.metric < champion.metric - TIE_TOLERANCE:
-        return False, "lower metric than the champion"
-    if new.tie_break > champion.tie_break + TIE_TOLERANCE:
-        return True, "metric tied; higher tie-break than the champion"
-    return False, "metric tied; tie-break not higher than the champion's"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,12 +163,12 @@ def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:
 def decide_under_lock(
     client: MlflowClient, name: str, mv: ModelVersion, evaluator: HeldOutEvaluator,
     new: HeldOutScore | None, locked: bool,
-) -> tuple[bool, str, HeldOutScore | None]:
+) -> tuple[bool, str, HeldOutScore | None, dict[str, Any]]:
     """Compare with the champion of the moment and move the aliases; loop when not locked."""
     version = int(mv.version)
     for _ in range(MAX_VERIFY_ROUNDS):
         champ = current_champion(client, name)
-        champ_score = None
+        champ_score, difference = None, {}
         if champ is None:
             promoted, reason = True, "first version with no champion: promoted"
         elif int(champ.version) == version:
@@ -298,7 +180,7 @@ def decide_under_lock(
                     "held-out test split to compare on; sweep with data.test_fraction > 0"
                 )
             champ_score = evaluator.score(client, name, champ.version)  # cached if seen
-            promoted, reason = beats(new, champ_score)
+            promoted, reason, difference = evaluator.compare(new, champ_score)
         if promoted:
             client.set_registered_model_alias(name, CHAMPION, str(version))
             if CHALLENGER in (client.get_model_version(name, str(version)).aliases or []):
@@ -306,13 +188,13 @@ def decide_under_lock(
         else:
             client.set_registered_model_alias(name, CHALLENGER, str(version))
         if locked:
-            return promoted, reason, champ_score
+            return promoted, reason, champ_score, difference
         # Best effort without a lock: the champion must now be ours (promoted) or still the one
         # we lost to; anything else means another writer moved it: compare again.
         after = current_champion(client, name)
         expected = version if promoted else (None if champ is None else int(champ.version))
         if (None if after is None else int(after.version)) == expected:
-            return promoted, reason, champ_score
+            return promoted, reason, champ_score, difference
         log.warning("@champion moved to v%s while promoting v%s; comparing again",
                     None if after is None else after.version, version)
     raise RuntimeError(f"@champion of {name} kept moving during {MAX_VERIFY_ROUNDS} rounds")

@@ -86,7 +86,8 @@ def parent_description(study: str, summary: dict[str, Any], objective: str,
         lines.append(
             f"**Registry:** `{decision['model_name']}` v{decision['version']} → "
             f"@{decision['alias']} ({'promoted' if decision['promoted'] else 'not promoted'}: "
-            f"{decision['reason']}); held-out {decision['metric']} = {_fmt(held_out)}.")
+            f"{decision['reason']}); held-out {decision['metric']} = {_fmt(held_out)}"
+            f"{_interval(decision.get('new_intervals'), decision['metric'])}.")
         lines += ["", "Pull and predict:", "```",
                   pull_command(model_name, tracking_uri),
                   f"python search/predict.py models:/{model_name}@champion <images> --out "
@@ -96,11 +97,18 @@ def parent_description(study: str, summary: dict[str, Any], objective: str,
     return "\n".join(lines)
 
 
-def operating_point(metrics: dict[str, float]) -> str:
+def _interval(intervals: dict[str, Any] | None, key: str) -> str:
+    low, high = ((intervals or {}).get(key) or [None, None])[:2]
+    return "" if low is None or high is None else f" [{_fmt(low)}, {_fmt(high)}]"
+
+
+def operating_point(metrics: dict[str, float], intervals: dict[str, Any] | None = None) -> str:
+    """`sensitivity 0.97 [0.94, 0.99], specificity ...` (95 % intervals where known)."""
     keys = [("sensitivity", "sensitivity"), ("specificity", "specificity"),
             ("macro_recall", "macro recall"), ("macro_specificity", "macro specificity"),
             ("accuracy", "accuracy"), ("roc_auc", "ROC AUC")]
-    found = [f"{label} {_fmt(metrics[k])}" for k, label in keys if k in metrics]
+    found = [f"{label} {_fmt(metrics[k])}{_interval(intervals, k)}" for k, label in keys
+             if k in metrics]
     return ", ".join(found) or "n/a"
 
 
@@ -131,8 +139,12 @@ def version_description(run: Any, metadata: dict[str, Any],
         lines += [
             f"- **Promotion:** @{decision['alias']} on held-out {decision['metric']} = "
             f"{_fmt(metrics.get(decision['metric']))} ({decision['reason']}).",
-            f"- **Operating point (held-out, at the threshold):** {operating_point(metrics)}.",
+            f"- **Operating point (held-out, at the threshold):** "
+            f"{operating_point(metrics, decision.get('new_intervals'))}.",
         ]
+        for name, ext in (decision.get("new_external") or {}).items():
+            lines.append(f"- **External set {name}** ({ext.get('n')} images, never used for "
+                         f"selection): {operating_point(ext['metrics'], ext.get('intervals'))}.")
     lines += contract_lines(metadata)
     lines.append(f"- **Config:** `runs:/{run.info.run_id}/config/config.yaml`.")
     return "\n".join(lines)
@@ -238,11 +250,20 @@ def run_description(class_names: list[str], source_info: dict[str, Any],
     if results:
         from search.evaluate import headline  # sklearn: only once there are results
 
-        lines += ["", "**Best checkpoint:**"]
-        for split in ("val", "test"):
-            metrics = {k.removeprefix(f"{split}_"): v for k, v in results.items()
-                       if k.startswith(f"{split}_")}
+        lines += ["", "**Best checkpoint** (95 % intervals on held-out images):"]
+        splits = ["val", "test"] + sorted({k.split("_")[1] for k in results
+                                           if k.startswith("ext_")})
+        for split in splits:
+            prefix = f"ext_{split}_" if split not in ("val", "test") else f"{split}_"
+            metrics = {k.removeprefix(prefix): v for k, v in results.items()
+                       if k.startswith(prefix) and "_ci_" not in k}
+            intervals = {k.removeprefix(prefix).removesuffix("_ci_low"):
+                         [v, results.get(k.removesuffix("_ci_low") + "_ci_high")]
+                         for k, v in results.items() if k.startswith(prefix)
+                         and k.endswith("_ci_low")}
             if metrics:
-                lines.append(f"- {split}: loss {_fmt(metrics.get('loss'))}  "
-                             f"{headline(metrics)}")
+                label = split if prefix != f"ext_{split}_" else f"external {split}"
+                loss = f"loss {_fmt(metrics['loss'])}  " if "loss" in metrics else ""
+                lines.append(f"- {label}: {loss}" + (operating_point(metrics, intervals)
+                                                     if intervals else headline(metrics)))
     return "\n".join(lines)

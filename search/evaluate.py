@@ -32,6 +32,8 @@ from sklearn.metrics import (  # noqa: E402
 from sklearn.preprocessing import label_binarize  # noqa: E402
 
 from search.config_checks import MACRO_NAMES, THRESHOLD_RULES  # noqa: E402
+from search.intervals import BootstrapSpec  # noqa: E402
+from search.intervals import intervals as bootstrap_intervals  # noqa: E402
 from search.keras_metrics import class_keys  # noqa: E402
 
 
@@ -46,6 +48,15 @@ class SplitEvaluation:
     class_names: list[str]
     threshold: float | None = None
     extra: dict = field(default_factory=dict)
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # metric: (low, high)
+
+    def interval_metrics(self, prefix: str) -> dict[str, float]:
+        """`{prefix}{metric}_ci_low/_ci_high` for every finite interval."""
+        out = {}
+        for name, (low, high) in self.intervals.items():
+            if np.isfinite(low) and np.isfinite(high):
+                out[f"{prefix}{name}_ci_low"], out[f"{prefix}{name}_ci_high"] = low, high
+        return out
 
 
 def json_ready(value: Any) -> Any:
@@ -67,8 +78,22 @@ def positive_scores(probabilities: np.ndarray) -> np.ndarray:
     return probabilities
 
 
+def prevalence_weights(y_true: np.ndarray, prevalence: float | None) -> np.ndarray | None:
+    """Sample weights that make val's positive share `prevalence` (None: as it is)."""
+    if prevalence is None:
+        return None
+    prevalence = float(prevalence)
+    if not 0.0 < prevalence < 1.0:
+        raise ValueError(f"evaluation.deployment_prevalence={prevalence} must be in (0, 1): the "
+                         "expected share of positives (the last class) where the model is used")
+    y_true = np.asarray(y_true).astype(int).ravel()
+    share = y_true.mean()
+    return np.where(y_true == 1, prevalence / share, (1 - prevalence) / (1 - share))
+
+
 def choose_threshold(
-    y_true: np.ndarray, scores: np.ndarray, rule: str = "max_f1", min_sensitivity: float = 0.95
+    y_true: np.ndarray, scores: np.ndarray, rule: str = "max_f1", min_sensitivity: float = 0.95,
+    prevalence: float | None = None,
 ) -> float:
     """Pick the decision threshold on validation predictions (binary tasks).
 
@@ -79,6 +104,9 @@ def choose_threshold(
             (the highest threshold whose sensitivity reaches ``min_sensitivity``: in diagnosis a
             missed pneumonia costs most, so recall is the constraint and the rest is maximised).
         min_sensitivity: target for ``min_sensitivity``.
+        prevalence: ``evaluation.deployment_prevalence``: val is re-weighted to this positive
+            share before the rule is applied. Only ``max_f1`` depends on it (precision does);
+            Youden's J and a sensitivity target are the same at any prevalence.
     """
     y_true = np.asarray(y_true).astype(int).ravel()
     if rule not in THRESHOLD_RULES:
@@ -87,8 +115,10 @@ def choose_threshold(
         )
     if len(np.unique(y_true)) < 2:
         raise ValueError("cannot choose a threshold: the validation split holds only one class")
+    weights = prevalence_weights(y_true, prevalence)
     if rule == "max_f1":
-        precision, recall, thresholds = precision_recall_curve(y_true, scores)
+        precision, recall, thresholds = precision_recall_curve(y_true, scores,
+                                                               sample_weight=weights)
         f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
         return float(thresholds[int(np.argmax(f1[:-1]))])
     # Keep every threshold: dropped "intermediate" points can be the exact answer.
@@ -111,8 +141,13 @@ def evaluate_split(
     class_names: list[str],
     threshold: float | None = None,
     loss: float | None = None,
+    bootstrap: BootstrapSpec | None = None,
 ) -> SplitEvaluation:
-    """All metrics of a split: binary at ``threshold``, multi-class by argmax (macro averages)."""
+    """All metrics of a split: binary at ``threshold``, multi-class by argmax (macro averages).
+
+    With ``bootstrap``, every metric also gets a stratified bootstrap interval at the same
+    (fixed) threshold, in ``intervals``.
+    """
     y_true = np.asarray(y_true).astype(int).ravel()
     labels = list(range(len(class_names)))
     if scores.ndim == 1:
@@ -146,6 +181,8 @@ def evaluate_split(
         report=report,
         class_names=list(class_names),
         threshold=threshold,
+        intervals=bootstrap_intervals(y_true, scores, list(class_names), threshold, bootstrap)
+        if bootstrap is not None and bootstrap.resamples else {},
     )
 
 

@@ -20,10 +20,16 @@ if TYPE_CHECKING:
     import keras
 
 
-def gradcam_model(model: keras.Model, layer_name: str | None = None) -> keras.Model:
-    """Model mapping an image batch to [last conv feature map, predictions]."""
+def gradcam_model(model: keras.Model, layer_name: str | None = None
+                  ) -> keras.Model | list[keras.Model]:
+    """Model mapping an image batch to [last conv feature map, predictions]; for an ensemble,
+    one such model per member."""
     from models import build_gradcam_model
+    from models.ensemble import ensemble_members
 
+    members = ensemble_members(model)
+    if members:
+        return [build_gradcam_model(member, layer_name) for member in members]
     return build_gradcam_model(model, layer_name)
 
 
@@ -60,6 +66,8 @@ def gradcam_heatmaps(
     import tensorflow as tf
 
     grad_model = grad_model or gradcam_model(model, layer_name)
+    if isinstance(grad_model, list):
+        return _ensemble_heatmaps(model, images, class_index, threshold, grad_model)
     x = tf.convert_to_tensor(np.asarray(images, dtype=np.float32))
     if x.shape.rank != 4:
         raise ValueError(f"images must be a batch (N, H, W, C), got shape {tuple(x.shape)}")
@@ -84,6 +92,29 @@ def gradcam_heatmaps(
     cam = tf.image.resize(cam[..., tf.newaxis], tuple(x.shape[1:3]), method="bilinear")
     heatmaps = np.clip(cam.numpy()[..., 0], 0.0, 1.0).astype(np.float32)
     return heatmaps, predictions.numpy()
+
+
+def _ensemble_heatmaps(model: keras.Model, images: np.ndarray,
+                       class_index: int | Sequence[int] | None, threshold: float,
+                       grad_models: list[keras.Model]) -> tuple[np.ndarray, np.ndarray]:
+    """An ensemble's Grad-CAM: the mean of its members' heatmaps for the ensemble's class.
+
+    Grad-CAM needs one feature map; an ensemble has one per member, and its output is their
+    mean, so the evidence maps are averaged (each normalised first, as each member's is).
+    """
+    predictions = model.predict(np.asarray(images, dtype=np.float32), verbose=0)
+    targets = target_classes(predictions, threshold) if class_index is None else class_index
+    maps = [gradcam_heatmaps(member, images, class_index=targets, grad_model=grad)[0]
+            for member, grad in zip(_members(model), grad_models, strict=True)]
+    cam = np.mean(maps, axis=0)
+    peak = cam.max(axis=(1, 2), keepdims=True)
+    return np.where(peak > 0, cam / np.maximum(peak, 1e-12), 0.0).astype(np.float32), predictions
+
+
+def _members(model: keras.Model) -> list[keras.Model]:
+    from models.ensemble import ensemble_members
+
+    return ensemble_members(model)
 
 
 def gradcam_heatmap(model: keras.Model, image: np.ndarray, **kwargs: Any) -> np.ndarray:

@@ -19,6 +19,49 @@ def decision(info: dict[str, Any]) -> str:
             f"`{info.get('threshold_rule')}`, chosen on validation)")
 
 
+def with_interval(metrics: dict[str, float], key: str) -> str:
+    """`0.9712 [0.9500, 0.9861]`, the point value alone without an interval, `-` if absent."""
+    if metrics.get(key) is None:
+        return "-"
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    interval = f" [{_fmt(low)}, {_fmt(high)}]" if low is not None and high is not None else ""
+    return _fmt(metrics[key]) + interval
+
+
+def operating_point(info: dict[str, Any]) -> list[str]:
+    """Where the model operates on held-out images: at its stored threshold, with intervals,
+    and the ROC curve the pull copied beside the card."""
+    metrics = info.get("metrics") or {}
+    keys = ["sensitivity", "specificity"] if info.get("threshold") is not None else [
+        "macro_recall", "macro_specificity"]
+    found = [(k, with_interval(metrics, f"eval_test_{k}")) for k in keys]
+    lines = ["", "## Operating point", ""]
+    if all(v == "-" for _, v in found):
+        return lines + ["No held-out test split was evaluated (data.test_fraction=0)."]
+    lines.append(f"On the run's held-out test split at {decision(info)}: "
+                 + ", ".join(f"{k} {v}" for k, v in found)
+                 + " (95 % stratified bootstrap intervals, threshold fixed).")
+    if "evaluation/test_roc_pr.png" in (info.get("figures") or []):
+        lines += ["", "![held-out ROC and precision-recall curves](evaluation/test_roc_pr.png)"]
+    if "evaluation/test_confusion.png" in (info.get("figures") or []):
+        lines += ["", "![held-out confusion matrix](evaluation/test_confusion.png)"]
+    return lines
+
+
+def external_tables(metrics: dict[str, float]) -> list[str]:
+    """One row per external set and metric (`evaluation.external`: never used for selection)."""
+    keys = sorted(k for k in metrics if k.startswith("ext_") and "_ci_" not in k)
+    if not keys:
+        return []
+    lines = ["", "## External sets", "",
+             "Scored at the stored threshold, never used for selection or the threshold.", "",
+             "| set | metric | value (95 % interval) |", "| --- | --- | --- |"]
+    for key in keys:
+        name, metric = key.removeprefix("ext_").split("_", 1)
+        lines.append(f"| {name} | {metric} | {with_interval(metrics, key)} |")
+    return lines
+
+
 def model_card(info: dict[str, Any], has_config: bool = True) -> str:
     """MODEL_CARD.md for a pulled version."""
     tags = info.get("version_tags") or {}
@@ -52,15 +95,18 @@ def model_card(info: dict[str, Any], has_config: bool = True) -> str:
            " `precision_<class>`, `f1_<class>` are per class."
            if len(info["class_names"]) > 2 else ""),
         "",
-        "| metric | val | test |",
+        "| metric | val | test (95 % interval) |",
         "| --- | --- | --- |",
     ]
     metrics = info.get("metrics") or {}
-    names = sorted({k.split("_", 2)[2] for k in metrics if k.startswith("eval_")})
+    names = sorted({k.split("_", 2)[2] for k in metrics
+                    if k.startswith("eval_") and "_ci_" not in k})
     for metric in names:
-        val, test = metrics.get(f"eval_val_{metric}"), metrics.get(f"eval_test_{metric}")
+        val = metrics.get(f"eval_val_{metric}")
         lines.append(f"| {metric} | {_fmt(val) if val is not None else '-'} | "
-                     f"{_fmt(test) if test is not None else '-'} |")
+                     f"{with_interval(metrics, f'eval_test_{metric}')} |")
+    lines += operating_point(info)
+    lines += external_tables(metrics)
     promotion = {k: v for k, v in tags.items() if k.startswith("promotion.")}
     if promotion:
         lines += ["", "## Promotion", "", "| tag | value |", "| --- | --- |"]

@@ -42,8 +42,10 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def log_keras_model(cfg: DictConfig, model: keras.Model, data: Any, results: dict) -> None:
-    """Log the best checkpoint as an MLflow Keras model with signature, example and metadata."""
+def log_keras_model(cfg: DictConfig, model: keras.Model, data: Any, results: dict,
+                    extra_metadata: dict[str, Any] | None = None) -> None:
+    """Log the best checkpoint as an MLflow Keras model with signature, example and metadata
+    (`extra_metadata` adds or replaces fields, e.g. an ensemble's members)."""
     # The served contract (search/serving.py): raw 0–255 pixels, named outputs. The example
     # is a val image as a client would send it, and MLflow's validation serves it.
     example = np.round(next(iter(data.val.take(1)))[0][:1].numpy() * 255.0).astype(np.float32)
@@ -57,6 +59,7 @@ def log_keras_model(cfg: DictConfig, model: keras.Model, data: Any, results: dic
         "threshold_rule": str(cfg.evaluation.threshold_rule),
         "data_fingerprint": data.fingerprint,
         "config_hash": config_hash(cfg),
+        **(extra_metadata or {}),
     }
     fault_point("model_logging")
     # MLflow validates the input example by predicting in another thread with Keras' default

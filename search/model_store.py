@@ -157,10 +157,11 @@ def load_keras_safely(model_dir: str | Path) -> keras.Model:
 
 
 def run_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:
-    """The run's held-out evaluation metrics (eval_val_*, eval_test_*) and the threshold."""
+    """The run's evaluation metrics (eval_val_*, eval_test_*, external ext_*, with their
+    intervals) and the threshold."""
     metrics = client.get_run(run_id).data.metrics
     return {k: float(v) for k, v in sorted(metrics.items())
-            if k.startswith(("eval_val_", "eval_test_")) or k == "threshold"}
+            if k.startswith(("eval_val_", "eval_test_", "ext_")) or k == "threshold"}
 
 
 def run_data(client: MlflowClient, run_id: str) -> dict[str, str]:
@@ -232,6 +233,21 @@ def run_config_text(client: MlflowClient, run_id: str) -> str | None:
         return Path(path).read_text()
 
 
+CARD_FIGURES = ("evaluation/test_roc_pr.png", "evaluation/test_confusion.png")
+
+
+def copy_figures(client: MlflowClient, run_id: str, folder: Path) -> list[str]:
+    """The run's held-out ROC/PR curves and confusion matrix, for the model card."""
+    copied = []
+    for artifact in CARD_FIGURES:
+        try:
+            client.download_artifacts(run_id, artifact, str(folder))
+            copied.append(artifact)
+        except (MlflowException, OSError):  # a run without a test split has none
+            continue
+    return copied
+
+
 def export_version(
     name: str = DEFAULT_MODEL_NAME,
     alias: str | None = None,
@@ -269,6 +285,7 @@ def export_version(
         config = run_config_text(client, mv.run_id) if mv.run_id else None
         if config is not None:
             (partial / CONFIG_FILE).write_text(config)
+        info["figures"] = copy_figures(client, mv.run_id, partial) if mv.run_id else []
         (partial / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
         (partial / CARD_FILE).write_text(model_card(info, has_config=config is not None))
         load_keras_safely(partial / MODEL_DIR)  # fail now, not on the offline machine

@@ -108,6 +108,7 @@ def predict(
     labels_key: str | None = None,
     batch_size: int = 32,
     overwrite: bool = False,
+    tta: bool = False,
 ) -> PredictionRun:
     """Predict every input; write predictions.csv (+ skipped.csv, metrics, Grad-CAM).
 
@@ -120,6 +121,7 @@ def predict(
         labels_key: Labels key of an npz input.
         batch_size: Images per forward pass.
         overwrite: Replace the predictions of an earlier call in ``out`` (else refused).
+        tta: Average each prediction over flipped and shifted copies (``search.tta``).
 
     Returns:
         The rows written, the skipped inputs and, with labels, the metrics.
@@ -128,7 +130,7 @@ def predict(
     with tempfile.TemporaryDirectory(prefix="predict-model-") as workdir:
         loaded = model if isinstance(model, LoadedModel) else load_model_reference(model, workdir)
         return _predict_loaded(loaded, source, out, gradcam, npz_key, labels_key, batch_size,
-                               overwrite)
+                               overwrite, tta)
 
 
 def check_input_shape(loaded: LoadedModel, size: int, channels: int) -> None:
@@ -146,7 +148,7 @@ def check_input_shape(loaded: LoadedModel, size: int, channels: int) -> None:
 
 def _predict_loaded(loaded: LoadedModel, source: str | Path, out: Path, gradcam: bool,
                     npz_key: str | None, labels_key: str | None,
-                    batch_size: int, overwrite: bool) -> PredictionRun:
+                    batch_size: int, overwrite: bool, tta: bool = False) -> PredictionRun:
     classes = loaded.class_names
     prep = loaded.preprocessing
     size, channels = int(prep["image_size"]), int(prep["channels"])
@@ -167,7 +169,12 @@ def _predict_loaded(loaded: LoadedModel, source: str | Path, out: Path, gradcam:
 
         grad_model = gc.gradcam_model(loaded.model)
     for batch, images in batches(items, batch_size, size, channels, skipped):
-        outputs = loaded.model.predict(images, verbose=0)
+        if tta:
+            from search.tta import tta_predict
+
+            outputs = tta_predict(lambda x: loaded.model.predict(x, verbose=0), images)
+        else:
+            outputs = loaded.model.predict(images, verbose=0)
         probs = probabilities(outputs)
         predicted = predicted_classes(probs, threshold)
         all_probs.append(probs)
@@ -250,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels-key", default=None,
                         help="npz labels key (default: the images key's *_labels, if present)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average over a mirror and 4 small shifts")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace earlier predictions in --out")
     parser.add_argument("--tracking-uri", default=None,
@@ -260,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = predict(args.model, args.input, args.out, gradcam=args.gradcam,
                          npz_key=args.npz_key, labels_key=args.labels_key,
-                         batch_size=args.batch_size, overwrite=args.overwrite)
+                         batch_size=args.batch_size, overwrite=args.overwrite, tta=args.tta)
     except (FileNotFoundError, FileExistsError, KeyError, ValueError, LookupError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

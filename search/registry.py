@@ -45,7 +45,9 @@ from search.champion import (
     CHAMPION,
     DEFAULT_METRIC,
     DEFAULT_TIE_BREAK,
+    GATES,
     RANKING_METRICS,
+    GateSpec,
     HeldOutEvaluator,
     HeldOutScore,
     NoHeldOutSplit,
@@ -153,6 +155,7 @@ def register_and_promote(
     metric: str = DEFAULT_METRIC,
     parent_run_id: str | None = None,
     tie_break: str = DEFAULT_TIE_BREAK,
+    gate: GateSpec | None = None,
 ) -> PromotionDecision:
     """Register `run_id`'s model as a new version and give it @champion or @challenger.
 
@@ -163,6 +166,7 @@ def register_and_promote(
         parent_run_id: Run that receives the decision (the sweep's parent run); default: the
             run's own parent, else the run itself.
         tie_break: Metric compared when `metric` ties (sensitivity at the stored threshold).
+        gate: How the new version must win (paired bootstrap beyond noise by default).
 
     Returns:
         The decision (also printed, logged to the parent run and to the version's tags).
@@ -172,7 +176,8 @@ def register_and_promote(
     """
     client = MlflowClient()
     metric, tie_break = check_metric(metric), check_metric(tie_break)
-    evaluator = HeldOutEvaluator(run_config(client, run_id), metric, tie_break)
+    gate = gate or GateSpec()
+    evaluator = HeldOutEvaluator(run_config(client, run_id), metric, tie_break, gate)
     mv = register_run_model(client, run_id, model_name)
     fault_point("promotion")
     version = int(mv.version)
@@ -198,7 +203,7 @@ def register_and_promote(
 
     registry_uri = mlflow.get_registry_uri()
     with promotion_lock(registry_uri) as locked:
-        promoted, reason, champ_score = decide_under_lock(
+        promoted, reason, champ_score, difference = decide_under_lock(
             client, model_name, mv, evaluator, new, locked
         )
     if champ_score is not None and new is not None and (
@@ -227,6 +232,12 @@ def register_and_promote(
         new_metrics={} if new is None else new.metrics,
         champion_metrics={} if champ_score is None else champ_score.metrics,
         warnings=warnings,
+        difference=difference,
+        new_intervals={} if new is None else new.intervals,
+        champion_intervals={} if champ_score is None else champ_score.intervals,
+        new_external={} if new is None else new.external,
+        champion_external={} if champ_score is None else champ_score.external,
+        gate=gate.rule,
     )
     record_decision(client, decision, parent_run_id or client.get_run(run_id).data.tags.get(
         "mlflow.parentRunId") or run_id)
@@ -256,6 +267,8 @@ def record_decision(client: MlflowClient, decision: PromotionDecision, target_ru
         "promotion.champion_score": str(decision.champion_score),
         "promotion.eval_split": str(decision.evaluation.get("description", "none")),
     }
+    if decision.difference.get("text"):
+        version_tags["promotion.difference"] = decision.difference["text"]
     if decision.warnings:
         version_tags["promotion.warning"] = " | ".join(decision.warnings)
     for key, value in version_tags.items():
@@ -281,13 +294,27 @@ def record_decision(client: MlflowClient, decision: PromotionDecision, target_ru
         f"promotion_champion_{decision.metric}": decision.champion_score,
         f"promotion_champion_{decision.tie_break}": decision.champion_tie_break,
     }
+    for who, found in (("new", decision.new_intervals), ("champion", decision.champion_intervals)):
+        for metric in (decision.metric, decision.tie_break):
+            low, high = (found.get(metric) or [None, None])[:2]
+            metrics[f"promotion_{who}_{metric}_ci_low"] = low
+            metrics[f"promotion_{who}_{metric}_ci_high"] = high
+    if decision.difference.get("metric"):
+        diff = decision.difference
+        for key in ("difference", "low", "high"):
+            metrics[f"promotion_difference_{diff['metric']}"
+                    + ("" if key == "difference" else f"_ci_{key}")] = diff[key]
+    for who, found in (("new", decision.new_external), ("champion", decision.champion_external)):
+        for set_name, ext in found.items():
+            metrics[f"promotion_{who}_ext_{set_name}_{decision.metric}"] = \
+                ext["metrics"].get(decision.metric)
     for key, value in metrics.items():
         if _finite(value):
             client.log_metric(target_run_id, key, float(value))
     # Params are immutable: set them once; a later promotion into the same run keeps the first.
     existing = client.get_run(target_run_id).data.params
     params = {"promotion.registered_model": name, "promotion.metric": decision.metric,
-              "promotion.tie_break": decision.tie_break}
+              "promotion.tie_break": decision.tie_break, "promotion.gate": decision.gate}
     for key, value in params.items():
         if key not in existing:
             client.log_param(target_run_id, key, value)
@@ -350,14 +377,19 @@ def promote_sweep_best(
         log.warning("nothing registered: %s", skipped)
         client.set_tag(parent_run_id, "promotion.skipped", skipped)
         return None
+    gate = GateSpec.from_config((config or {}).get("registry"))
     try:
-        return register_and_promote(
+        decision = register_and_promote(
             best_run_id, model_name=options["model_name"], metric=options["metric"],
-            parent_run_id=parent_run_id, tie_break=options["tie_break"],
+            parent_run_id=parent_run_id, tie_break=options["tie_break"], gate=gate,
         )
     except Exception as error:
         client.set_tag(parent_run_id, "promotion.error", f"{type(error).__name__}: {error}"[:5000])
         raise
+    from search.ensemble import promote_ensemble
+
+    promote_ensemble(config, parent_run_id, decision, options, gate)
+    return decision
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -373,6 +405,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=DEFAULT_MODEL_NAME, help="registered model name")
     parser.add_argument("--metric", default=DEFAULT_METRIC, choices=RANKING_METRICS)
     parser.add_argument("--tie-break", default=DEFAULT_TIE_BREAK, choices=RANKING_METRICS)
+    parser.add_argument("--gate", default="paired_bootstrap", choices=GATES,
+                        help="paired_bootstrap: promote only when better beyond noise (default); "
+                             "point: a higher point value is enough")
+    parser.add_argument("--min-per-class", type=int, default=10,
+                        help="fewer images of a class in the compared split: too small to decide")
+    parser.add_argument("--compare-on", default="test",
+                        help="test, or the name of one of the run's evaluation.external sets")
     parser.add_argument("--tracking-uri", default=None,
                         help="default: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlruns/mlflow.db")
     args = parser.parse_args(argv)
@@ -387,8 +426,9 @@ def main(argv: list[str] | None = None) -> int:
                   "trial?)", file=sys.stderr)
             return 2
     start = time.time()
+    gate = GateSpec(args.gate, args.min_per_class, args.compare_on)
     decision = register_and_promote(run_id, model_name=args.name, metric=args.metric,
-                                    parent_run_id=parent, tie_break=args.tie_break)
+                                    parent_run_id=parent, tie_break=args.tie_break, gate=gate)
     log.info("promotion took %.1f s", time.time() - start)
     return 0 if decision else 1
 

@@ -68,15 +68,37 @@ def top_params(study: optuna.Study, k: int = TOP_PARAMS) -> list[str] | None:
     return ranked[:k] if len(ranked) > k else None
 
 
-def header_table(study: optuna.Study, summary: dict[str, Any]) -> str:
-    """The report's header: study, counts by state, best trial and its params, as HTML."""
+def held_out_rows(metrics: dict[str, float] | None) -> list[tuple[str, str]]:
+    """The best trial's held-out and external figures with their 95 % intervals."""
+    from search.model_card import with_interval
+
+    metrics = metrics or {}
+    rows = []
+    prefixes = [("held-out test", "eval_test_")] + [
+        (f"external {k.split('_')[1]}", f"ext_{k.split('_')[1]}_")
+        for k in sorted(metrics) if k.startswith("ext_") and k.endswith("_roc_auc")]
+    for label, prefix in prefixes:
+        found = [f"{name} {with_interval(metrics, prefix + name)}" for name in
+                 ("roc_auc", "accuracy", "sensitivity", "specificity", "macro_recall")
+                 if prefix + name in metrics]
+        if found:
+            rows.append((f"\u00a0\u00a0{label} (95 % interval)", " · ".join(found)))
+    return rows
+
+
+def header_table(study: optuna.Study, summary: dict[str, Any],
+                 held_out: dict[str, float] | None = None) -> str:
+    """The report's header: study, counts by state, best trial, its params and its held-out
+    figures with intervals, as HTML."""
     rows = [("study", study.study_name),
             ("trials", ", ".join(f"{n} {s.lower()}" for s, n in summary["counts"].items())),
             ("objective", ", ".join(study.metric_names or []) or "value")]
     best = summary.get("best")
     if best:
         rows.append(("best trial", f"{best['number']} → {best['value']:.6g}"))
-        rows += [(f"&nbsp;&nbsp;{k}", v) for k, v in best["params"].items()]
+        # no-break spaces: html.escape below would show an "&nbsp;" as text
+        rows += [(f"\u00a0\u00a0{k}", v) for k, v in best["params"].items()]
+        rows += held_out_rows(held_out)
     elif summary.get("pareto_front"):
         rows.append(("Pareto front", f"{len(summary['pareto_front'])} trial(s)"))
     cells = "".join(f"<tr><th>{html.escape(str(k), quote=False)}</th>"
@@ -99,8 +121,11 @@ def _curves_png(study: optuna.Study, summary: dict[str, Any], path: Path) -> Non
     plt.close(figure)
 
 
-def write_report(study: optuna.Study, folder: Path) -> list[Path]:
+def write_report(study: optuna.Study, folder: Path,
+                 held_out: dict[str, float] | None = None) -> list[Path]:
     """Write the sweep's plots (HTML + PNG) and its trials table (CSV) into ``folder``.
+
+    ``held_out``: the best trial's run metrics (eval_test_*, ext_*), shown with intervals.
 
     A plot that does not apply (e.g. importances with fewer than two finished trials) is
     skipped with a log line rather than failing the sweep's end.
@@ -143,7 +168,7 @@ def write_report(study: optuna.Study, folder: Path) -> list[Path]:
     page = folder / "sweep_report.html"
     page.write_text(
         f"<html><head><meta charset='utf-8'><title>Sweep {study.study_name}</title></head><body>"
-        f"<h1>Sweep report: {study.study_name}</h1>{header_table(study, summary)}"
+        f"<h1>Sweep report: {study.study_name}</h1>{header_table(study, summary, held_out)}"
         f"{''.join(sections)}</body></html>"
     )
     written.append(page)

@@ -114,7 +114,7 @@ class MlflowSweepCallback(Callback):
                 mlflow.log_metric(f"trials_{state.lower()}", count)
             folder = Path(config.hydra.sweep.dir) / self.report_dir_name
             fault_point("sweep_report")
-            report.write_report(study, folder)
+            report.write_report(study, folder, client.get_run(self.run_id).data.metrics)
             mlflow.log_artifacts(str(folder), self.report_dir_name)
             log_sweep_curves(client, study, summary)
             log.info("Sweep report: %s", folder / "sweep_report.html")
@@ -288,5 +288,5 @@ def log_best_trial(client: MlflowClient, study: optuna.Study, summary: dict) -> 
         run = finished[0]
         mlflow.set_tag("best_run_id", run.info.run_id)
         mlflow.log_metrics({
-            k: v for k, v in run.data.metrics.items() if k.startswith("eval_")
+            k: v for k, v in run.data.metrics.items() if k.startswith(("eval_", "ext_"))
         })

@@ -109,3 +109,16 @@ def test_multiclass_class_missing_from_the_split_is_nan_not_a_number():
     m = ev.evaluate_split("val", y, p, ["normal", "bacteria", "virus"]).metrics
     assert np.isnan(m["recall_virus"]) and np.isnan(m["roc_auc"]) and np.isnan(m["macro_recall"])
     assert m["recall_normal"] == 1.0 and m["accuracy"] == 1.0
+
+
+def test_deployment_prevalence_moves_only_the_prevalence_dependent_rule():
+    # Val is 60 % positive. Re-weighted to 20 % (positives x 1/3, negatives x 2), F1 at each
+    # threshold is: 0.4 → 2·2/(4+4) = 0.50; 0.6 → (10/3)/(10/3+2+1/3) = 0.588;
+    # 0.8 → (8/3)/(8/3+2/3) = 0.80; 0.85 → 2/(2+1) = 0.667: false alarms now cost more.
+    assert ev.choose_threshold(Y, S, "max_f1", prevalence=0.2) == pytest.approx(0.8)
+    assert ev.choose_threshold(Y, S, "max_f1", prevalence=0.6) == pytest.approx(0.4)  # as val
+    # Youden's J and a sensitivity target do not depend on prevalence
+    assert ev.choose_threshold(Y, S, "youden", prevalence=0.2) == pytest.approx(0.8)
+    assert ev.choose_threshold(Y, S, "min_sensitivity", 0.8, prevalence=0.2) == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="deployment_prevalence=1.0"):
+        ev.choose_threshold(Y, S, "max_f1", prevalence=1.0)

@@ -48,6 +48,48 @@ def test_beats_metric_then_tie_break(new, champion, wins):
     assert gate.beats(score(*new), score(*champion))[0] is wins
 
 
+def _scored(version: int, y, s, threshold: float = 0.5) -> HeldOutScore:
+    from search import evaluate as ev
+
+    metrics = ev.evaluate_split("heldout", y, s, ["normal", "pneumonia"], threshold).metrics
+    return HeldOutScore(version, metrics["roc_auc"], metrics["sensitivity"], threshold, metrics,
+                        "fp", y=y, scores=s)
+
+
+def test_gate_promotes_only_beyond_noise_and_never_on_a_tiny_split(compose_cfg):
+    import numpy as np
+
+    evaluator = gate.HeldOutEvaluator(compose_cfg())
+    evaluator.class_names = ["normal", "pneumonia"]
+    rng = np.random.default_rng(1)
+    y = (rng.random(400) < 0.7).astype(int)
+    s = np.clip(0.3 * y + 0.7 * rng.random(400), 0, 1)
+    champion = _scored(1, y, s)
+    better = _scored(2, y, np.clip(s + 0.25 * (y - 0.5), 0, 1))
+    promoted, reason, diff = evaluator.compare(better, champion)
+    assert promoted and reason.startswith("better beyond noise") and diff["low"] > 0
+    assert diff["metric"] == "roc_auc" and diff["n"] == 400
+    promoted, reason, diff = evaluator.compare(champion, better)
+    assert not promoted and reason.startswith("worse beyond noise") and diff["high"] < 0
+    # a model as good, with errors of its own: whichever scores higher, it is noise
+    lucky = _scored(3, y, np.clip(0.3 * y + 0.7 * rng.random(400), 0, 1))
+    promoted, reason, diff = evaluator.compare(lucky, champion)
+    assert not promoted and "not better beyond noise" in reason and diff["low"] < 0 < diff["high"]
+    # the point rule (registry.gate=point) takes any higher value
+    point = gate.HeldOutEvaluator(compose_cfg(), gate=gate.GateSpec(rule="point"))
+    point.class_names = evaluator.class_names
+    assert point.compare(lucky, champion)[0] == (lucky.metric > champion.metric)
+    # 24 images, 6 of them normal: too small to decide, whatever the scores say
+    tiny = np.r_[np.flatnonzero(y == 0)[:6], np.flatnonzero(y == 1)[:18]]
+    promoted, reason, _ = evaluator.compare(_scored(2, y[tiny], better.scores[tiny]),
+                                            _scored(1, y[tiny], s[tiny]))
+    assert not promoted and "too small to decide" in reason and "6 of class normal" in reason
+    with pytest.raises(ValueError, match="registry.gate='coin'"):
+        gate.GateSpec.from_config({"gate": "coin"})
+    with pytest.raises(ValueError, match="registry.compare_on='ext9'"):
+        gate.HeldOutEvaluator(compose_cfg(), gate=gate.GateSpec(compare_on="ext9"))
+
+
 def test_metric_names_are_checked():
     assert gate.check_metric("roc_auc") == "roc_auc"
     assert gate.check_metric("test_sensitivity") == "sensitivity"
@@ -122,6 +164,8 @@ def test_first_version_becomes_champion_with_all_fields(registry_store, capsys, 
     assert decision.promoted and decision.alias == "champion"
     assert decision.champion_version is None and "first version" in decision.reason
     assert 0.7 < decision.new_score <= 1.0  # scored anyway, for the record
+    low, high = decision.new_intervals["roc_auc"]
+    assert low <= decision.new_score <= high and low < high
     printed = capsys.readouterr().out
     assert f"{NAME} v{decision.version}" in printed and "@champion" in printed
 
@@ -159,6 +203,7 @@ def test_first_version_becomes_champion_with_all_fields(registry_store, capsys, 
     assert parent_run.data.tags["promotion.model_uri"] == f"models:/{NAME}/{decision.version}"
     assert parent_run.data.params["promotion.metric"] == "roc_auc"
     assert parent_run.data.metrics["promotion_new_roc_auc"] == pytest.approx(decision.new_score)
+    assert parent_run.data.metrics["promotion_new_roc_auc_ci_low"] == pytest.approx(low)
     saved = client.download_artifacts(parent, "promotion/decision.json", str(model_dir.parent))
     assert json.loads(Path(saved).read_text())["version"] == decision.version
 
@@ -177,6 +222,8 @@ def test_worse_version_becomes_challenger_and_champion_stays(registry_store):
     assert not decision.promoted and decision.alias == "challenger"
     assert decision.champion_version == first.version
     assert decision.new_score < decision.champion_score  # same split, same metric
+    assert decision.reason.startswith("worse beyond noise") and decision.difference["high"] < 0
+    assert decision.difference["n"] == decision.evaluation["n"]  # the same images, paired
     assert decision.champion_score == pytest.approx(first.new_score)
     assert decision.evaluation["n"] == first.evaluation["n"]
     assert decision.warnings == []  # same data fingerprint
@@ -208,7 +255,8 @@ def test_other_training_data_is_compared_with_a_warning(registry_store):
     parent = registry_store.new_parent_run()
     decision = registry.register_and_promote(runs.other_data_run_id, parent_run_id=parent)
     assert decision.champion_version is not None
-    assert decision.promoted == (decision.new_score > decision.champion_score)
+    # promoted only beyond noise: the paired interval of new - champion lies above zero
+    assert decision.promoted == (decision.difference["low"] > 0)
     assert any("fingerprints differ" in w for w in decision.warnings)
     client = MlflowClient()
     assert "fingerprints differ" in client.get_run(parent).data.tags["promotion.warning"]
