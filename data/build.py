@@ -173,7 +173,13 @@ def _class_weight(
 
 
 def _check_arguments(
-    source: str, image_size: int, channels: int, batch_size: int, subset_fraction: float
+    source: str,
+    image_size: int,
+    channels: int,
+    batch_size: int,
+    subset_fraction: float,
+    mixup: float = 0.0,
+    label_mode: str = "binary",
 ) -> None:
     if source not in ("npz", "folder"):
         raise ValueError(f"data.source must be 'npz' or 'folder', got {source!r}")
@@ -185,6 +191,16 @@ def _check_arguments(
         raise ValueError(f"data.batch_size must be a positive integer, got {batch_size!r}")
     if not 0.0 < subset_fraction <= 1.0:
         raise ValueError(f"data.subset_fraction must be in (0, 1], got {subset_fraction}")
+    if isinstance(mixup, bool) or not isinstance(mixup, int | float) or mixup < 0:
+        raise ValueError(f"data.mixup must be a number >= 0 (Beta alpha; 0 = off), got {mixup!r}")
+    if mixup and label_mode != "binary":
+        # K classes train on int class indices with sparse_categorical_crossentropy, which
+        # cannot take the soft labels mixup makes.
+        raise ValueError(
+            f"data.mixup={mixup} needs data.label_mode=binary (got {label_mode!r}): mixed labels "
+            "are soft, and the K-class sparse_categorical_crossentropy takes only class indices; "
+            "set data.mixup=0"
+        )
 
 
 def build_data(
@@ -203,6 +219,7 @@ def build_data(
     shuffle_buffer: int = 10000,
     class_weight: str | Mapping | None = "balanced",
     augment: Mapping[str, Any] | None = None,
+    mixup: float | None = 0.0,
     class_names: Sequence[str] | None = None,
     seed: int = 42,
 ) -> DataBundle:
@@ -224,9 +241,11 @@ def build_data(
         cache: Keep decoded images in memory after the first pass.
         shuffle_buffer: Train shuffle buffer (capped at the train size).
         class_weight: "balanced", None/"none", or an explicit {class: weight} mapping.
-        augment: {flip, rotation, zoom, translation, contrast}; all off by default.
+        augment: {flip, rotation, zoom, translation, contrast, brightness, noise}; all off by
+            default.
+        mixup: Beta alpha of mixup on train batches (e.g. 0.2); 0/None = off; binary only.
         class_names: Names per class index (npz only; default normal/pneumonia or class_i).
-        seed: Seeds every split, subset, shuffle and augmentation.
+        seed: Seeds every split, subset, shuffle, augmentation and mixup.
 
     Returns:
         The DataBundle.
@@ -235,7 +254,8 @@ def build_data(
         FileNotFoundError: The npz file or root folder does not exist.
         ValueError: Any invalid argument or input data (named in the message).
     """
-    _check_arguments(source, image_size, channels, batch_size, subset_fraction)
+    mixup = 0.0 if mixup is None else mixup
+    _check_arguments(source, image_size, channels, batch_size, subset_fraction, mixup, label_mode)
     if source == "npz":
         if root is not None:
             raise ValueError("data.root is for source=folder; for source=npz set data.path")
@@ -283,6 +303,7 @@ def build_data(
             cache=cache,
             shuffle_buffer=shuffle_buffer,
             augmenter=augmenter if training else None,
+            mixup=mixup if training else 0.0,
         )
 
     straddling = groups_in_several_splits(splits, pool.groups)

@@ -1,4 +1,4 @@
-"""tf.data pipelines: decode, resize, cache, shuffle, batch, augment, repeat, prefetch.
+"""tf.data pipelines: decode, resize, cache, shuffle, batch, augment, repeat, mixup, prefetch.
 
 Preprocessing contract (predict must do the same; call ``preprocess_for_model``): decode to
 uint8 with ``channels`` channels, resize (stretch, no crop) to ``image_size`` with bilinear
@@ -21,6 +21,8 @@ AUGMENT_DEFAULTS: dict[str, Any] = {
     "zoom": 0.0,
     "translation": 0.0,
     "contrast": 0.0,
+    "brightness": 0.0,
+    "noise": 0.0,
 }
 # Batches prefetched ahead of the consumer: a fixed size, see _finish.
 PREFETCH_BATCHES = 2
@@ -157,9 +159,11 @@ def build_augmenter(augment: Mapping[str, Any] | None, seed: int) -> keras.Seque
     """Keras preprocessing layers for the train split; only the configured ones.
 
     Args:
-        augment: {flip: bool, rotation, zoom, translation, contrast: float >= 0}; missing keys
-            are off. rotation is a fraction of a full turn, zoom/translation fractions of the
-            image size, contrast a factor (all as in the Keras layers).
+        augment: {flip: bool, rotation, zoom, translation, contrast, brightness, noise: float
+            in [0, 1)}; missing keys are off. rotation is a fraction of a full turn,
+            zoom/translation fractions of the image size, contrast a factor (all as in the
+            Keras layers), brightness the largest shift of every pixel (a fraction of the [0, 1]
+            range), noise the stddev of additive Gaussian noise on [0, 1] pixels.
         seed: Base seed; each layer gets its own offset so their random draws are independent.
 
     Returns:
@@ -172,7 +176,7 @@ def build_augmenter(augment: Mapping[str, Any] | None, seed: int) -> keras.Seque
             f"unknown data.augment key(s) {unknown}; allowed: {sorted(AUGMENT_DEFAULTS)}"
         )
     config.update(augment or {})
-    for key in ("rotation", "zoom", "translation", "contrast"):
+    for key in ("rotation", "zoom", "translation", "contrast", "brightness", "noise"):
         value = config[key]
         if value is None:
             config[key] = 0.0
@@ -193,7 +197,54 @@ def build_augmenter(augment: Mapping[str, Any] | None, seed: int) -> keras.Seque
         layers.append(
             keras.layers.RandomContrast(config["contrast"], value_range=(0.0, 1.0), seed=seed + 4)
         )
+    if config["brightness"]:
+        # Exposure varies between X-ray machines. value_range=(0, 1): the shift is a fraction of
+        # the pixel range and the layer clips its output to [0, 1].
+        layers.append(
+            keras.layers.RandomBrightness(
+                config["brightness"], value_range=(0.0, 1.0), seed=seed + 5
+            )
+        )
+    if config["noise"]:
+        # Last, so the noise is not stretched by contrast; GaussianNoise does not clip, and
+        # Keras has no clip layer: ReLU(max_value=1) is exactly clip(x, 0, 1).
+        layers.append(keras.layers.GaussianNoise(config["noise"], seed=seed + 6))
+        layers.append(keras.layers.ReLU(max_value=1.0, name="clip_to_unit"))
     return keras.Sequential(layers, name="augment") if layers else None
+
+
+def mixup_batch(
+    images: tf.Tensor, labels: tf.Tensor, alpha: float, seed: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Mix each image and its float label with another of the batch (mixup, Zhang et al. 2018).
+
+    Weights w ~ Beta(alpha, alpha) per image, partners a random permutation of the batch:
+    ``x = w x_i + (1 - w) x_j``, ``y = w y_i + (1 - w) y_j``. Written here rather than
+    ``keras.layers.MixUp``: that layer draws from a stateful SeedGenerator (the draws depend
+    on how often it ran before) and broadcasts rank-1 labels into a (batch, batch) matrix;
+    this one is stateless, so a (seed, step) pair always gives the same batch.
+
+    Args:
+        images: float32 (batch, H, W, C) in [0, 1].
+        labels: float32 (batch,) (binary labels: soft labels need a float loss).
+        alpha: Beta concentration > 0 (small: most weights near 0 or 1, mild mixing).
+        seed: int (2,) stateless seed.
+
+    Returns:
+        The mixed (images, labels), images still in [0, 1].
+    """
+    gamma_a, gamma_b, order = tf.unstack(tf.random.split(seed, 3))
+    n = tf.shape(images)[:1]
+    # Beta(a, a) = Ga / (Ga + Gb) for Ga, Gb ~ Gamma(a); TF has no stateless Beta sampler.
+    a = tf.random.stateless_gamma(n, seed=gamma_a, alpha=alpha)
+    b = tf.random.stateless_gamma(n, seed=gamma_b, alpha=alpha)
+    weight = tf.math.divide_no_nan(a, a + b)  # both underflow to 0 (tiny alpha): take partner
+    partner = tf.random.experimental.stateless_shuffle(tf.range(n[0]), seed=order)
+    # x_j + w (x_i - x_j): exact where both are equal (two 0/1 labels stay exactly 0 or 1).
+    other_images = tf.gather(images, partner)
+    mixed = other_images + weight[:, None, None, None] * (images - other_images)
+    other_labels = tf.gather(labels, partner)
+    return tf.clip_by_value(mixed, 0.0, 1.0), other_labels + weight * (labels - other_labels)
 
 
 def _finish(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -222,12 +273,13 @@ def make_dataset(
     cache: bool = True,
     shuffle_buffer: int = 10000,
     augmenter: keras.Sequential | None = None,
+    mixup: float = 0.0,
     parallel: int | None = None,
 ) -> tf.data.Dataset:
     """Build one split's batched dataset of (x float32 [0, 1], y).
 
     Train (``training=True``): cache -> shuffle (seeded, reshuffled every pass) -> batch ->
-    augment -> repeat forever. Eval: cache -> batch, finite, in input order.
+    augment -> repeat forever -> mixup. Eval: cache -> batch, finite, in input order.
 
     Args:
         source: uint8 images (N, H, W, C) or file paths (N,) as strings.
@@ -236,17 +288,22 @@ def make_dataset(
         image_size: Output height/width.
         channels: 1 or 3.
         batch_size: Batch size.
-        training: Shuffle, augment and repeat.
-        seed: Shuffle seed.
+        training: Shuffle, augment, repeat and mix up.
+        seed: Shuffle and mixup seed.
         cache: Keep decoded uint8 images in memory after the first pass.
         shuffle_buffer: Shuffle buffer size (capped at N).
         augmenter: Layers applied to train batches.
+        mixup: Beta alpha of mixup on train batches (``mixup_batch``); 0 = off. Binary only.
         parallel: Decode threads; default: usable CPUs.
 
     Returns:
         The dataset.
     """
     parallel = parallel or usable_cpus()
+    if isinstance(mixup, bool) or not isinstance(mixup, int | float) or mixup < 0:
+        raise ValueError(f"mixup must be a number >= 0 (0 = off), got {mixup!r}")
+    if mixup and not binary:
+        raise ValueError("mixup needs binary (float) labels; class indices cannot be mixed")
     targets = labels.astype(np.float32 if binary else np.int32)
     if source.dtype.kind in "US":
         dataset = tf.data.Dataset.from_tensor_slices((source.astype(str), targets))
@@ -276,4 +333,13 @@ def make_dataset(
         dataset = dataset.map(lambda x, y: (augmenter(x, training=True), y))
     if training:
         dataset = dataset.repeat()
+    if training and mixup:
+        # After repeat: the step counts on across epochs, so each step of the run gets its own
+        # stateless seed (seed, step) and the same seed gives the same batches.
+        alpha, base = float(mixup), tf.constant(seed, tf.int64)
+
+        def mix(step: tf.Tensor, batch: tuple[tf.Tensor, tf.Tensor]):
+            return mixup_batch(*batch, alpha, tf.stack([base, step]))
+
+        dataset = dataset.enumerate().map(mix, num_parallel_calls=parallel)
     return _finish(dataset)

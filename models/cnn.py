@@ -134,6 +134,7 @@ def build_cnn(
     dense_hierarchy: str = "constant",
     head_dropout_rate: float = 0.5,
     l2: float = 0.0,
+    head_l2: float | None = None,
     bn_momentum: float = 0.9,
     name: str = "cnn",
 ) -> keras.Model:
@@ -160,6 +161,9 @@ def build_cnn(
         dense_hierarchy: constant | decreasing (halve per layer) | increasing (double).
         head_dropout_rate: Dropout after each dense layer; 0 disables it.
         l2: L2 penalty on conv and dense kernels; 0 disables it.
+        head_l2: L2 penalty on the dense head's kernels instead of `l2` (the output layer
+            excepted, as with `l2`); None uses `l2`. The head holds most of the weights and
+            over-fits first, so it may want a stronger penalty than the convolutions.
         bn_momentum: moving-statistics momentum of the batch-norm layers. 0.9, not Keras'
             0.99: at ~70 steps per epoch the 0.99 averages still lag after several epochs
             (benchmarks/bn_momentum.py: val predictions collapse to one class for the first
@@ -192,6 +196,10 @@ def build_cnn(
         raise _bad("head", head, list(HEADS))
     if float(l2) < 0:
         raise _bad("l2", l2, "a penalty >= 0")
+    if head_l2 is not None and (
+        isinstance(head_l2, bool) or not isinstance(head_l2, int | float) or head_l2 < 0
+    ):
+        raise _bad("head_l2", head_l2, "a penalty >= 0, or null for model.l2")
     try:
         keras.activations.get(activation)
     except (ValueError, TypeError):
@@ -208,8 +216,10 @@ def build_cnn(
     widths = dense_widths(dense_layers, dense_units, dense_hierarchy)
     drop_after = set(dropout_blocks(conv_dropout, depth))
 
-    def regularizer() -> keras.regularizers.Regularizer | None:
-        return keras.regularizers.L2(float(l2)) if l2 else None
+    def regularizer(penalty: float = l2) -> keras.regularizers.Regularizer | None:
+        return keras.regularizers.L2(float(penalty)) if penalty else None
+
+    dense_l2 = l2 if head_l2 is None else head_l2
 
     pool_layer = keras.layers.MaxPooling2D if pooling == "max" else keras.layers.AveragePooling2D
     inputs = keras.Input(shape=input_shape, name="image")
@@ -244,7 +254,7 @@ def build_cnn(
         x = keras.layers.GlobalAveragePooling2D(name="head_gap")(x)
     for k, units in enumerate(widths):
         x = keras.layers.Dense(
-            units, activation=activation, kernel_regularizer=regularizer(), name=f"dense{k}"
+            units, activation=activation, kernel_regularizer=regularizer(dense_l2), name=f"dense{k}"
         )(x)
         if head_dropout_rate > 0:
             x = keras.layers.Dropout(head_dropout_rate, name=f"dense{k}_dropout")(x)

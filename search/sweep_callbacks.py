@@ -121,6 +121,15 @@ class MlflowSweepCallback(Callback):
         mlflow.log_metric("sweep_wall_seconds", time.time() - self.started)
         failure = session_failure(Path(config.hydra.sweep.dir))
         decision = None
+        if study is not None and len(study.directions) == 1 and not failure:
+            try:  # before promotion: it may move best_run_id to the best mean
+                from search.final_stage import run_final_stage
+
+                run_final_stage(config, self.run_id)
+            except Exception as error:  # noqa: BLE001 - the search's results stand
+                log.exception("the final stage failed; the search's best trial is registered")
+                client.set_tag(self.run_id, "final_stage.error",
+                               f"{type(error).__name__}: {error}"[:5000])
         try:
             if study is not None and len(study.directions) == 1:
                 from search.champion import floor_failure

@@ -37,7 +37,9 @@ from search.config_checks import (
     check_threshold_rule,
     pruning_metric,
 )
+from search.external import ExternalSets, external_specs, score_sets
 from search.faults import armed, fault_point, memory_fault
+from search.intervals import BootstrapSpec
 from search.keras_metrics import multiclass_metrics
 from search.model_logging import config_hash, log_keras_model
 from search.quiet_start import quiet_native_start
@@ -92,6 +94,32 @@ def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer | st
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
 
 
+def check_label_smoothing(value: Any, n_classes: int) -> float:
+    """`trainer.label_smoothing` as a float in [0, 1); K classes refuse a non-zero value."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+        raise ValueError(f"trainer.label_smoothing={value!r} is not valid; allowed: "
+                         "a number in [0, 1) (0 = off)")
+    if value and n_classes > 2:
+        # K-class labels are class indices for sparse_categorical_crossentropy, which has no
+        # label smoothing in Keras (only the one-hot CategoricalCrossentropy has).
+        raise ValueError(
+            f"trainer.label_smoothing={value} works with two classes only: the "
+            f"{n_classes}-class sparse_categorical_crossentropy has no label smoothing in "
+            "Keras; set trainer.label_smoothing=0")
+    return float(value)
+
+
+def smooth_labels(dataset: tf.data.Dataset, eps: float) -> tf.data.Dataset:
+    """Train targets pulled to eps/2 and 1 - eps/2, as Keras' `BinaryCrossentropy(
+    label_smoothing=eps)` does, but in the train batches only: the loss object would smooth
+    val too, and val_loss (objective, pruning, early stopping) must stay comparable across
+    trials with and without smoothing."""
+    if not eps:
+        return dataset
+    return dataset.map(lambda x, y: (x, y * (1.0 - eps) + 0.5 * eps),
+                       num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def output_directory() -> Path:
     """Hydra's job output folder, or a temporary one when called outside Hydra."""
     try:
@@ -105,6 +133,7 @@ def output_directory() -> Path:
 def run_tags(cfg: DictConfig, info: dict[str, Any] | None) -> dict[str, str]:
     """Tags that let the MLflow UI filter and group runs."""
     tags = {"model.builder": str(cfg.model.get("_target_", "?")).rsplit(".", 1)[-1]}
+    tags.update({str(k): str(v) for k, v in (cfg.tracking.get("tags") or {}).items()})
     if info:
         tags.update({
             "optuna.study": str(info["study"]),
@@ -127,7 +156,10 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
     tracking.setup_tracking(cfg.tracking)  # an unusable store fails now, not after training
     output_dir = Path(output_dir) if output_dir else output_directory()
     output_dir.mkdir(parents=True, exist_ok=True)
-    configure_runtime(int(cfg.seed), bool(cfg.trainer.deterministic), cfg.trainer.threads)
+    # trainer.seed: weights and dropout only; the data split and its order follow `seed`.
+    train_seed = int(cfg.trainer.get("seed") if cfg.trainer.get("seed") is not None
+                     else cfg.seed)
+    configure_runtime(train_seed, bool(cfg.trainer.deterministic), cfg.trainer.threads)
 
     log.info("Loading data (%s)", cfg.data.source)
     fault_point("data_loading")
@@ -136,6 +168,11 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
     binary = n_classes == 2
     check_threshold_rule(cfg, list(data.class_names))  # before any training
     check_task_metrics(cfg, list(data.class_names))
+    sets = external_sets(cfg, list(data.class_names))  # bad paths or labels fail before training
+    if sets:
+        loaded = sets.at(data.preprocessing["image_size"], data.preprocessing["channels"])
+        log.info("External sets (scored, never used for selection): %s",
+                 ", ".join(f"{s.spec.name} ({len(s.y)} images)" for s in loaded))
     log.info(
         "Data: %d train / %d val / %d test, classes %s, input %s, fingerprint %s",
         data.n_train, data.n_val, data.n_test, data.class_names, data.input_shape,
@@ -144,7 +181,7 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
 
     keras.backend.clear_session()  # a sweep worker may train several models in one process
     # Re-seed after data building so weight init does not depend on how much RNG it used.
-    keras.utils.set_random_seed(int(cfg.seed))
+    keras.utils.set_random_seed(train_seed)
     model = instantiate(cfg.model, input_shape=tuple(data.input_shape), num_classes=n_classes)
     schedule = instantiate(
         cfg.lr_schedule,
@@ -154,6 +191,7 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
     )
     optimizer = instantiate(cfg.optimizer, learning_rate=schedule.learning_rate)
     compile_model(model, optimizer, binary, list(data.class_names))
+    smoothing = check_label_smoothing(cfg.trainer.get("label_smoothing") or 0.0, n_classes)
     init_weights = cfg.trainer.get("init_weights")
     initial_epoch = int(cfg.trainer.get("initial_epoch") or 0)
     if init_weights:  # weights only, as keras-tuner continues a model: a fresh optimizer
@@ -220,7 +258,7 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
         try:
             memory_fault()
             model.fit(
-                data.train,
+                smooth_labels(data.train, smoothing),
                 steps_per_epoch=int(data.steps_per_epoch),
                 epochs=int(cfg.trainer.max_epochs),
                 initial_epoch=initial_epoch,
@@ -319,15 +357,18 @@ def predict_split(model: keras.Model, dataset: tf.data.Dataset) -> np.ndarray:
 
 
 def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: Any, binary: bool) -> dict:
-    """Evaluate val and test at a threshold chosen on val; log metrics, matrices and curves."""
+    """Evaluate val, test and the external sets at a threshold chosen on val; log metrics with
+    bootstrap intervals, matrices and curves."""
     results: dict[str, float] = {}
+    bootstrap = BootstrapSpec.from_config(OmegaConf.select(cfg, "evaluation.bootstrap"))
+    prevalence = OmegaConf.select(cfg, "evaluation.deployment_prevalence")
     val_loss = float(model.evaluate(data.val, verbose=0, return_dict=True)["loss"])
     val_scores = predict_split(model, data.val)
     threshold = None
     if binary:
         threshold = ev.choose_threshold(
             data.y_val, val_scores, cfg.evaluation.threshold_rule,
-            float(cfg.evaluation.min_sensitivity),
+            float(cfg.evaluation.min_sensitivity), prevalence=prevalence,
         )
         mlflow.log_metric("threshold", threshold)
     splits = [("val", data.y_val, val_scores, val_loss)]
@@ -335,31 +376,72 @@ def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: Any, binary: boo
         test_loss = float(model.evaluate(data.test, verbose=0, return_dict=True)["loss"])
         splits.append(("test", data.y_test, predict_split(model, data.test), test_loss))
     for split, y, scores, loss in splits:
-        result = ev.evaluate_split(split, y, scores, data.class_names, threshold, loss)
+        # Intervals for held-out splits only: val chose the checkpoint and the threshold.
+        result = ev.evaluate_split(split, y, scores, data.class_names, threshold, loss,
+                                   bootstrap=None if split == "val" else bootstrap)
         results.update({f"{split}_{k}": v for k, v in result.metrics.items()})
+        results.update(result.interval_metrics(f"{split}_"))
         # eval_ prefix: val_loss/val_accuracy already name Keras' per-epoch series.
-        mlflow.log_metrics({f"eval_{split}_{k}": v for k, v in result.metrics.items()
-                            if k not in NOT_LOGGED and math.isfinite(v)})
-        undefined = sorted(k for k, v in result.metrics.items()
-                           if k not in NOT_LOGGED and not math.isfinite(v))
-        if undefined:  # never dropped silently
-            log.warning("%s: %s undefined (NaN: a class is missing from the %s split), not "
-                        "logged", split, ", ".join(undefined), split)
-        mlflow.log_figure(ev.confusion_figure(result), f"evaluation/{split}_confusion.png")
-        mlflow.log_dict(
-            {"labels": result.class_names, "matrix": result.confusion.tolist(),
-             "threshold": threshold, "rows": "true", "columns": "predicted"},
-            f"evaluation/{split}_confusion.json",
-        )
-        mlflow.log_dict(result.report, f"evaluation/{split}_classification_report.json")
-        mlflow.log_figure(
-            ev.roc_pr_figure(split, y, scores, data.class_names), f"evaluation/{split}_roc_pr.png"
-        )
+        log_split(result, f"eval_{split}_", y, scores)
         log.info("%s: loss %.4f  %s", split, result.metrics["loss"], ev.headline(result.metrics))
+    sets = external_sets(cfg, list(data.class_names))
+    if sets:
+        prep = data.preprocessing
+        for name, result in score_sets(model, sets.at(prep["image_size"], prep["channels"]),
+                                       list(data.class_names), threshold, bootstrap).items():
+            results.update({f"ext_{name}_{k}": v for k, v in result.metrics.items()})
+            results.update(result.interval_metrics(f"ext_{name}_"))
+            log_split(result, f"ext_{name}_", result.extra["y"], result.extra["scores"])
+            log.info("external %s (%d images, never used for selection): %s", name,
+                     result.extra["n"], ev.headline(result.metrics))
     if threshold is not None:
         mlflow.log_dict(
             {"threshold": threshold, "rule": str(cfg.evaluation.threshold_rule),
-             "min_sensitivity": float(cfg.evaluation.min_sensitivity), "chosen_on": "val"},
+             "min_sensitivity": float(cfg.evaluation.min_sensitivity), "chosen_on": "val",
+             "deployment_prevalence": prevalence},
             "evaluation/threshold.json",
         )
     return results
+
+
+@functools.cache
+def _external_sets(items: str, class_names: tuple[str, ...]) -> ExternalSets:
+    import json
+
+    return ExternalSets(external_specs(json.loads(items)), list(class_names))
+
+
+def external_sets(cfg: DictConfig, class_names: list[str]) -> ExternalSets:
+    """`evaluation.external`, loaded once per worker process and input size."""
+    import json
+
+    section = OmegaConf.select(cfg, "evaluation.external")
+    items = OmegaConf.to_container(section, resolve=True) if section is not None else []
+    return _external_sets(json.dumps(items, sort_keys=True), tuple(class_names))
+
+
+def log_split(result: ev.SplitEvaluation, prefix: str, y: np.ndarray,
+              scores: np.ndarray) -> None:
+    """Metrics (with `_ci_low` / `_ci_high`), confusion matrix, report and curves of a split."""
+    split = result.split
+    mlflow.log_metrics({f"{prefix}{k}": v for k, v in result.metrics.items()
+                        if k not in NOT_LOGGED and math.isfinite(v)})
+    mlflow.log_metrics({f"{prefix}{k}": v for k, v in result.interval_metrics("").items()
+                        if k.rsplit("_ci_", 1)[0] not in NOT_LOGGED})
+    undefined = sorted(k for k, v in result.metrics.items()
+                       if k not in NOT_LOGGED and not math.isfinite(v))
+    if undefined:  # never dropped silently
+        log.warning("%s: %s undefined (NaN: a class is missing from the %s split), not "
+                    "logged", split, ", ".join(undefined), split)
+    mlflow.log_figure(ev.confusion_figure(result), f"evaluation/{split}_confusion.png")
+    mlflow.log_dict(
+        {"labels": result.class_names, "matrix": result.confusion.tolist(),
+         "threshold": result.threshold, "rows": "true", "columns": "predicted"},
+        f"evaluation/{split}_confusion.json",
+    )
+    mlflow.log_dict(result.report, f"evaluation/{split}_classification_report.json")
+    if result.intervals:
+        mlflow.log_dict(ev.json_ready({k: list(v) for k, v in result.intervals.items()}),
+                        f"evaluation/{split}_intervals.json")
+    mlflow.log_figure(ev.roc_pr_figure(split, y, scores, result.class_names),
+                      f"evaluation/{split}_roc_pr.png")

@@ -148,6 +148,27 @@ def test_multiclass_npz_resize_and_rgb(make_npz: Callable[..., Path]) -> None:
     assert set(bundle.class_weight) == {0, 1, 2}
 
 
+def test_mixup_reaches_train_only_and_is_refused_for_k_classes(
+    make_npz: Callable[..., Path],
+) -> None:
+    rng = np.random.default_rng(3)
+    path = make_npz(
+        train_images=rng.integers(0, 256, (60, 8, 8), dtype=np.uint8),
+        train_labels=(np.arange(60) % 2).astype(np.uint8),
+    )
+    bundle = build_data(path=path, image_size=8, batch_size=16, mixup=0.4, class_weight="none")
+    y = next(iter(bundle.train))[1].numpy()
+    assert y.dtype == np.float32 and np.any((y > 0) & (y < 1))  # mixed
+    assert set(np.concatenate([b.numpy() for _, b in bundle.val])) <= {0.0, 1.0}  # never
+    assert set(np.concatenate([b.numpy() for _, b in bundle.test])) <= {0.0, 1.0}
+    for label_mode in ("multiclass", "cause"):
+        with pytest.raises(ValueError, match=r"data\.mixup=0\.2 needs data\.label_mode=binary"):
+            build_data(path=path, image_size=8, mixup=0.2, label_mode=label_mode)
+    with pytest.raises(ValueError, match=r"data\.mixup must be a number >= 0"):
+        build_data(path=path, image_size=8, mixup=-1)
+    assert build_data(path=path, image_size=8, mixup=None).n_train == bundle.n_train  # off
+
+
 def test_single_class_after_splitting_raises(make_npz: Callable[..., Path]) -> None:
     rng = np.random.default_rng(2)
     path = make_npz(

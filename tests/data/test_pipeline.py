@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from data.loaders import load_npz
-from data.pipeline import build_augmenter, make_dataset, preprocess_for_model
+from data.pipeline import build_augmenter, make_dataset, mixup_batch, preprocess_for_model
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,10 @@ def test_augmenter_has_only_the_configured_layers() -> None:
     ("augment", "message"),
     [({"flip": True, "blur": 0.1}, r"unknown data.augment key\(s\) \['blur'\]"),
      ({"rotation": -0.1}, "data.augment.rotation must be a number in"),
-     ({"zoom": "big"}, "data.augment.zoom")],
+     ({"zoom": "big"}, "data.augment.zoom"),
+     ({"brightness": 1.0}, r"data.augment.brightness must be a number in \[0, 1\), got 1.0"),
+     ({"noise": -0.01}, r"data.augment.noise must be a number in \[0, 1\), got -0.01"),
+     ({"noise": True}, "data.augment.noise")],
 )  # fmt: skip
 def test_bad_augment_config(augment: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -142,6 +145,96 @@ def test_augmentation_changes_train_batches_only(val_images) -> None:
     assert np.allclose(plain, images / 255.0)  # eval ignores the augmenter
     assert not np.allclose(augmented, plain)
     assert augmented.min() >= 0.0 and augmented.max() <= 1.0
+
+
+def test_brightness_and_noise_layers_work_on_unit_pixels() -> None:
+    augmenter = build_augmenter({"contrast": 0.1, "brightness": 0.2, "noise": 0.05}, seed=0)
+    assert [type(layer).__name__ for layer in augmenter.layers] == [
+        "RandomContrast", "RandomBrightness", "GaussianNoise", "ReLU"
+    ]  # fmt: skip
+    brightness, noise, clip = augmenter.layers[1:]
+    assert tuple(brightness.value_range) == (0.0, 1.0) and brightness.factor == (-0.2, 0.2)
+    assert noise.stddev == 0.05 and clip.max_value == 1.0  # noise last, then clipped
+    only_brightness = build_augmenter({"brightness": 0.1}, seed=0)
+    assert [type(layer).__name__ for layer in only_brightness.layers] == ["RandomBrightness"]
+
+
+@pytest.mark.parametrize("augment", [{"brightness": 0.3}, {"noise": 0.1}])
+def test_brightness_and_noise_change_train_batches_only(val_images, augment: dict) -> None:
+    images, labels = val_images
+    augmenter = build_augmenter(augment, seed=3)
+
+    def first_batch(training: bool) -> np.ndarray:
+        dataset = make_dataset(
+            images, labels, binary=True, image_size=28, channels=1, batch_size=100,
+            training=training, seed=0, shuffle_buffer=1, augmenter=augmenter,
+        )  # fmt: skip
+        return next(iter(dataset))[0].numpy()
+
+    augmented, plain = first_batch(training=True), first_batch(training=False)
+    assert np.allclose(plain, images / 255.0)  # val/test never see it
+    assert np.abs(augmented - plain).mean() > 0.005
+    assert augmented.min() == 0.0 and augmented.max() == 1.0  # pushed past the range: clipped
+    if "noise" in augment:  # GaussianNoise is a training-only layer even when called directly
+        assert np.array_equal(augmenter(plain, training=False), plain)
+
+
+def _train(images: np.ndarray, labels: np.ndarray, seed: int = 0, **kwargs) -> tf.data.Dataset:
+    options = {"binary": True, "image_size": 28, "channels": 1, "batch_size": 32}
+    options.update(kwargs)
+    return make_dataset(images, labels, training=True, seed=seed, **options)
+
+
+def test_mixup_is_seeded_and_leaves_eval_alone(val_images) -> None:
+    images, labels = val_images
+    first, again = (next(iter(_train(images, labels, mixup=0.4))) for _ in range(2))
+    assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
+    other = next(iter(_train(images, labels, seed=1, mixup=0.4)))
+    assert not np.array_equal(first[1], other[1])
+    plain = next(iter(_train(images, labels)))  # same shuffle: mixup is the only difference
+    assert not np.array_equal(first[0], plain[0])
+    steps = math.ceil(100 / 32)
+    later = [b[0].numpy() for b in _train(images, labels, mixup=0.4).take(steps + 1)][steps]
+    replain = [b[0].numpy() for b in _train(images, labels).take(steps + 1)][steps]
+    assert not np.array_equal(later, replain)  # mixes again after the first epoch
+    y = first[1].numpy()
+    assert y.dtype == np.float32 and y.min() >= 0.0 and y.max() <= 1.0
+    assert np.any((y > 0.0) & (y < 1.0))  # soft labels where a normal met a pneumonia image
+    x = first[0].numpy()
+    assert x.min() >= 0.0 and x.max() <= 1.0
+    # eval splits get no mixup even when asked: exact pixels and hard labels
+    x_val, y_val = next(iter(_eval(images, labels, batch_size=100, mixup=0.4)))
+    assert np.allclose(x_val, images / 255.0) and np.array_equal(y_val, labels)
+
+
+def test_mixup_mixes_images_and_labels_with_the_same_weight(val_images) -> None:
+    images, labels = val_images
+    x = tf.constant(images[:32] / 255.0, tf.float32)
+    y = tf.constant(labels[:32], tf.float32)
+    mixed_x, mixed_y = (t.numpy() for t in mixup_batch(x, y, 0.4, tf.constant([7, 0], tf.int64)))
+    flat, rows = x.numpy().reshape(32, -1), mixed_x.reshape(32, -1)
+    soft = 0
+    for i in range(32):
+        # x_i' = x_j + w (x_i - x_j) for some partner j and weight w in [0, 1]: find them
+        fits = []
+        for j in range(32):
+            step = flat[i] - flat[j]
+            w = 1.0 if j == i else float(step @ (rows[i] - flat[j]) / (step @ step))
+            fits.append((np.abs(flat[j] + w * step - rows[i]).max(), j, w))
+        error, j, w = min(fits)
+        assert error < 1e-5 and -1e-6 <= w <= 1 + 1e-6
+        assert mixed_y[i] == pytest.approx(w * labels[i] + (1 - w) * labels[j], abs=1e-5)
+        soft += 0.0 < mixed_y[i] < 1.0
+    assert soft > 0
+
+
+def test_mixup_refuses_class_indices_and_bad_alphas(val_images) -> None:
+    images, labels = val_images
+    with pytest.raises(ValueError, match="mixup needs binary"):
+        _train(images, labels, binary=False, mixup=0.2)
+    for bad in (-0.1, "strong", True):
+        with pytest.raises(ValueError, match="mixup must be a number >= 0"):
+            _train(images, labels, mixup=bad)
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -169,6 +169,21 @@ def test_l2_regularizes_conv_and_dense_kernels() -> None:
     assert len(model.losses) == 3  # two convs, one dense
 
 
+def test_head_l2_regularizes_the_dense_layers_only() -> None:
+    model = build_cnn(**SMALL, depth=2, dense_layers=2, head_l2=1e-2)
+    assert model.get_layer("block0_conv0").kernel_regularizer is None
+    assert model.get_layer("block1_conv0").kernel_regularizer is None
+    for dense in ("dense0", "dense1"):
+        assert model.get_layer(dense).kernel_regularizer.l2 == pytest.approx(1e-2)
+    assert model.get_layer("output").kernel_regularizer is None
+    assert len(model.losses) == 2
+    both = build_cnn(**SMALL, depth=2, l2=1e-4, head_l2=1e-2)
+    assert both.get_layer("block0_conv0").kernel_regularizer.l2 == pytest.approx(1e-4)
+    assert both.get_layer("dense0").kernel_regularizer.l2 == pytest.approx(1e-2)
+    off = build_cnn(**SMALL, depth=2, l2=1e-4, head_l2=0.0)  # 0: convs only
+    assert off.get_layer("dense0").kernel_regularizer is None and len(off.losses) == 2
+
+
 def test_max_depth_for_28_pixels_is_4() -> None:
     assert max_depth((28, 28, 1)) == 4
     assert build_cnn((28, 28, 1), 2, depth=4, base_filters=4).get_layer("block3_pool").output.shape[
@@ -196,6 +211,7 @@ def test_depth_guard_names_the_max_depth() -> None:
         ({"depth": 0}, r"model\.depth=0.*>= 1"),
         ({"dense_layers": 5, "dense_hierarchy": "decreasing"}, r"model\.dense_units=8"),
         ({"num_classes": 1}, r"num_classes=1 must be an int >= 2"),
+        ({"head_l2": -1e-3}, r"model\.head_l2=-0\.001.*>= 0, or null for model\.l2"),
     ],
 )
 def test_bad_values_raise_naming_key_value_and_allowed(overrides: dict, message: str) -> None:

@@ -47,9 +47,11 @@ LARGEST = {
     "model.batch_norm": "none", "model.head": "gap", "model.dense_layers": 2,
     "model.dense_units": 64, "model.dense_hierarchy": "constant", "model.head_dropout_rate": 0.3,
     "optimizer": "sgd", "optimizer.learning_rate": 0.001, "optimizer.momentum": 0.9,
+    "optimizer.weight_decay": 0.005,
     "lr_schedule": "exponential", "lr_schedule.decay_rate": 0.9, "lr_schedule.s": 10,
     "data.batch_size": 32, "data.augment.rotation": 0.03, "data.augment.zoom": 0.1,
-    "data.augment.translation": 0.05, "data.class_weight": "none",
+    "data.augment.translation": 0.05, "data.augment.brightness": 0.1,
+    "data.class_weight": "none",
     "trainer.max_epochs": 10, "trainer.patience": 3, "trainer.verbose": 0,
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+
+from tests.conftest import CHEST_XRAY_SAMPLE
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEP_CONF = Path(__file__).resolve().parent / "sweep_conf"
@@ -44,8 +47,9 @@ def runs_of(tmp_path: Path, study: str) -> tuple[MlflowClient, list, list]:
 
 
 def test_parent_child_runs_report_and_best_trial(tmp_path):
+    external = f"evaluation.external=[{{name: xray16, path: '{CHEST_XRAY_SAMPLE / 'val'}'}}]"
     proc = sweep(tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.study_name=e2e",
-                 "hydra/sweeper/pruner=nop")
+                 "hydra/sweeper/pruner=nop", external, "registry.ensemble.top_k=2")
     # a quiet terminal: no TF/absl/CUDA start-up lines from the workers, no Keras shuffle note
     for noise in ("absl::InitializeLog", "Could not find cuda drivers", "failed call to cuInit",
                   "oneDNN custom operations", "`shuffle=True` was passed",
@@ -75,7 +79,14 @@ def test_parent_child_runs_report_and_best_trial(tmp_path):
     for child in children:
         params, metrics = child.data.params, child.data.metrics
         trial = by_trial[int(child.data.tags["optuna.trial_number"])]
-        assert len(params) < 40 and len(metrics) < 30, (sorted(params), sorted(metrics))
+        # intervals sit next to their point values; external sets have their own prefix
+        plain = [k for k in metrics if "_ci_" not in k and not k.startswith("ext_")]
+        assert len(params) < 40 and len(plain) < 30, (sorted(params), sorted(metrics))
+        for name in ("eval_test_roc_auc", "eval_test_sensitivity", "ext_xray16_roc_auc",
+                     "ext_xray16_specificity"):
+            low, high = metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"]
+            assert low <= metrics[name] <= high and low < high, (name, low, high)
+        assert not [k for k in metrics if k.startswith("eval_val_") and "_ci_" in k]
         assert not [k for k in params if "_target_" in k or k.startswith("optimizer_")]
         assert {k: params[k] for k in trial.params} == {k: str(v) for k, v in
                                                          trial.params.items()}
@@ -106,6 +117,10 @@ def test_parent_child_runs_report_and_best_trial(tmp_path):
     note = parent.data.tags["mlflow.note.content"]
     assert f"trial {study.best_trial.number}" in note and best_child.info.run_id in note
     assert "python search/pull.py --name pneumonia-cnn" in note and "@champion" in note
+    # the registry candidate is scored on the external set too, with its interval
+    assert "promotion_new_ext_xray16_roc_auc" in parent.data.metrics
+    assert parent.data.metrics["promotion_new_roc_auc_ci_low"] <= parent.data.metrics[
+        "promotion_new_roc_auc"] <= parent.data.metrics["promotion_new_roc_auc_ci_high"]
     sweep_files = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
     assert "sweep/val_loss_all_trials.png" in sweep_files
     # the end of the sweep says what to do next
@@ -125,6 +140,48 @@ def test_parent_child_runs_report_and_best_trial(tmp_path):
         assert f"sweep_report/{name}" in report, sorted(report)
     page = (tmp_path / "sweep" / "sweep_report" / "sweep_report.html").read_text()
     assert "<table" in page and "<pre>" not in page  # the header is a table, not a dict
+
+    check_ensemble(tmp_path, client, parent, children)
+
+
+def check_ensemble(tmp_path: Path, client: MlflowClient, parent, children) -> None:
+    """registry.ensemble.top_k=2: both trials averaged into one registered, pullable model."""
+    import mlflow
+    import numpy as np
+
+    from models.ensemble import build_ensemble
+    from search import model_store, pull
+    from search import predict as pr
+    from search.inputs import batches, collect_inputs
+
+    tags = parent.data.tags
+    run = client.get_run(tags["ensemble.run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    members = run.data.tags["ensemble.members"].split(",")
+    assert sorted(members) == sorted(c.info.run_id for c in children)
+    assert {"threshold", "eval_test_roc_auc", "eval_test_roc_auc_ci_low",
+            "ext_xray16_roc_auc"} <= set(run.data.metrics)
+    assert "ensemble_gain_roc_auc" in parent.data.metrics
+    version = client.get_model_version("pneumonia-cnn", tags["ensemble.version"])
+    assert version.run_id == run.info.run_id and tags["ensemble.alias"] in version.aliases
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    folder = tmp_path / "ensemble"
+    assert pull.main(["--version", version.version, "--out", str(folder),
+                      "--tracking-uri", uri]) == 0
+    try:
+        out = pr.predict(folder, CHEST_XRAY_SAMPLE / "val", tmp_path / "pred", gradcam=True)
+        pulled = np.array([r["prob_pneumonia"] for r in out.rows])
+        loaded = [model_store.load_keras_safely(mlflow.artifacts.download_artifacts(
+            client.get_run(m).data.tags["best_model_uri"], dst_path=str(tmp_path / m)))
+            for m in members]
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    items, _ = collect_inputs(CHEST_XRAY_SAMPLE / "val", ["normal", "pneumonia"])
+    images = np.concatenate([x for _, x in batches(items, 64, 28, 1, [])])
+    in_memory = build_ensemble(loaded).predict(images, verbose=0)[:, 0]
+    np.testing.assert_allclose(pulled, in_memory, atol=1e-6)
+    assert len(list((tmp_path / "pred" / "gradcam").glob("*.png"))) == 16
 
 
 def test_pruned_trials_are_recorded_and_keep_their_curves(tmp_path):
@@ -159,3 +216,40 @@ def test_nan_loss_fails_the_trial_with_its_reason_and_the_sweep_goes_on(tmp_path
     assert {c.info.status for c in children} == {"FAILED"}
 
 
+
+
+def test_final_stage_retrains_the_top_trials_and_registers_the_best_mean(tmp_path):
+    sweep(tmp_path, "hydra.sweeper.n_trials=3", "hydra.sweeper.study_name=final",
+          "hydra/sweeper/pruner=nop", "registry.final_stage.top_k=2",
+          "registry.final_stage.repeats=1")
+    study = optuna.load_study(study_name="final", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.trials) == 3  # the repeats are runs, not trials: the total stays exact
+    client, [parent], children = runs_of(tmp_path, "final")
+    assert len(children) == 3
+    by_number = {int(c.data.tags["optuna.trial_number"]): c for c in children}
+    ranking = client.download_artifacts(parent.info.run_id, "final_stage/ranking.json",
+                                        str(tmp_path))
+    table = json.loads(Path(ranking).read_text())
+    top = sorted(study.trials, key=lambda t: t.value)[:2]
+    assert [r["trial"] for r in table["rows"]] == [str(t.number) for t in top]
+    exp = client.get_experiment_by_name("sweeps")
+    repeats = client.search_runs([exp.experiment_id], "tags.`final_stage.repeat` = '1'")
+    assert len(repeats) == 2
+    for row, trial in zip(table["rows"], top, strict=True):
+        origin = by_number[trial.number]
+        [rerun] = [r for r in repeats if r.data.tags["final_stage.origin_run"] == row["run_id"]]
+        assert row["run_id"] == origin.info.run_id and row["n"] == 2
+        assert rerun.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert rerun.info.status == "FINISHED" and "optuna.trial_number" not in rerun.data.tags
+        assert row["single_value"] == pytest.approx(trial.value)
+        assert row["mean"] == pytest.approx((trial.value + rerun.data.metrics["objective"]) / 2)
+        assert rerun.data.params["data.fingerprint"] == origin.data.params["data.fingerprint"]
+        assert rerun.data.metrics["objective"] != pytest.approx(trial.value, abs=1e-7)
+    best_mean = min(table["rows"], key=lambda r: r["mean"])
+    assert parent.data.tags["best_run_id"] == best_mean["run_id"]
+    assert parent.data.tags["final_stage.search_best_run_id"] == by_number[
+        study.best_trial.number].info.run_id
+    assert parent.data.metrics["final_stage_rank_changed"] == float(
+        best_mean["run_id"] != table["rows"][0]["run_id"])
+    champion = client.get_model_version_by_alias("pneumonia-cnn", "champion")
+    assert champion.run_id == best_mean["run_id"]

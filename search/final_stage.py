@@ -1,0 +1,171 @@
+"""`registry.final_stage`: re-train the top-k trials with other seeds; the best mean wins.
+
+Choosing 1 of 40 trials on a few hundred val images rewards the luckiest run. After the
+search, each of the k best COMPLETE trials (by the objective, distinct configs) is trained
+again `repeats` times from its own logged config (`config/config.yaml`) with
+`trainer.seed` = seed + 1, seed + 2, ...: the same data split and hyperparameters, other
+weight initialisations and dropout masks. Each repeat is an ordinary single run of
+`search/run.py` under the sweep's parent run (a subprocess, as a trial would be), tagged
+`final_stage.origin_trial` / `final_stage.origin_run` / `final_stage.repeat`; it is not an
+Optuna trial, so the study's totals stay exact. The candidate for the registry is the trial
+with the best mean objective over its original run and its repeats; the parent run's
+`best_run_id` then names that trial's run, and `final_stage/ranking.{json,md}` shows the
+single-run rank against the mean rank (`final_stage_rank_changed`, Kendall's tau).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[1]
+# The sweeper's per-trial variables: a repeat must not attach itself to an Optuna trial.
+TRIAL_ENV = ("OPTUNA_SWEEPER_STORAGE", "OPTUNA_SWEEPER_STUDY", "OPTUNA_SWEEPER_TRIAL_ID",
+             "OPTUNA_SWEEPER_TRIAL_NUMBER", "OPTUNA_SWEEPER_SAMPLER", "OPTUNA_SWEEPER_PRUNER",
+             "OPTUNA_SWEEPER_SAMPLER_CONFIG")
+
+
+def options(config: DictConfig | dict | None) -> tuple[int, int]:
+    """(top_k, repeats) from `registry.final_stage` (0: no final stage)."""
+    section = OmegaConf.select(OmegaConf.create(config or {}), "registry.final_stage",
+                               default=None) or {}
+    top_k, repeats = int(section.get("top_k") or 0), int(section.get("repeats") or 0)
+    if top_k < 0 or repeats < 0:
+        raise ValueError(f"registry.final_stage.top_k={top_k} and .repeats={repeats} must be "
+                         ">= 0 (0 = no final stage)")
+    return top_k, repeats
+
+
+def _repeat(config_text: str, overrides: list[str], workdir: Path, parent_run_id: str,
+            threads: int) -> subprocess.CompletedProcess:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(config_text)
+    env = {k: v for k, v in os.environ.items() if k not in TRIAL_ENV}
+    env.update({"MLFLOW_PARENT_RUN_ID": parent_run_id, "SWEEPER_THREADS_PER_WORKER": str(threads),
+                "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
+                "TF_CPP_MIN_LOG_LEVEL": env.get("TF_CPP_MIN_LOG_LEVEL", "2")})
+    cmd = [sys.executable, str(REPO / "search" / "run.py"), "--config-path", str(workdir),
+           "--config-name", "config", f"hydra.run.dir={workdir / 'run'}", *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+
+
+def kendall_tau(a: list[str], b: list[str]) -> float:
+    """Kendall's tau between two rankings of the same items (scipy's, on their positions)."""
+    from scipy.stats import kendalltau
+
+    if len(a) < 2:
+        return 1.0
+    return float(kendalltau([a.index(x) for x in a], [b.index(x) for x in a]).statistic)
+
+
+def run_final_stage(config: DictConfig, parent_run_id: str) -> dict[str, Any] | None:
+    """Re-train the top-k trials, pick the best mean, record it; the ranking, or None."""
+    from search.ensemble import top_runs
+    from search.model_store import run_config_text
+
+    top_k, repeats = options(config)
+    if top_k < 1 or repeats < 1:
+        return None
+    client = MlflowClient()
+    direction = OmegaConf.select(OmegaConf.create(config), "hydra.sweeper.direction",
+                                 default="minimize")
+    if OmegaConf.is_list(direction) or isinstance(direction, list | tuple):
+        direction = direction[0]
+    maximize = str(direction) == "maximize"
+    runs = top_runs(client, parent_run_id, top_k, maximize)
+    if len(runs) < 2:
+        log.info("final stage skipped: %d distinct COMPLETE trial(s)", len(runs))
+        client.set_tag(parent_run_id, "final_stage.skipped",
+                       f"{len(runs)} distinct COMPLETE trial(s), nothing to re-rank")
+        return None
+    jobs = int(OmegaConf.select(OmegaConf.create(config), "hydra.sweeper.n_jobs", default=1)
+               or 1)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    log.info("Final stage: re-training the top %d trials %d time(s) each (%d at a time)",
+             len(runs), repeats, jobs)
+    tasks = []
+    work = Path(tempfile.mkdtemp(prefix="final-stage-"))
+    for run in runs:
+        text = run_config_text(client, run.info.run_id)
+        seed = int(OmegaConf.create(text).seed)
+        trial = run.data.tags.get("optuna.trial_number", "?")
+        for r in range(1, repeats + 1):
+            name = f"final · t{int(trial):03d}" if trial.isdigit() else "final"
+            # ++: configs logged before trainer.seed / tracking.tags existed lack the keys;
+            # tracking.uri=null: the logged config masks a password, the environment has it
+            overrides = [f"++trainer.seed={seed + r}", "tracking.uri=null",
+                         f"tracking.run_name='{name} · seed {seed + r}'",
+                         f"++tracking.tags={{final_stage.origin_trial: '{trial}', "
+                         f"final_stage.origin_run: {run.info.run_id}, final_stage.repeat: '{r}'}}"]
+            tasks.append((run, r, text, overrides, work / f"{run.info.run_id}-{r}"))
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        done = list(pool.map(lambda t: (t, _repeat(t[2], t[3], t[4], parent_run_id, threads)),
+                             tasks))
+    values: dict[str, list[float]] = {r.info.run_id: [r.data.metrics["objective"]] for r in runs}
+    failed = []
+    for (run, r, text, _, folder), proc in done:
+        objective = _objective(folder, OmegaConf.create(text).objective)
+        if proc.returncode != 0 or objective is None:
+            failed.append(f"{run.info.run_id} repeat {r}: {proc.stderr.strip()[-300:]}")
+            continue
+        values[run.info.run_id].append(objective)
+    for line in failed:
+        log.warning("final stage: a repeat failed (%s)", line)
+    return record(client, parent_run_id, runs, values, maximize, repeats, failed)
+
+
+def _objective(folder: Path, objective: Any) -> float | None:
+    """The repeat's objective from the metrics.yaml its run wrote (the first objective)."""
+    import yaml
+
+    metrics = folder / "run" / "metrics.yaml"
+    if not metrics.is_file():
+        return None
+    name = objective[0] if OmegaConf.is_list(objective) else str(objective).split(",")[0]
+    value = (yaml.safe_load(metrics.read_text()) or {}).get(name.strip())
+    return None if value is None else float(value)
+
+
+def record(client: MlflowClient, parent_run_id: str, runs: list[Any],
+           values: dict[str, list[float]], maximize: bool, repeats: int,
+           failed: list[str]) -> dict[str, Any]:
+    """Ranking table, tags and metrics on the parent; `best_run_id` moves to the best mean."""
+    sign = -1.0 if maximize else 1.0
+    single = [r.info.run_id for r in runs]  # already in single-run order
+    mean_rank = sorted(single, key=lambda i: sign * float(np.mean(values[i])))
+    rows = []
+    for run in runs:
+        v = values[run.info.run_id]
+        rows.append({"trial": run.data.tags.get("optuna.trial_number"), "run_id": run.info.run_id,
+                     "single_value": v[0], "mean": float(np.mean(v)),
+                     "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v),
+                     "single_rank": single.index(run.info.run_id) + 1,
+                     "mean_rank": mean_rank.index(run.info.run_id) + 1})
+    changed = mean_rank[0] != single[0]
+    table = {"repeats": repeats, "rows": rows, "rank_changed": changed,
+             "kendall_tau": kendall_tau(single, mean_rank), "failed": failed}
+    md = ["| trial | single-run objective | mean ± std (n) | single rank | mean rank |",
+          "|---|---|---|---|---|"]
+    md += [f"| {r['trial']} | {r['single_value']:.4f} | {r['mean']:.4f} ± {r['std']:.4f} "
+           f"({r['n']}) | {r['single_rank']} | {r['mean_rank']} |" for r in rows]
+    client.log_dict(parent_run_id, table, "final_stage/ranking.json")
+    client.log_text(parent_run_id, "\n".join(md) + "\n", "final_stage/ranking.md")
+    client.log_metric(parent_run_id, "final_stage_rank_changed", float(changed))
+    client.log_metric(parent_run_id, "final_stage_kendall_tau", table["kendall_tau"])
+    client.set_tag(parent_run_id, "final_stage.search_best_run_id", single[0])
+    client.set_tag(parent_run_id, "best_run_id", mean_rank[0])
+    log.info("Final stage: %s\n%s", "the best mean is another trial than the best single run"
+             if changed else "the best single run also has the best mean", "\n".join(md))
+    return table
