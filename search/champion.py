@@ -27,7 +27,7 @@ import fcntl
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ MAX_VERIFY_ROUNDS = 5
 LOCK_SUFFIX = ".promotion.lock"
 
 
+@dataclass
 class PromotionDecision:
     """What happened to a new version, and why."""
 

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 # How search.evaluate picks the decision threshold; here so the sweeper's checks need no
 # sklearn (2.5 s of imports in the sweeper process).
 THRESHOLD_RULES = ("max_f1", "youden", "min_sensitivity")
+DEFAULT_THRESHOLD_RULE = "min_sensitivity"  # conf/evaluation/default.yaml's
 
 # The K-class names of the binary metrics (averaged over classes, so the name says so).
 MACRO_NAMES = {"precision": "macro_precision", "recall": "macro_recall",
@@ -338,7 +339,7 @@ def check_threshold_rule(cfg: DictConfig, class_names: list[str]) -> None:
     """A threshold rule other than the default only means something for two classes; for K
     classes the prediction is the most probable class, so the rule is refused, not ignored."""
     rule = str(OmegaConf.select(cfg, "evaluation.threshold_rule"))
-    if len(class_names) > 2 and rule != "max_f1":
+    if len(class_names) > 2 and rule != DEFAULT_THRESHOLD_RULE:
         raise ConfigError(
             f"evaluation.threshold_rule={rule} needs two classes; this data has "
             f"{len(class_names)} ({', '.join(class_names)}) and a K-class model predicts the "

@@ -114,7 +114,7 @@ def build_ensemble_run(config: DictConfig, parent_run_id: str, k: int) -> str | 
     params = {k_: v for k_, v in runs[0].data.params.items()
               if k_ == "data" or k_.startswith("data.") or k_ in ("seed",)}
     with mlflow.start_run(run_name=f"ensemble · top {len(ids)} of {study}",
-                          parent_run_id=parent_run_id,
+                          parent_run_id=parent_run_id, nested=True,  # the sweep's is active
                           experiment_id=client.get_run(parent_run_id).info.experiment_id,
                           tags=tags) as run:
         tracking.log_run_context(cfg, params={**params, "ensemble.k": len(ids),

@@ -75,7 +75,6 @@ class GateSpec:
         return spec
 
 
-@dataclass
 class HeldOutEvaluator:
     """Scores model versions on the held-out split rebuilt from one run's composed config.
 

@@ -21,7 +21,6 @@ import numpy as np
 from scipy.stats import rankdata
 
 from search.config_checks import MACRO_NAMES
-from search.keras_metrics import class_keys
 
 DEFAULT_RESAMPLES = 1000
 DEFAULT_LEVEL = 0.95
@@ -125,6 +124,8 @@ def binary_rows(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, np.
 def multiclass_rows(y: np.ndarray, s: np.ndarray, class_names: list[str]
                     ) -> dict[str, np.ndarray]:
     """evaluate.multiclass_metrics for each row of (rows, n) labels and (rows, n, K) scores."""
+    from search.keras_metrics import class_keys  # imports Keras: not at config-check time
+
     k = len(class_names)
     rows = y.shape[0]
     pred = s.argmax(axis=2)

@@ -150,12 +150,12 @@ def test_sweep_preflight_passes_sweeps_that_fit(overrides, tmp_path, monkeypatch
 def test_threshold_rules_other_than_the_default_are_refused_for_k_classes():
     from search.config_checks import ConfigError, check_threshold_rule
 
-    cfg = OmegaConf.create({"evaluation": {"threshold_rule": "min_sensitivity"}})
+    cfg = OmegaConf.create({"evaluation": {"threshold_rule": "youden"}})
     check_threshold_rule(cfg, ["normal", "pneumonia"])  # two classes: it applies
-    with pytest.raises(ConfigError, match=r"threshold_rule=min_sensitivity needs two classes; "
+    with pytest.raises(ConfigError, match=r"threshold_rule=youden needs two classes; "
                        r"this data has 3 \(normal, bacteria, virus\)"):
         check_threshold_rule(cfg, ["normal", "bacteria", "virus"])
-    check_threshold_rule(OmegaConf.create({"evaluation": {"threshold_rule": "max_f1"}}),
+    check_threshold_rule(OmegaConf.create({"evaluation": {"threshold_rule": "min_sensitivity"}}),
                          ["a", "b", "c"])  # the default stands for "argmax" with K classes
 
 

@@ -178,7 +178,7 @@ def test_first_version_becomes_champion_with_all_fields(registry_store, capsys, 
     assert json.loads(tags["class_names"]) == ["normal", "pneumonia"]
     assert json.loads(tags["preprocessing"])["image_size"] == 28
     assert json.loads(tags["threshold"]) == pytest.approx(run.data.metrics["threshold"])
-    assert tags["threshold_rule"] == "max_f1" and tags["threshold_chosen_on"] == "val"
+    assert tags["threshold_rule"] == "min_sensitivity" and tags["threshold_chosen_on"] == "val"
     assert tags["data_fingerprint"] == run.data.params["data.fingerprint"]
     assert tags["config_hash"] == run.data.params["config_hash"]
     assert "config" not in tags and tags["config_uri"] == f"runs:/{good}/config/config.yaml"
