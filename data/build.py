@@ -203,6 +203,20 @@ def _check_arguments(
         )
 
 
+def fold_splits(splits: Mapping[str, np.ndarray], labels: np.ndarray, groups: np.ndarray,
+                k: int, fold: int, seed: int) -> dict[str, np.ndarray]:
+    """Train and val as fold `fold` of k over train + val (scikit-learn's
+    StratifiedGroupKFold: class shares kept, duplicate images never on both sides)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if k < 2 or not 0 <= fold < k:
+        raise ValueError(f"data.cv_folds={k} needs k >= 2 and data.cv_fold={fold} in 0..{k - 1}")
+    pool = np.sort(np.concatenate([splits["train"], splits["val"]]))
+    folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    train, val = list(folds.split(pool, labels[pool], groups[pool]))[fold]
+    return {**splits, "train": pool[train], "val": pool[val]}
+
+
 def build_data(
     source: str = "npz",
     path: str | os.PathLike | None = None,
@@ -221,6 +235,8 @@ def build_data(
     augment: Mapping[str, Any] | None = None,
     mixup: float | None = 0.0,
     class_names: Sequence[str] | None = None,
+    cv_folds: int = 0,
+    cv_fold: int = 0,
     seed: int = 42,
 ) -> DataBundle:
     """Load, split and wrap a dataset in tf.data pipelines.
@@ -245,6 +261,10 @@ def build_data(
             default.
         mixup: Beta alpha of mixup on train batches (e.g. 0.2); 0/None = off; binary only.
         class_names: Names per class index (npz only; default normal/pneumonia or class_i).
+        cv_folds: k >= 2: train and val are re-drawn as fold `cv_fold` of a stratified,
+            group-disjoint k-fold split of train + val (the test split stays as it is);
+            0 = the usual split. The registry's cross-validation sets both.
+        cv_fold: Which fold (0..k-1) is val.
         seed: Seeds every split, subset, shuffle, augmentation and mixup.
 
     Returns:
@@ -280,6 +300,8 @@ def build_data(
         seed=seed,
         class_names=pool.class_names,
     )
+    if cv_folds:
+        splits = fold_splits(splits, pool.labels, pool.groups, int(cv_folds), int(cv_fold), seed)
     splits = {
         name: stratified_subset(splits[name], pool.labels, subset_fraction, seed + i)
         for i, name in enumerate(SPLITS)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,8 +49,10 @@ def options(config: DictConfig | dict | None) -> tuple[int, int]:
     return top_k, repeats
 
 
-def _repeat(config_text: str, overrides: list[str], workdir: Path, parent_run_id: str,
-            threads: int) -> subprocess.CompletedProcess:
+def run_single(config_text: str, overrides: list[str], workdir: Path, parent_run_id: str,
+               threads: int) -> subprocess.CompletedProcess:
+    """`search/run.py` on a logged config (plus overrides) as a single run under the parent:
+    a subprocess, as a trial is, so its TF state and memory end with it."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.yaml").write_text(config_text)
     env = {k: v for k, v in os.environ.items() if k not in TRIAL_ENV}
@@ -110,13 +113,23 @@ def run_final_stage(config: DictConfig, parent_run_id: str) -> dict[str, Any] | 
                          f"++tracking.tags={{final_stage.origin_trial: '{trial}', "
                          f"final_stage.origin_run: {run.info.run_id}, final_stage.repeat: '{r}'}}"]
             tasks.append((run, r, text, overrides, work / f"{run.info.run_id}-{r}"))
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        done = list(pool.map(lambda t: (t, _repeat(t[2], t[3], t[4], parent_run_id, threads)),
-                             tasks))
+    def one(task: tuple) -> tuple:
+        run, r, text, overrides, folder = task
+        proc = run_single(text, overrides, folder, parent_run_id, threads)
+        log.info("final stage: trial %s repeat %d -> %s %s", run.data.tags.get(
+            "optuna.trial_number"), r, OmegaConf.create(text).objective,
+            _objective(folder, OmegaConf.create(text).objective) if proc.returncode == 0
+            else f"failed (exit {proc.returncode})")
+        return task, proc, _objective(folder, OmegaConf.create(text).objective)
+
+    try:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            done = list(pool.map(one, tasks))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the repeats' runs are in MLflow
     values: dict[str, list[float]] = {r.info.run_id: [r.data.metrics["objective"]] for r in runs}
     failed = []
-    for (run, r, text, _, folder), proc in done:
-        objective = _objective(folder, OmegaConf.create(text).objective)
+    for (run, r, _, _, _), proc, objective in done:
         if proc.returncode != 0 or objective is None:
             failed.append(f"{run.info.run_id} repeat {r}: {proc.stderr.strip()[-300:]}")
             continue
@@ -126,15 +139,18 @@ def run_final_stage(config: DictConfig, parent_run_id: str) -> dict[str, Any] | 
     return record(client, parent_run_id, runs, values, maximize, repeats, failed)
 
 
-def _objective(folder: Path, objective: Any) -> float | None:
-    """The repeat's objective from the metrics.yaml its run wrote (the first objective)."""
+def metrics_of(folder: Path) -> dict[str, float]:
+    """The metrics.yaml a `run_single` run wrote ({} when it wrote none)."""
     import yaml
 
     metrics = folder / "run" / "metrics.yaml"
-    if not metrics.is_file():
-        return None
+    return (yaml.safe_load(metrics.read_text()) or {}) if metrics.is_file() else {}
+
+
+def _objective(folder: Path, objective: Any) -> float | None:
+    """The repeat's objective (the first one)."""
     name = objective[0] if OmegaConf.is_list(objective) else str(objective).split(",")[0]
-    value = (yaml.safe_load(metrics.read_text()) or {}).get(name.strip())
+    value = metrics_of(folder).get(name.strip())
     return None if value is None else float(value)
 
 

@@ -140,6 +140,14 @@ class MlflowSweepCallback(Callback):
                     decision = promote_sweep_best(config, self.run_id)
                 if decision is not None:  # beside the summary, for CI summaries and people
                     write_promotion(Path(config.hydra.sweep.dir), decision.to_dict())
+                    from search.cross_validation import run_cross_validation
+
+                    try:  # after the gate: a failure here leaves the registration as it is
+                        run_cross_validation(config, self.run_id, decision)
+                    except Exception as error:  # noqa: BLE001
+                        log.exception("cross-validating the champion failed")
+                        client.set_tag(self.run_id, "cv.error",
+                                       f"{type(error).__name__}: {error}"[:5000])
                 floor = (config.get("registry") or {}).get("floor")
                 if floor is not None and decision is not None:
                     value = decision.new_metrics.get(decision.metric)

@@ -260,3 +260,25 @@ def test_hydra_configs_instantiate(chest_xray_tree: Path) -> None:
     assert bundle.input_shape == (32, 32, 1) and bundle.n_train + bundle.n_val + bundle.n_test == 16
     x, _ = next(iter(bundle.train))
     assert x.shape[1:] == (32, 32, 1)
+
+
+def test_cv_folds_redraw_train_and_val_and_leave_test_alone():
+    from data.build import fold_splits
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random(300) < 0.7).astype(int)
+    groups = np.arange(300) // 2  # pairs of duplicates: never on both sides
+    splits = {"train": np.arange(0, 200), "val": np.arange(200, 250), "test": np.arange(250, 300)}
+    vals = []
+    for fold in range(5):
+        found = fold_splits(splits, labels, groups, 5, fold, seed=3)
+        assert (found["test"] == splits["test"]).all()
+        assert sorted(np.r_[found["train"], found["val"]].tolist()) == list(range(250))
+        assert not set(groups[found["train"]]) & set(groups[found["val"]])
+        assert abs(labels[found["val"]].mean() - labels[:250].mean()) < 0.1  # stratified
+        vals.append(set(found["val"].tolist()))
+    assert set().union(*vals) == set(range(250)) and sum(map(len, vals)) == 250  # a partition
+    again = fold_splits(splits, labels, groups, 5, 2, seed=3)["val"]
+    assert set(again.tolist()) == vals[2]  # seeded
+    with pytest.raises(ValueError, match=r"data.cv_folds=5 needs k >= 2 and data.cv_fold=5"):
+        fold_splits(splits, labels, groups, 5, 5, seed=3)

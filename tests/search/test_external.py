@@ -16,7 +16,7 @@ def test_the_real_xrays_load_with_folder_labels(chest_xray_tree):
     [spec] = ext.external_specs([{"name": "xray16", "path": str(chest_xray_tree / "val")}])
     loaded = ext.load_set(spec, CLASSES, 28, 1)
     assert loaded.x.shape == (16, 28, 28, 1) and loaded.x.dtype == np.float32
-    assert 0.0 <= loaded.x.min() and loaded.x.max() <= 1.0 and loaded.x.std() > 0.05
+    assert loaded.x.min() >= 0.0 and loaded.x.max() <= 1.0 and loaded.x.std() > 0.05
     assert sorted(np.bincount(loaded.y).tolist()) == [8, 8]  # NORMAL / PNEUMONIA folders
     by_key = dict(zip(loaded.keys, loaded.y, strict=True))
     assert all(by_key[k] == (1 if "/PNEUMONIA/" in k else 0) for k in by_key)

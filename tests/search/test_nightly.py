@@ -41,3 +41,19 @@ def test_short_nightly_registers_its_own_model_and_fails_below_the_floor(tmp_pat
 
     table = summary_markdown(sweep_dir, env={"RC": str(proc.returncode)})
     assert "pneumonia-cnn-nightly v1" in table and "| exit status | 1 (failed) |" in table
+    # registry.cv_folds=3: the champion's config trained on 3 folds of train + val
+    experiment = client.get_experiment_by_name("nightly")
+    folds = client.search_runs([experiment.experiment_id], "tags.`cv.fold` != ''")
+    champion = client.get_model_version("pneumonia-cnn-nightly", "1")
+    assert sorted(r.data.tags["cv.fold"] for r in folds) == ["0", "1", "2"]
+    assert {r.data.tags["cv.of_run"] for r in folds} == {champion.run_id}
+    prints = {r.data.params["data.fingerprint"] for r in folds}
+    assert len(prints) == 3  # three different train/val splits
+    assert {r.data.params["data.n_test"] for r in folds} == {
+        client.get_run(champion.run_id).data.params["data.n_test"]}  # test untouched
+    values = [r.data.metrics["eval_val_roc_auc"] for r in folds]
+    parent = client.get_run(promotion["run_id"]).data.tags["mlflow.parentRunId"]
+    metrics = client.get_run(parent).data.metrics
+    assert metrics["cv_val_roc_auc_mean"] == pytest.approx(sum(values) / 3)
+    assert metrics["cv_val_roc_auc_std"] > 0
+    assert champion.tags["cv.val_roc_auc"].endswith("over 3 folds")

@@ -1,0 +1,98 @@
+"""`registry.cv_folds`: the champion's config re-trained on k folds of train + val.
+
+One val split of a few hundred images gives one noisy number. After the gate, the
+champion's logged config is trained again k times from scratch, each time with fold i of a
+stratified, group-disjoint k-fold split of train + val as val (`data.cv_folds` /
+`data.cv_fold`; the test split is untouched), as single runs under the sweep's parent run
+(tagged `cv.fold`, `cv.of_run`; no model logged). The parent run gets
+`cv_val_<metric>_mean` / `_std` for ROC AUC, accuracy, sensitivity, specificity and loss,
+and the champion version a `cv.val_<metric>` tag (`0.971 ± 0.008 over 5 folds`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+METRICS = ("val_roc_auc", "val_accuracy", "val_sensitivity", "val_specificity", "val_loss",
+           "val_macro_recall")
+
+
+def cv_folds(config: DictConfig | dict | None) -> int:
+    """`registry.cv_folds` (0 = off; otherwise >= 2)."""
+    k = int(OmegaConf.select(OmegaConf.create(config or {}), "registry.cv_folds", default=0)
+            or 0)
+    if k == 1 or k < 0:
+        raise ValueError(f"registry.cv_folds={k} must be 0 (off) or >= 2")
+    return k
+
+
+def run_cross_validation(config: DictConfig, parent_run_id: str, decision: Any
+                         ) -> dict[str, Any] | None:
+    """Train the champion's config on k folds; mean ± std on the parent and the version."""
+    from search.champion import current_champion
+    from search.final_stage import metrics_of, run_single
+    from search.model_store import run_config_text
+
+    k = cv_folds(config)
+    if k < 2 or decision is None:
+        return None
+    client = MlflowClient()
+    champion = current_champion(client, decision.model_name)
+    if champion is None or not champion.run_id:
+        return None
+    text = run_config_text(client, champion.run_id)
+    if text is None:
+        raise FileNotFoundError(f"the champion's run {champion.run_id} has no config to re-train")
+    jobs = int(OmegaConf.select(OmegaConf.create(config), "hydra.sweeper.n_jobs", default=1)
+               or 1)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    log.info("Cross-validating the champion (%s v%s) on %d folds of train + val",
+             decision.model_name, champion.version, k)
+    work = Path(tempfile.mkdtemp(prefix="cv-"))
+    tasks = [(i, [f"++data.cv_folds={k}", f"++data.cv_fold={i}", "tracking.uri=null",
+                  "tracking.log_model=false", f"tracking.run_name='cv · fold {i + 1}/{k}'",
+                  f"++tracking.tags={{cv.fold: '{i}', cv.of_run: {champion.run_id}}}"],
+              work / f"fold{i}") for i in range(k)]
+    def one(task: tuple) -> tuple[Any, dict[str, float]]:
+        i, overrides, folder = task
+        proc = run_single(text, overrides, folder, parent_run_id, threads)
+        found = metrics_of(folder)
+        log.info("cv fold %d/%d: val ROC AUC %s", i + 1, k, found.get("val_roc_auc", "n/a"))
+        return proc, found
+
+    try:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            results = list(pool.map(one, tasks))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the folds' runs are in MLflow
+    per_fold = []
+    for (i, _, _), (proc, found) in zip(tasks, results, strict=True):
+        if proc.returncode != 0 or not found:
+            log.warning("cv fold %d failed: %s", i, proc.stderr.strip()[-300:])
+            continue
+        per_fold.append(found)
+    summary: dict[str, Any] = {"folds": k, "completed": len(per_fold), "version": champion.version}
+    for name in METRICS:
+        values = [f[name] for f in per_fold if f.get(name) is not None]
+        if len(values) < 2:
+            continue
+        mean, std = float(np.mean(values)), float(np.std(values, ddof=1))
+        summary[name] = {"mean": mean, "std": std, "values": values}
+        client.log_metric(parent_run_id, f"cv_{name}_mean", mean)
+        client.log_metric(parent_run_id, f"cv_{name}_std", std)
+        client.set_model_version_tag(decision.model_name, champion.version, f"cv.{name}",
+                                     f"{mean:.4f} ± {std:.4f} over {len(values)} folds")
+        log.info("cv %s: %.4f ± %.4f over %d folds", name, mean, std, len(values))
+    client.log_dict(parent_run_id, summary, "cross_validation/summary.json")
+    return summary
