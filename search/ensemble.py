@@ -3,8 +3,9 @@
 At the end of a sweep (after its best trial was registered), the k COMPLETE trials with the
 best objective and distinct configs (`config_hash`) are loaded from their logged models and
 averaged (`models.ensemble.build_ensemble`). The ensemble gets its own MLflow run under the
-sweep's parent, evaluated exactly like a trial (`train.evaluate_and_log`: threshold chosen
-on val, held-out test and external sets with intervals), logged as an MLflow Keras model,
+sweep's parent, evaluated exactly like a trial (`evaluation_logging.evaluate_and_log`:
+threshold chosen on val, held-out test and external sets with intervals), logged as an MLflow
+Keras model,
 registered as its own version and put through the same champion gate. Its gain over the
 best single trial, on the same held-out images, is logged on the parent run.
 """
@@ -72,9 +73,9 @@ def build_ensemble_run(config: DictConfig, parent_run_id: str, k: int) -> str | 
 
     from models.ensemble import build_ensemble
     from search import descriptions, model_store, tracking
+    from search.evaluation_logging import evaluate_and_log
     from search.model_logging import log_keras_model
     from search.registry import run_config, run_model_metadata
-    from search.train import evaluate_and_log
 
     client = MlflowClient()
     direction = OmegaConf.select(OmegaConf.create(config), "hydra.sweeper.direction",

@@ -352,3 +352,16 @@ def load_model_reference(reference: str | Path, workdir: str | Path | None = Non
         folder = export_version(name, alias=alias, version=version, out=workdir / "model-export")
         return load_exported(folder)
     return load_exported(Path(text))
+
+
+def run_model_metadata(client: MlflowClient, run_id: str) -> dict[str, Any]:
+    """The model metadata train.py logged as model_metadata.json."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, "model_metadata.json", tmp)
+        except (MlflowException, OSError) as error:
+            raise FileNotFoundError(
+                f"run {run_id} has no model_metadata.json: was it logged with "
+                "tracking.log_model=true by search/train.py?"
+            ) from error
+        return json.loads(Path(path).read_text())

@@ -26,11 +26,8 @@ import contextlib
 import io
 import json
 import logging
-import math
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -58,6 +55,8 @@ from search.champion import (
     promotion_lock,
 )
 from search.faults import fault_point
+from search.model_store import run_model_metadata  # noqa: F401 - re-exported
+from search.promotion_record import record_decision
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +76,6 @@ def run_config(client: MlflowClient, run_id: str) -> DictConfig:
             "can be promoted"
         )
     return OmegaConf.create(text)
-
-
-def run_model_metadata(client: MlflowClient, run_id: str) -> dict[str, Any]:
-    """The model metadata train.py logged as model_metadata.json."""
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = client.download_artifacts(run_id, "model_metadata.json", tmp)
-        except (MlflowException, OSError) as error:
-            raise FileNotFoundError(
-                f"run {run_id} has no model_metadata.json: was it logged with "
-                "tracking.log_model=true by search/train.py?"
-            ) from error
-        return json.loads(Path(path).read_text())
 
 
 def version_tags(run_id: str, metadata: dict[str, Any]) -> dict[str, str]:
@@ -243,90 +229,6 @@ def register_and_promote(
         "mlflow.parentRunId") or run_id)
     print(decision.summary())
     return decision
-
-
-# ---------------------------------------------------------------------------------------------
-# Recording
-
-
-def _finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
-
-
-def record_decision(client: MlflowClient, decision: PromotionDecision, target_run_id: str) -> None:
-    """Decision → version tags, and params/metrics/tags + promotion/decision.json on a run."""
-    name, version = decision.model_name, str(decision.version)
-    version_tags = {
-        "promotion.decision": decision.alias,
-        "promotion.reason": decision.reason,
-        "promotion.metric": decision.metric,
-        "promotion.score": str(decision.new_score),
-        "promotion.compared_with": (
-            f"v{decision.champion_version}" if decision.champion_version is not None else "none"
-        ),
-        "promotion.champion_score": str(decision.champion_score),
-        "promotion.eval_split": str(decision.evaluation.get("description", "none")),
-    }
-    if decision.difference.get("text"):
-        version_tags["promotion.difference"] = decision.difference["text"]
-    if decision.warnings:
-        version_tags["promotion.warning"] = " | ".join(decision.warnings)
-    for key, value in version_tags.items():
-        client.set_model_version_tag(name, version, key, value)
-
-    run_tags = {
-        "promotion.model_name": name,
-        "promotion.version": version,
-        "promotion.alias": decision.alias,
-        "promotion.promoted": str(decision.promoted).lower(),
-        "promotion.reason": decision.reason,
-        "promotion.metric": decision.metric,
-        "promotion.compared_with": version_tags["promotion.compared_with"],
-        "promotion.model_uri": f"models:/{name}/{version}",
-    }
-    if decision.warnings:
-        run_tags["promotion.warning"] = " | ".join(decision.warnings)
-    for key, value in run_tags.items():
-        client.set_tag(target_run_id, key, value)
-    metrics = {
-        f"promotion_new_{decision.metric}": decision.new_score,
-        f"promotion_new_{decision.tie_break}": decision.new_tie_break,
-        f"promotion_champion_{decision.metric}": decision.champion_score,
-        f"promotion_champion_{decision.tie_break}": decision.champion_tie_break,
-    }
-    for who, found in (("new", decision.new_intervals), ("champion", decision.champion_intervals)):
-        for metric in (decision.metric, decision.tie_break):
-            low, high = (found.get(metric) or [None, None])[:2]
-            metrics[f"promotion_{who}_{metric}_ci_low"] = low
-            metrics[f"promotion_{who}_{metric}_ci_high"] = high
-    if decision.difference.get("metric"):
-        diff = decision.difference
-        for key in ("difference", "low", "high"):
-            metrics[f"promotion_difference_{diff['metric']}"
-                    + ("" if key == "difference" else f"_ci_{key}")] = diff[key]
-    for who, found in (("new", decision.new_external), ("champion", decision.champion_external)):
-        for set_name, ext in found.items():
-            metrics[f"promotion_{who}_ext_{set_name}_{decision.metric}"] = \
-                ext["metrics"].get(decision.metric)
-    for key, value in metrics.items():
-        if _finite(value):
-            client.log_metric(target_run_id, key, float(value))
-    # Params are immutable: set them once; a later promotion into the same run keeps the first.
-    existing = client.get_run(target_run_id).data.params
-    params = {"promotion.registered_model": name, "promotion.metric": decision.metric,
-              "promotion.tie_break": decision.tie_break, "promotion.gate": decision.gate}
-    for key, value in params.items():
-        if key not in existing:
-            client.log_param(target_run_id, key, value)
-    from search.evaluate import json_ready
-
-    client.log_dict(target_run_id, json_ready(decision.to_dict()), "promotion/decision.json")
-    # Where people look: the version's page says how it fared, the model's who is champion.
-    run = client.get_run(decision.run_id)
-    client.update_model_version(name, version, description=descriptions.version_description(
-        run, run_model_metadata(client, decision.run_id), decision.to_dict()))
-    client.update_registered_model(name, description=descriptions.model_description(
-        name, decision.to_dict(), mlflow.get_tracking_uri()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,19 +37,18 @@ from search.config_checks import (
     check_threshold_rule,
     pruning_metric,
 )
-from search.external import ExternalSets, external_specs, score_sets
+from search.evaluation_logging import (  # noqa: F401 - evaluate_and_log re-exported
+    NOT_LOGGED,
+    evaluate_and_log,
+    external_sets,
+)
 from search.faults import armed, fault_point, memory_fault
-from search.intervals import BootstrapSpec
 from search.keras_metrics import multiclass_metrics
 from search.model_logging import config_hash, log_keras_model
 from search.quiet_start import quiet_native_start
 
 log = logging.getLogger(__name__)
 
-# evaluate_split's values that already have a metric of their own, so one quantity has one
-# name: recall is `sensitivity`; the threshold is `threshold` (chosen once, on val); the best
-# checkpoint's loss is the minimum of Keras' `val_loss` series (and `objective` by default).
-NOT_LOGGED = ("recall", "threshold", "loss")
 
 
 def configure_runtime(seed: int, deterministic: bool, threads: int | None) -> None:
@@ -349,99 +348,3 @@ def log_curves(history: dict[str, list[float]]) -> None:
     """The loss/accuracy curve figure (also for pruned or stopped trials)."""
     if history.get("loss"):
         mlflow.log_figure(ev.history_figure(history), "curves/loss_accuracy.png")
-
-
-def predict_split(model: keras.Model, dataset: tf.data.Dataset) -> np.ndarray:
-    """Full predictions of a split (binary: positive-class scores)."""
-    return ev.positive_scores(model.predict(dataset, verbose=0))
-
-
-def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: Any, binary: bool) -> dict:
-    """Evaluate val, test and the external sets at a threshold chosen on val; log metrics with
-    bootstrap intervals, matrices and curves."""
-    results: dict[str, float] = {}
-    bootstrap = BootstrapSpec.from_config(OmegaConf.select(cfg, "evaluation.bootstrap"))
-    prevalence = OmegaConf.select(cfg, "evaluation.deployment_prevalence")
-    val_loss = float(model.evaluate(data.val, verbose=0, return_dict=True)["loss"])
-    val_scores = predict_split(model, data.val)
-    threshold = None
-    if binary:
-        threshold = ev.choose_threshold(
-            data.y_val, val_scores, cfg.evaluation.threshold_rule,
-            float(cfg.evaluation.min_sensitivity), prevalence=prevalence,
-        )
-        mlflow.log_metric("threshold", threshold)
-    splits = [("val", data.y_val, val_scores, val_loss)]
-    if data.n_test:
-        test_loss = float(model.evaluate(data.test, verbose=0, return_dict=True)["loss"])
-        splits.append(("test", data.y_test, predict_split(model, data.test), test_loss))
-    for split, y, scores, loss in splits:
-        # Intervals for held-out splits only: val chose the checkpoint and the threshold.
-        result = ev.evaluate_split(split, y, scores, data.class_names, threshold, loss,
-                                   bootstrap=None if split == "val" else bootstrap)
-        results.update({f"{split}_{k}": v for k, v in result.metrics.items()})
-        results.update(result.interval_metrics(f"{split}_"))
-        # eval_ prefix: val_loss/val_accuracy already name Keras' per-epoch series.
-        log_split(result, f"eval_{split}_", y, scores)
-        log.info("%s: loss %.4f  %s", split, result.metrics["loss"], ev.headline(result.metrics))
-    sets = external_sets(cfg, list(data.class_names))
-    if sets:
-        prep = data.preprocessing
-        for name, result in score_sets(model, sets.at(prep["image_size"], prep["channels"]),
-                                       list(data.class_names), threshold, bootstrap).items():
-            results.update({f"ext_{name}_{k}": v for k, v in result.metrics.items()})
-            results.update(result.interval_metrics(f"ext_{name}_"))
-            log_split(result, f"ext_{name}_", result.extra["y"], result.extra["scores"])
-            log.info("external %s (%d images, never used for selection): %s", name,
-                     result.extra["n"], ev.headline(result.metrics))
-    if threshold is not None:
-        mlflow.log_dict(
-            {"threshold": threshold, "rule": str(cfg.evaluation.threshold_rule),
-             "min_sensitivity": float(cfg.evaluation.min_sensitivity), "chosen_on": "val",
-             "deployment_prevalence": prevalence},
-            "evaluation/threshold.json",
-        )
-    return results
-
-
-@functools.cache
-def _external_sets(items: str, class_names: tuple[str, ...]) -> ExternalSets:
-    import json
-
-    return ExternalSets(external_specs(json.loads(items)), list(class_names))
-
-
-def external_sets(cfg: DictConfig, class_names: list[str]) -> ExternalSets:
-    """`evaluation.external`, loaded once per worker process and input size."""
-    import json
-
-    section = OmegaConf.select(cfg, "evaluation.external")
-    items = OmegaConf.to_container(section, resolve=True) if section is not None else []
-    return _external_sets(json.dumps(items, sort_keys=True), tuple(class_names))
-
-
-def log_split(result: ev.SplitEvaluation, prefix: str, y: np.ndarray,
-              scores: np.ndarray) -> None:
-    """Metrics (with `_ci_low` / `_ci_high`), confusion matrix, report and curves of a split."""
-    split = result.split
-    mlflow.log_metrics({f"{prefix}{k}": v for k, v in result.metrics.items()
-                        if k not in NOT_LOGGED and math.isfinite(v)})
-    mlflow.log_metrics({f"{prefix}{k}": v for k, v in result.interval_metrics("").items()
-                        if k.rsplit("_ci_", 1)[0] not in NOT_LOGGED})
-    undefined = sorted(k for k, v in result.metrics.items()
-                       if k not in NOT_LOGGED and not math.isfinite(v))
-    if undefined:  # never dropped silently
-        log.warning("%s: %s undefined (NaN: a class is missing from the %s split), not "
-                    "logged", split, ", ".join(undefined), split)
-    mlflow.log_figure(ev.confusion_figure(result), f"evaluation/{split}_confusion.png")
-    mlflow.log_dict(
-        {"labels": result.class_names, "matrix": result.confusion.tolist(),
-         "threshold": result.threshold, "rows": "true", "columns": "predicted"},
-        f"evaluation/{split}_confusion.json",
-    )
-    mlflow.log_dict(result.report, f"evaluation/{split}_classification_report.json")
-    if result.intervals:
-        mlflow.log_dict(ev.json_ready({k: list(v) for k, v in result.intervals.items()}),
-                        f"evaluation/{split}_intervals.json")
-    mlflow.log_figure(ev.roc_pr_figure(split, y, scores, result.class_names),
-                      f"evaluation/{split}_roc_pr.png")

@@ -129,19 +129,20 @@ def test_bad_augment_config(augment: dict, message: str) -> None:
         build_augmenter(augment, seed=0)
 
 
+def first_batch(images: np.ndarray, labels: np.ndarray, augmenter, training: bool) -> np.ndarray:
+    """The first batch of 100 images, as train (augmented) or eval (plain) sees it."""
+    dataset = make_dataset(
+        images, labels, binary=True, image_size=28, channels=1, batch_size=100,
+        training=training, seed=0, shuffle_buffer=1, augmenter=augmenter,
+    )  # fmt: skip
+    return next(iter(dataset))[0].numpy()
+
+
 def test_augmentation_changes_train_batches_only(val_images) -> None:
     images, labels = val_images
     augmenter = build_augmenter({"flip": True, "rotation": 0.1, "contrast": 0.3}, seed=1)
-
-    def first_batch(training: bool) -> np.ndarray:
-        dataset = make_dataset(
-            images, labels, binary=True, image_size=28, channels=1, batch_size=100,
-            training=training, seed=0, shuffle_buffer=1, augmenter=augmenter,
-        )  # fmt: skip
-        return next(iter(dataset))[0].numpy()
-
-    augmented = first_batch(training=True)
-    plain = first_batch(training=False)
+    augmented = first_batch(images, labels, augmenter, training=True)
+    plain = first_batch(images, labels, augmenter, training=False)
     assert np.allclose(plain, images / 255.0)  # eval ignores the augmenter
     assert not np.allclose(augmented, plain)
     assert augmented.min() >= 0.0 and augmented.max() <= 1.0
@@ -163,15 +164,8 @@ def test_brightness_and_noise_layers_work_on_unit_pixels() -> None:
 def test_brightness_and_noise_change_train_batches_only(val_images, augment: dict) -> None:
     images, labels = val_images
     augmenter = build_augmenter(augment, seed=3)
-
-    def first_batch(training: bool) -> np.ndarray:
-        dataset = make_dataset(
-            images, labels, binary=True, image_size=28, channels=1, batch_size=100,
-            training=training, seed=0, shuffle_buffer=1, augmenter=augmenter,
-        )  # fmt: skip
-        return next(iter(dataset))[0].numpy()
-
-    augmented, plain = first_batch(training=True), first_batch(training=False)
+    augmented = first_batch(images, labels, augmenter, training=True)
+    plain = first_batch(images, labels, augmenter, training=False)
     assert np.allclose(plain, images / 255.0)  # val/test never see it
     assert np.abs(augmented - plain).mean() > 0.005
     assert augmented.min() == 0.0 and augmented.max() == 1.0  # pushed past the range: clipped
