@@ -161,13 +161,6 @@ def check_run_config(cfg: DictConfig) -> list[str]:
     if prevalence is not None and not 0.0 < float(prevalence) < 1.0:
         raise ConfigError(f"evaluation.deployment_prevalence must be in (0, 1) (the expected "
                           f"share of positives), got {prevalence}")
-    from search.intervals import BootstrapSpec
-
-    try:
-        section = OmegaConf.select(cfg, "evaluation.bootstrap")
-        BootstrapSpec.from_config(OmegaConf.to_container(section) if section is not None else None)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(str(error)) from None
     monitor = str(cfg.trainer.monitor)
     monitors = [*EPOCH_METRICS, *(f"val_{m}" for m in EPOCH_METRICS)]
     if monitor not in monitors:

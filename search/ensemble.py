@@ -133,14 +133,16 @@ def build_ensemble_run(config: DictConfig, parent_run_id: str, k: int) -> str | 
     return run.info.run_id
 
 
-def promote_ensemble(config: DictConfig, parent_run_id: str, best_decision: Any,
-                     options: dict[str, Any], gate: Any) -> Any:
+def promote_ensemble(config: DictConfig, parent_run_id: str, best_decision: Any) -> Any:
     """Build the ensemble run, register it and put it through the gate; tags on the parent."""
-    from search.registry import register_and_promote
+    from search.champion import GateSpec
+    from search.registry import register_and_promote, registry_options
 
     k = ensemble_top_k(config)
-    if k < 2:
+    if k < 2 or not registry_options(config)["enabled"]:
         return None
+    options = registry_options(config)
+    gate = GateSpec.from_config((config or {}).get("registry"))
     client = MlflowClient()
     try:
         run_id = build_ensemble_run(config, parent_run_id, k)

@@ -38,11 +38,18 @@ def predict_split(model: keras.Model, dataset: tf.data.Dataset) -> np.ndarray:
     return ev.positive_scores(model.predict(dataset, verbose=0))
 
 
+def bootstrap_spec(cfg: DictConfig) -> BootstrapSpec:
+    """`evaluation.bootstrap`, checked (train calls it before any data is loaded)."""
+    section = OmegaConf.select(cfg, "evaluation.bootstrap")
+    return BootstrapSpec.from_config(
+        OmegaConf.to_container(section) if section is not None else None)
+
+
 def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: Any, binary: bool) -> dict:
     """Evaluate val, test and the external sets at a threshold chosen on val; log metrics with
     bootstrap intervals, matrices and curves."""
     results: dict[str, float] = {}
-    bootstrap = BootstrapSpec.from_config(OmegaConf.select(cfg, "evaluation.bootstrap"))
+    bootstrap = bootstrap_spec(cfg)
     prevalence = OmegaConf.select(cfg, "evaluation.deployment_prevalence")
     val_loss = float(model.evaluate(data.val, verbose=0, return_dict=True)["loss"])
     val_scores = predict_split(model, data.val)

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import rankdata
 
-from search.config_checks import MACRO_NAMES
-
 DEFAULT_RESAMPLES = 1000
 DEFAULT_LEVEL = 0.95
 CHUNK = 250  # resamples per vectorised block: bounds memory at CHUNK x n_images per array
@@ -124,6 +122,7 @@ def binary_rows(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, np.
 def multiclass_rows(y: np.ndarray, s: np.ndarray, class_names: list[str]
                     ) -> dict[str, np.ndarray]:
     """evaluate.multiclass_metrics for each row of (rows, n) labels and (rows, n, K) scores."""
+    from search.config_checks import MACRO_NAMES
     from search.keras_metrics import class_keys  # imports Keras: not at config-check time
 
     k = len(class_names)

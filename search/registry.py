@@ -288,9 +288,6 @@ def promote_sweep_best(
     except Exception as error:
         client.set_tag(parent_run_id, "promotion.error", f"{type(error).__name__}: {error}"[:5000])
         raise
-    from search.ensemble import promote_ensemble
-
-    promote_ensemble(config, parent_run_id, decision, options, gate)
     return decision
 
 

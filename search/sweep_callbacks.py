@@ -133,11 +133,14 @@ class MlflowSweepCallback(Callback):
         try:
             if study is not None and len(study.directions) == 1:
                 from search.champion import floor_failure
+                from search.ensemble import promote_ensemble
                 from search.quiet_start import quiet_native_start
                 from search.registry import promote_sweep_best
 
                 with quiet_native_start():  # held-out scoring imports TF in this process
                     decision = promote_sweep_best(config, self.run_id)
+                    if decision is not None:  # registry.ensemble.top_k: its own version
+                        promote_ensemble(config, self.run_id, decision)
                 if decision is not None:  # beside the summary, for CI summaries and people
                     write_promotion(Path(config.hydra.sweep.dir), decision.to_dict())
                     from search.cross_validation import run_cross_validation

@@ -39,6 +39,7 @@ from search.config_checks import (
 )
 from search.evaluation_logging import (  # noqa: F401 - evaluate_and_log re-exported
     NOT_LOGGED,
+    bootstrap_spec,
     evaluate_and_log,
     external_sets,
 )
@@ -152,6 +153,7 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
         evaluation on the validation split.
     """
     objectives = check_run_config(cfg)  # before any data is loaded
+    bootstrap_spec(cfg)
     tracking.setup_tracking(cfg.tracking)  # an unusable store fails now, not after training
     output_dir = Path(output_dir) if output_dir else output_directory()
     output_dir.mkdir(parents=True, exist_ok=True)
