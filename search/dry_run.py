@@ -43,13 +43,15 @@ def check_trial(cfg: DictConfig) -> None:
     with quiet_native_start():  # TF's native start-up lines, once per dry run
         import keras
 
-        from search.train import compile_model
+        from search.train import bootstrap_spec, check_label_smoothing, compile_model
 
     check_run_config(cfg)
+    bootstrap_spec(cfg)
     data = _data(cfg)
     n_classes = len(data.class_names)
     check_threshold_rule(cfg, list(data.class_names))
     check_task_metrics(cfg, list(data.class_names))
+    check_label_smoothing(cfg.trainer.get("label_smoothing") or 0.0, n_classes)
     keras.backend.clear_session()
     try:
         model = instantiate(cfg.model, input_shape=tuple(data.input_shape), num_classes=n_classes)
