@@ -6,7 +6,7 @@ stratified, group-disjoint k-fold split of train + val as val (`data.cv_folds` /
 `data.cv_fold`; the test split is untouched), as single runs under the sweep's parent run
 (tagged `cv.fold`, `cv.of_run`; no model logged). The parent run gets
 `cv_val_<metric>_mean` / `_std` for ROC AUC, accuracy, sensitivity, specificity and loss,
-and the champion version a `cv.val_<metric>` tag (`0.971 ± 0.008 over 5 folds`).
+and the champion version a `cv.val_<metric>` tag (`<mean> ± <std> over k folds`).
 """
 
 from __future__ import annotations
