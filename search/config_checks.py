@@ -23,6 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 # sklearn (2.5 s of imports in the sweeper process).
 THRESHOLD_RULES = ("max_f1", "youden", "min_sensitivity")
 DEFAULT_THRESHOLD_RULE = "min_sensitivity"  # conf/evaluation/default.yaml's
+CALIBRATION_METHODS = ("temperature", "platt", "none")  # search/calibration.py
 
 # The K-class names of the binary metrics (averaged over classes, so the name says so).
 MACRO_NAMES = {"precision": "macro_precision", "recall": "macro_recall",
@@ -157,6 +158,10 @@ def check_run_config(cfg: DictConfig) -> list[str]:
     min_sens = OmegaConf.select(cfg, "evaluation.min_sensitivity")
     if min_sens is not None and not 0.0 < float(min_sens) <= 1.0:
         raise ConfigError(f"evaluation.min_sensitivity must be in (0, 1], got {min_sens}")
+    calibration = str(OmegaConf.select(cfg, "evaluation.calibration", default="none"))
+    if calibration not in CALIBRATION_METHODS:
+        raise ConfigError(f"evaluation.calibration={calibration!r} is not one of "
+                          f"{', '.join(CALIBRATION_METHODS)}")
     prevalence = OmegaConf.select(cfg, "evaluation.deployment_prevalence")
     if prevalence is not None and not 0.0 < float(prevalence) < 1.0:
         raise ConfigError(f"evaluation.deployment_prevalence must be in (0, 1) (the expected "
@@ -337,6 +342,10 @@ def check_threshold_rule(cfg: DictConfig, class_names: list[str]) -> None:
             f"evaluation.threshold_rule={rule} needs two classes; this data has "
             f"{len(class_names)} ({', '.join(class_names)}) and a K-class model predicts the "
             "most probable class: drop the override")
+    if len(class_names) > 2 and OmegaConf.select(cfg, "evaluation.calibration") == "platt":
+        raise ConfigError(
+            f"evaluation.calibration=platt needs two classes; this data has {len(class_names)} "
+            f"({', '.join(class_names)}): use evaluation.calibration=temperature")
 
 
 def check_task_metrics(cfg: DictConfig, class_names: list[str]) -> None:

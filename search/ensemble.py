@@ -122,8 +122,10 @@ def build_ensemble_run(config: DictConfig, parent_run_id: str, k: int) -> str | 
                                               "model.n_params": model.count_params(),
                                               "config_hash": members_hash})
         results = evaluate_and_log(cfg, model, data, binary)
+        calibrated = all(m.get("calibration") for m in metadata)
         log_keras_model(cfg, model, data, results, extra_metadata={
-            "config_hash": members_hash, "ensemble_members": ids})
+            "config_hash": members_hash, "ensemble_members": ids,
+            "calibration": {"method": "members"} if calibrated else None})
         mlflow.set_tag("mlflow.note.content", descriptions.run_description(
             list(data.class_names), data.source_info, tuple(data.input_shape), data.fingerprint,
             results, threshold_rule=str(cfg.evaluation.threshold_rule))

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
+from search import calibration as cal
 from search import evaluate as ev
 from search.external import ExternalSets, external_specs, score_sets
 from search.intervals import BootstrapSpec
@@ -53,6 +54,11 @@ def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: Any, binary: boo
     prevalence = OmegaConf.select(cfg, "evaluation.deployment_prevalence")
     val_loss = float(model.evaluate(data.val, verbose=0, return_dict=True)["loss"])
     val_scores = predict_split(model, data.val)
+    calibration, val_before = calibrate(cfg, model, data.y_val, val_scores)
+    if calibration is not None:  # the folded model's own val scores choose the threshold
+        val_scores = predict_split(model, data.val)
+        results["calibration_temperature"] = calibration.temperature
+        results["calibration_shift"] = calibration.shift
     threshold = None
     if binary:
         threshold = ev.choose_threshold(
@@ -73,6 +79,9 @@ def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: Any, binary: boo
         # eval_ prefix: val_loss/val_accuracy already name Keras' per-epoch series.
         log_split(result, f"eval_{split}_", y, scores)
         log.info("%s: loss %.4f  %s", split, result.metrics["loss"], ev.headline(result.metrics))
+    if calibration is not None:
+        log_calibration(calibration, data.y_val, val_before, val_scores, splits,
+                        list(data.class_names))
     sets = external_sets(cfg, list(data.class_names))
     if sets:
         prep = data.preprocessing
@@ -91,6 +100,43 @@ def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: Any, binary: boo
             "evaluation/threshold.json",
         )
     return results
+
+
+def calibrate(cfg: DictConfig, model: keras.Model, y_val: np.ndarray,
+              val_scores: np.ndarray) -> tuple[cal.Calibration | None, np.ndarray]:
+    """Fit `evaluation.calibration` on val and fold it into ``model``'s output layer.
+
+    None when off, or for a model without its own output layer (an ensemble averages
+    members that were calibrated one by one)."""
+    method = str(OmegaConf.select(cfg, "evaluation.calibration", default="none"))
+    if method == "none":
+        return None, val_scores
+    calibration = cal.fit_calibration(y_val, val_scores, method)
+    if calibration.method == "none" or not cal.fold_into_output(model, calibration):
+        return None, val_scores
+    return calibration, val_scores
+
+
+def log_calibration(calibration: cal.Calibration, y_val: np.ndarray, before: np.ndarray,
+                    after: np.ndarray, splits: list, class_names: list[str]) -> None:
+    """The map, val (fitted there) and test (held out) NLL/Brier/ECE before and after, and
+    the val reliability curves."""
+    # A tag, not a metric: the run's metrics stay one per evaluated quantity (the map's
+    # numbers and the before/after scores are in evaluation/calibration.json)
+    mlflow.set_tag("calibration", f"{calibration.method} T={calibration.temperature:.4f}"
+                   + (f" shift={calibration.shift:+.4f}" if calibration.shift else ""))
+    record: dict[str, Any] = {**calibration.as_dict(), "fitted_on": "val",
+                              "val": {"before": cal.quality(y_val, before),
+                                      "after": cal.quality(y_val, after)}}
+    for split, y, scores, _ in splits[1:]:  # held out: an honest before/after
+        record[split] = {"before": cal.quality(y, calibration.invert(scores)),
+                         "after": cal.quality(y, scores)}
+    mlflow.log_dict(ev.json_ready(record), "evaluation/calibration.json")
+    mlflow.log_figure(cal.reliability_figure(y_val, before, after, calibration, class_names),
+                      "evaluation/calibration.png")
+    log.info("calibration (%s, T=%.3f): val ECE %.4f -> %.4f", calibration.method,
+             calibration.temperature, record["val"]["before"]["ece"],
+             record["val"]["after"]["ece"])
 
 
 @functools.cache

@@ -16,7 +16,18 @@ def decision(info: dict[str, Any]) -> str:
         return (f"the most probable of the {len(info['class_names'])} classes (argmax; no "
                 "threshold)")
     return (f"P({info['class_names'][-1]}) >= {_fmt(info.get('threshold'))} (threshold rule "
-            f"`{info.get('threshold_rule')}`, chosen on validation)")
+            f"`{info.get('threshold_rule')}`, chosen on validation){calibrated(info)}")
+
+
+def calibrated(info: dict[str, Any]) -> str:
+    """How the served probabilities were calibrated (folded into the output layer)."""
+    calibration = info.get("calibration")
+    if not calibration:
+        return "; probabilities as trained (no calibration)"
+    if calibration["method"] == "members":
+        return "; each member's probabilities calibrated on validation before averaging"
+    return (f"; probabilities calibrated on validation ({calibration['method']}, temperature "
+            f"{_fmt(float(calibration['temperature']))}, folded into the output layer)")
 
 
 def with_interval(metrics: dict[str, float], key: str) -> str:

@@ -57,6 +57,11 @@ def log_keras_model(cfg: DictConfig, model: keras.Model, data: Any, results: dic
         "preprocessing": dict(data.preprocessing),
         "threshold": results.get("val_threshold"),
         "threshold_rule": str(cfg.evaluation.threshold_rule),
+        # folded into the output layer's weights (search/calibration.py): recorded, not applied
+        "calibration": {"method": str(cfg.evaluation.get("calibration", "none")),
+                        "temperature": results.get("calibration_temperature"),
+                        "shift": results.get("calibration_shift")}
+        if "calibration_temperature" in results else None,
         "data_fingerprint": data.fingerprint,
         "config_hash": config_hash(cfg),
         **(extra_metadata or {}),

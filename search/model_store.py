@@ -51,7 +51,7 @@ CONFIG_FILE = "config.yaml"
 # Metadata keys train.py stores with every logged model (and registry.py copies to version tags).
 METADATA_KEYS = (
     "class_names", "preprocessing", "threshold", "threshold_rule", "data_fingerprint",
-    "config_hash",
+    "config_hash", "calibration",
 )
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
@@ -187,7 +187,7 @@ def version_info(client: MlflowClient, mv: ModelVersion, model_dir: Path) -> dic
     for key in METADATA_KEYS:
         if info[key] is None and key in tags:
             info[key] = json.loads(tags[key]) if key in ("class_names", "preprocessing",
-                                                        "threshold") else tags[key]
+                                                        "threshold", "calibration") else tags[key]
     if not info["class_names"] or not info["preprocessing"]:
         raise ValueError(
             f"model version {mv.name}/{mv.version} has no class_names/preprocessing metadata; "

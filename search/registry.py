@@ -88,6 +88,7 @@ def version_tags(run_id: str, metadata: dict[str, Any]) -> dict[str, str]:
         "threshold_chosen_on": "val",
         "data_fingerprint": str(metadata.get("data_fingerprint")),
         "config_hash": str(metadata.get("config_hash")),
+        "calibration": json.dumps(metadata.get("calibration"), sort_keys=True),
         # The whole YAML as a tag lost its newlines and flooded the tags table: the run's
         # artifact is the config, the tag points at it.
         "config_uri": f"runs:/{run_id}/config/config.yaml",

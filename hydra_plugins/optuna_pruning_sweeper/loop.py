@@ -14,6 +14,10 @@ with the crashed trial retried and exactly ``n_trials`` counted (a live trial ou
 wait; its own sweeper finishes it). Ctrl-C: workers tell their trials FAIL and queue a
 retry, so re-running the same command continues without losing or repeating a trial.
 
+Own trials beat from a thread of their own (as Optuna's ``optimize`` does), not from the loop:
+a loop blocked behind another sweeper's ask lock, or replacing a worker process, must not
+let the trial it just asked (whose worker is still starting) turn stale under a short grace.
+
 Hydra imports this module in every Hydra process (plugin scan): Optuna is imported inside
 the functions. No ``from __future__ import annotations`` here: the scan executes the module
 before it is in ``sys.modules``, where dataclasses cannot resolve string annotations.
@@ -23,6 +27,7 @@ import collections
 import contextlib
 import logging
 import math
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -97,6 +102,10 @@ class SweepLoop:
     def run(self) -> str:
         """Run until the budget is used, the timeout passes or failures exceed the limit."""
         self.view = progress.LiveView(self.conf.n_trials)
+        stop = threading.Event()
+        if self.conf.heartbeat_interval:
+            threading.Thread(target=self._beat_own, args=(self.conf.heartbeat_interval, stop),
+                             name="sweeper-heartbeat", daemon=True).start()
         try:
             return self._run()
         except KeyboardInterrupt:
@@ -107,6 +116,7 @@ class SweepLoop:
             )
             raise
         finally:
+            stop.set()
             self.view.close()
             self.executor.shutdown()
 
@@ -121,7 +131,6 @@ class SweepLoop:
             beat = conf.heartbeat_interval
             if beat and time.monotonic() - last_stale_check >= min(beat, 10):
                 self._fail_stale()
-                self._beat_own()
                 last_stale_check = time.monotonic()
             if stop_reason is None:
                 stop_reason = self._limit_reached()
@@ -311,11 +320,15 @@ class SweepLoop:
             except Exception:  # noqa: BLE001 - retried next interval
                 log.warning("fail_stale_trials failed", exc_info=True)
 
-    def _beat_own(self) -> None:
-        """Beat for own trials too (covers a worker still starting up)."""
-        for info in self.in_flight.values():
-            with contextlib.suppress(Exception):
-                self.storage.record_heartbeat(info.trial_id)
+    def _beat_own(self, interval: float, stop: threading.Event) -> None:
+        """Beat for own trials too (covers a worker still starting up), until ``stop``."""
+        infos: tuple[_InFlight, ...] = ()
+        while not stop.wait(min(interval, 10) / 2):
+            with contextlib.suppress(RuntimeError):  # in_flight changed while copied: next
+                infos = tuple(self.in_flight.values())
+            for info in infos:
+                with contextlib.suppress(Exception):
+                    self.storage.record_heartbeat(info.trial_id)
 
     def _foreign_running(self) -> bool:
         from optuna.trial import TrialState

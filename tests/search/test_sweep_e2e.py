@@ -142,7 +142,52 @@ def test_parent_child_runs_report_and_best_trial(tmp_path):
     page = (tmp_path / "sweep" / "sweep_report" / "sweep_report.html").read_text()
     assert "<table" in page and "<pre>" not in page  # the header is a table, not a dict
 
+    check_calibration(tmp_path, client, best_child, version)
     check_ensemble(tmp_path, client, parent, children)
+
+
+def check_calibration(tmp_path: Path, client: MlflowClient, child, version) -> None:
+    """evaluation.calibration=temperature (the default): fitted on val, folded into the
+    logged model, recorded with it, and the served scores are the calibrated ones."""
+    import json
+
+    import mlflow
+    import numpy as np
+
+    from search import calibration as cal
+
+    record = json.loads(Path(client.download_artifacts(
+        child.info.run_id, "evaluation/calibration.json", str(tmp_path))).read_text())
+    assert record["method"] == "temperature" and record["fitted_on"] == "val"
+    assert child.data.tags["calibration"] == f"temperature T={record['temperature']:.4f}"
+    # the fit minimised val NLL: never worse there than as trained
+    assert record["val"]["after"]["nll"] <= record["val"]["before"]["nll"] + 1e-9
+    assert set(record["test"]["after"]) == {"nll", "brier", "ece"}
+    assert "evaluation/calibration.png" in {
+        a.path for a in client.list_artifacts(child.info.run_id, "evaluation")}
+    assert json.loads(version.tags["calibration"])["method"] in ("temperature", "members")
+    # the logged model's val scores are the calibrated ones: the stored threshold came from
+    # them, and the val NLL recorded "after" is what the logged model gives on val
+    metadata = json.loads(Path(client.download_artifacts(
+        child.info.run_id, "model_metadata.json", str(tmp_path))).read_text())
+    assert metadata["calibration"]["temperature"] == pytest.approx(record["temperature"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    try:
+        from hydra.utils import instantiate
+
+        from search.model_store import load_keras_safely
+        from search.registry import run_config
+
+        cfg = run_config(client, child.info.run_id)
+        model = load_keras_safely(mlflow.artifacts.download_artifacts(
+            child.data.tags["best_model_uri"], dst_path=str(tmp_path / "calibrated")))
+    finally:
+        mlflow.set_tracking_uri(None)
+    data = instantiate(cfg.data, seed=int(cfg.seed), _convert_="all")
+    scores = model.predict(data.val, verbose=0)[:, 0]
+    assert cal.nll(np.asarray(data.y_val), scores) == pytest.approx(
+        record["val"]["after"]["nll"], abs=1e-5)
 
 
 def check_ensemble(tmp_path: Path, client: MlflowClient, parent, children) -> None:
