@@ -12,7 +12,6 @@ and the champion version a `cv.val_<metric>` tag (`<mean> ± <std> over k folds`
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,8 @@ from typing import Any
 import numpy as np
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
+
+from search import sweep_context
 
 log = logging.getLogger(__name__)
 METRICS = ("val_roc_auc", "val_accuracy", "val_sensitivity", "val_specificity", "val_loss",
@@ -54,9 +55,7 @@ def run_cross_validation(config: DictConfig, parent_run_id: str, decision: Any
     text = run_config_text(client, champion.run_id)
     if text is None:
         raise FileNotFoundError(f"the champion's run {champion.run_id} has no config to re-train")
-    jobs = int(OmegaConf.select(OmegaConf.create(config), "hydra.sweeper.n_jobs", default=1)
-               or 1)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    jobs, threads = sweep_context.sweep_jobs(config)
     log.info("Cross-validating the champion (%s v%s) on %d folds of train + val",
              decision.model_name, champion.version, k)
     work = Path(tempfile.mkdtemp(prefix="cv-"))

@@ -22,6 +22,8 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from search import sweep_context
+
 log = logging.getLogger(__name__)
 
 
@@ -78,11 +80,7 @@ def build_ensemble_run(config: DictConfig, parent_run_id: str, k: int) -> str | 
     from search.registry import run_config, run_model_metadata
 
     client = MlflowClient()
-    direction = OmegaConf.select(OmegaConf.create(config), "hydra.sweeper.direction",
-                                 default="minimize")
-    direction = direction[0] if isinstance(direction, list | tuple) or OmegaConf.is_list(
-        direction) else direction
-    runs = top_runs(client, parent_run_id, k, str(direction) == "maximize")
+    runs = top_runs(client, parent_run_id, k, sweep_context.maximizes(config))
     if len(runs) < 2:
         reason = f"registry.ensemble.top_k={k}: only {len(runs)} distinct COMPLETE trial(s)"
         log.info("no ensemble: %s", reason)

@@ -30,6 +30,8 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from search import sweep_context
+
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 # The sweeper's per-trial variables: a repeat must not attach itself to an Optuna trial.
@@ -82,20 +84,14 @@ def run_final_stage(config: DictConfig, parent_run_id: str) -> dict[str, Any] | 
     if top_k < 1 or repeats < 1:
         return None
     client = MlflowClient()
-    direction = OmegaConf.select(OmegaConf.create(config), "hydra.sweeper.direction",
-                                 default="minimize")
-    if OmegaConf.is_list(direction) or isinstance(direction, list | tuple):
-        direction = direction[0]
-    maximize = str(direction) == "maximize"
+    maximize = sweep_context.maximizes(config)
     runs = top_runs(client, parent_run_id, top_k, maximize)
     if len(runs) < 2:
         log.info("final stage skipped: %d distinct COMPLETE trial(s)", len(runs))
         client.set_tag(parent_run_id, "final_stage.skipped",
                        f"{len(runs)} distinct COMPLETE trial(s), nothing to re-rank")
         return None
-    jobs = int(OmegaConf.select(OmegaConf.create(config), "hydra.sweeper.n_jobs", default=1)
-               or 1)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    jobs, threads = sweep_context.sweep_jobs(config)
     log.info("Final stage: re-training the top %d trials %d time(s) each (%d at a time)",
              len(runs), repeats, jobs)
     tasks = []

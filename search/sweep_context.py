@@ -85,6 +85,29 @@ def thread_budget() -> int | None:
     return int(os.environ.get(_tc.ENV_THREADS, "0")) or None
 
 
+def sweep_jobs(config: Any) -> tuple[int, int]:
+    """(concurrent jobs, TF threads each) for the runs that follow a sweep (final stage,
+    cross-validation): the sweeper's own rule, `threads_per_worker` else cores // n_jobs."""
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.optuna_pruning_sweeper.executors.local import available_cores
+
+    sweeper = OmegaConf.select(OmegaConf.create(config), "hydra.sweeper") or {}
+    jobs = int(sweeper.get("n_jobs") or 1)
+    return jobs, int(sweeper.get("threads_per_worker") or max(1, available_cores() // jobs))
+
+
+def maximizes(config: Any) -> bool:
+    """Whether the sweep's (first) objective is maximised (`hydra.sweeper.direction`)."""
+    from omegaconf import OmegaConf
+
+    direction = OmegaConf.select(OmegaConf.create(config), "hydra.sweeper.direction",
+                                 default="minimize")
+    if OmegaConf.is_list(direction) or isinstance(direction, list | tuple):
+        direction = direction[0]
+    return str(direction) == "maximize"
+
+
 def parent_run_id() -> str | None:
     """The sweep's MLflow parent run, which a trial's run nests under (None outside a sweep)."""
     return os.environ.get(PARENT_RUN_ENV) or None
