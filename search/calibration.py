@@ -62,6 +62,12 @@ class Calibration:
         """Uncalibrated probabilities from calibrated ones (to score 'before' on test)."""
         return _from_logits((_logits(probs) - self.shift) / self.scale, probs.ndim)
 
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Calibration:
+        """From the model metadata's ``calibration`` entry (method, temperature, shift)."""
+        return cls(str(record["method"]), 1.0 / float(record["temperature"]),
+                   float(record.get("shift") or 0.0))
+
     def as_dict(self) -> dict[str, Any]:
         return {"method": self.method, "temperature": self.temperature, "scale": self.scale,
                 "shift": self.shift}

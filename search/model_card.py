@@ -16,17 +16,17 @@ def decision(info: dict[str, Any]) -> str:
         return (f"the most probable of the {len(info['class_names'])} classes (argmax; no "
                 "threshold)")
     return (f"P({info['class_names'][-1]}) >= {_fmt(info.get('threshold'))} (threshold rule "
-            f"`{info.get('threshold_rule')}`, chosen on validation){calibrated(info)}")
+            f"`{info.get('threshold_rule')}`, chosen on validation)")
 
 
 def calibrated(info: dict[str, Any]) -> str:
     """How the served probabilities were calibrated (folded into the output layer)."""
     calibration = info.get("calibration")
     if not calibration:
-        return "; probabilities as trained (no calibration)"
+        return "as trained (no calibration)"
     if calibration["method"] == "members":
-        return "; each member's probabilities calibrated on validation before averaging"
-    return (f"; probabilities calibrated on validation ({calibration['method']}, temperature "
+        return "each member's calibrated on validation before averaging"
+    return (f"calibrated on validation ({calibration['method']}, temperature "
             f"{_fmt(float(calibration['temperature']))}, folded into the output layer)")
 
 
@@ -93,6 +93,7 @@ def model_card(info: dict[str, Any], has_config: bool = True) -> str:
         f"| exported | {info.get('exported')} |",
         f"| classes | {', '.join(map(str, info['class_names']))} |",
         f"| decision | {decision(info)} |",
+        f"| probabilities | {calibrated(info)} |",
         f"| data fingerprint | `{info.get('data_fingerprint')}` |",
         f"| config hash | `{info.get('config_hash')}` |",
         f"| preprocessing | `{json.dumps(info['preprocessing'], sort_keys=True)}` |",

@@ -110,3 +110,14 @@ def test_model_card_says_how_a_label_is_chosen():
     assert decision({"class_names": ["a", "b", "c"], "threshold": None,
                      "threshold_rule": "max_f1"}) == (
         "the most probable of the 3 classes (argmax; no threshold)")
+
+
+def test_model_card_says_what_the_probabilities_mean():
+    from search.model_card import calibrated
+
+    assert calibrated({"calibration": None}) == "as trained (no calibration)"
+    assert calibrated({"calibration": {"method": "temperature", "temperature": 1.25,
+                                       "shift": 0.0}}) == (
+        "calibrated on validation (temperature, temperature 1.2500, folded into the output "
+        "layer)")
+    assert "each member's" in calibrated({"calibration": {"method": "members"}})

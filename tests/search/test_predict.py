@@ -16,6 +16,7 @@ from data.loaders import BUILTIN_NPZ
 from models import build_cnn
 from search import inputs, model_store, pull, registry
 from search import predict as pr
+from search.calibration import Calibration, fold_into_output
 from search.model_store import LoadedModel
 
 CLASSES = ["normal", "pneumonia"]
@@ -201,6 +202,8 @@ def test_pull_then_predict_matches_the_in_memory_models(registry_store, val_xray
     result = pr.predict(folder, path, tmp_path / "pred-champion")
     p = np.array([r["prob_pneumonia"] for r in result.rows])
     checkpoint = keras.models.load_model(runs.good_checkpoint, safe_mode=True)
+    # the served model is the checkpoint with the recorded val calibration folded in
+    assert fold_into_output(checkpoint, Calibration.from_record(info["calibration"]))
     np.testing.assert_allclose(p, expected_probabilities(checkpoint, images), atol=1e-6)
     threshold = info["threshold"]
     assert [r["predicted"] for r in result.rows] == [CLASSES[int(v >= threshold)] for v in p]
