@@ -16,6 +16,7 @@ import math
 from typing import Any
 
 import keras
+import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import tensorflow as tf
@@ -32,6 +33,15 @@ log = logging.getLogger("search.train")  # its lines read as the trainer's, as b
 # name: recall is `sensitivity`; the threshold is `threshold` (chosen once, on val); the best
 # checkpoint's loss is the minimum of Keras' `val_loss` series (and `objective` by default).
 NOT_LOGGED = ("recall", "threshold", "loss")
+
+
+def log_figure(figure: plt.Figure, path: str) -> None:
+    """Log a figure to the active run, then close it: pyplot keeps every open figure, and a
+    worker process runs many trials."""
+    try:
+        mlflow.log_figure(figure, path)
+    finally:
+        plt.close(figure)
 
 
 def predict_split(model: keras.Model, dataset: tf.data.Dataset) -> np.ndarray:
@@ -132,7 +142,7 @@ def log_calibration(calibration: cal.Calibration, y_val: np.ndarray, before: np.
         record[split] = {"before": cal.quality(y, calibration.invert(scores)),
                          "after": cal.quality(y, scores)}
     mlflow.log_dict(ev.json_ready(record), "evaluation/calibration.json")
-    mlflow.log_figure(cal.reliability_figure(y_val, before, after, calibration, class_names),
+    log_figure(cal.reliability_figure(y_val, before, after, calibration, class_names),
                       "evaluation/calibration.png")
     log.info("calibration (%s, T=%.3f): val ECE %.4f -> %.4f", calibration.method,
              calibration.temperature, record["val"]["before"]["ece"],
@@ -164,7 +174,7 @@ def log_split(result: ev.SplitEvaluation, prefix: str, y: np.ndarray,
     if undefined:  # never dropped silently
         log.warning("%s: %s undefined (NaN: a class is missing from the %s split), not "
                     "logged", split, ", ".join(undefined), split)
-    mlflow.log_figure(ev.confusion_figure(result), f"evaluation/{split}_confusion.png")
+    log_figure(ev.confusion_figure(result), f"evaluation/{split}_confusion.png")
     mlflow.log_dict(
         {"labels": result.class_names, "matrix": result.confusion.tolist(),
          "threshold": result.threshold, "rows": "true", "columns": "predicted"},
@@ -174,5 +184,5 @@ def log_split(result: ev.SplitEvaluation, prefix: str, y: np.ndarray,
     if result.intervals:
         mlflow.log_dict(ev.json_ready({k: list(v) for k, v in result.intervals.items()}),
                         f"evaluation/{split}_intervals.json")
-    mlflow.log_figure(ev.roc_pr_figure(split, y, scores, result.class_names),
+    log_figure(ev.roc_pr_figure(split, y, scores, result.class_names),
                       f"evaluation/{split}_roc_pr.png")

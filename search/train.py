@@ -42,6 +42,7 @@ from search.evaluation_logging import (  # noqa: F401 - evaluate_and_log re-expo
     bootstrap_spec,
     evaluate_and_log,
     external_sets,
+    log_figure,
 )
 from search.faults import armed, fault_point, memory_fault
 from search.keras_metrics import multiclass_metrics
@@ -349,4 +350,4 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
 def log_curves(history: dict[str, list[float]]) -> None:
     """The loss/accuracy curve figure (also for pruned or stopped trials)."""
     if history.get("loss"):
-        mlflow.log_figure(ev.history_figure(history), "curves/loss_accuracy.png")
+        log_figure(ev.history_figure(history), "curves/loss_accuracy.png")
