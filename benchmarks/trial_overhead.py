@@ -1,0 +1,128 @@
+"""What a trial of the platform costs beyond its training: plain `model.fit` against one trial.
+
+    python benchmarks/trial_overhead.py [--epochs 5] [--repeats 3] [--workdir DIR]
+
+Both sides train the same default CNN on the same built-in data for the same epochs, in one
+process that has already run one of each (a reused sweep worker, warm imports):
+
+- plain: the data built by the platform's builder, the model built, compiled and fitted with
+  `model.fit(train, validation_data=val, class_weight=...)`, as a notebook would;
+- platform: `search.train.train(cfg)`: tracking, per-epoch MLflow metrics, best-only
+  checkpoint, early stopping, evaluation of val and test with intervals and calibration,
+  figures, the logged MLflow model with its metadata.
+
+Each side's wall time splits at its first and last epoch end (a Keras callback for plain,
+the timestamps of the per-epoch `val_loss` MLflow records for the platform): *before* is the
+start to the first epoch's end minus one epoch, *per epoch* the mean between epoch ends,
+*after* the last epoch's end to the return. The last line is the headline ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def compose(overrides: list[str]) -> object:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        return hydra_compose("config", overrides=overrides)
+
+
+def split(started: float, ends: list[float], finished: float) -> dict[str, float]:
+    """before / per_epoch / after / total seconds from the epoch-end times."""
+    per_epoch = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else ends[0] - started
+    return {"before": ends[0] - started - per_epoch, "per_epoch": per_epoch,
+            "after": finished - ends[-1], "total": finished - started}
+
+
+def plain(cfg: object) -> dict[str, float]:
+    """The notebook's way: build, compile, fit; nothing tracked."""
+    import keras
+    from hydra.utils import instantiate
+
+    ends: list[float] = []
+    started = time.time()
+    data = instantiate(cfg.data, seed=int(cfg.seed), _convert_="all")
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(int(cfg.seed))
+    model = instantiate(cfg.model, input_shape=tuple(data.input_shape), num_classes=2)
+    model.compile(optimizer=keras.optimizers.Adam(float(cfg.optimizer.learning_rate)),
+                  loss="binary_crossentropy", metrics=["accuracy", keras.metrics.AUC()])
+    model.fit(data.train, steps_per_epoch=int(data.steps_per_epoch),
+              epochs=int(cfg.trainer.max_epochs), validation_data=data.val,
+              class_weight=data.class_weight, verbose=0,
+              callbacks=[keras.callbacks.LambdaCallback(
+                  on_epoch_end=lambda *_: ends.append(time.time()))])
+    return split(started, ends, time.time())
+
+
+def platform(cfg: object, workdir: Path, i: int) -> dict[str, float]:
+    """One trial as the sweeper's worker runs it: `search.train.train`."""
+    import mlflow
+
+    from search.train import train
+
+    started = time.time()
+    train(cfg, output_dir=workdir / f"trial{i}")
+    finished = time.time()
+    client = mlflow.MlflowClient()
+    run = client.search_runs(
+        [mlflow.get_experiment_by_name("trial-overhead").experiment_id],
+        order_by=["attributes.start_time DESC"], max_results=1)[0]
+    ends = sorted(m.timestamp / 1000 for m in client.get_metric_history(run.info.run_id,
+                                                                          "val_loss"))
+    return split(started, ends, finished)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="trial-overhead-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+    # Every epoch trains (no early stop); a constant learning rate and Adam on both sides.
+    cfg = compose([f"trainer.max_epochs={args.epochs}", "trainer.patience=1000",
+                   "trainer.verbose=0", "optimizer=adam", "lr_schedule=constant",
+                   "tracking.experiment=trial-overhead"])
+    plain(cfg)  # warm-up: imports, TF's first graph, MLflow's store
+    platform(cfg, workdir, 0)
+    rows: dict[str, list[dict[str, float]]] = {"plain model.fit": [], "platform trial": []}
+    for i in range(1, args.repeats + 1):  # alternate, so drift hits both alike
+        rows["plain model.fit"].append(plain(cfg))
+        rows["platform trial"].append(platform(cfg, workdir, i))
+
+    med = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+           for name, runs in rows.items()}
+    print(f"{args.epochs} epochs of the default CNN on the built-in data, median of "
+          f"{args.repeats} runs each after a warm-up, one process")
+    print(f"{'':18s} {'before s':>9s} {'per epoch s':>12s} {'after s':>8s} {'total s':>8s}")
+    for name, m in med.items():
+        print(f"{name:18s} {m['before']:9.2f} {m['per_epoch']:12.2f} {m['after']:8.2f} "
+              f"{m['total']:8.2f}")
+    p, q = med["plain model.fit"], med["platform trial"]
+    fixed = (q["before"] - p["before"]) + (q["after"] - p["after"])
+    print(f"platform fixed part (before + after, over plain): {fixed:.2f} s; per epoch "
+          f"{q['per_epoch'] / p['per_epoch']:.3f}x plain")
+    print(f"headline: platform / plain total = {q['total'] / p['total']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
