@@ -1,6 +1,7 @@
 """What calibration did to every run of a sweep, on the split it was not fitted on.
 
-    python benchmarks/calibration_effect.py --store sqlite:///mlruns/mlflow.db [--experiment pneumonia]
+    python benchmarks/calibration_effect.py --store sqlite:///mlruns/mlflow.db \\
+        [--experiment pneumonia]
 
 Reads `evaluation/calibration.json` of every run in the store's experiment that has one
 (COMPLETE trials, final-stage repeats, cross-validation folds) and prints, per run, the

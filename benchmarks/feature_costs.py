@@ -17,15 +17,12 @@ together as a share of one trial.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import REPO, compose, private_store  # noqa: E402 - benchmarks/common.py
+
 XRAY16 = REPO.parent / "shared" / "data" / "chest_xray_sample" / "val"
 
 PLAIN = ["evaluation.bootstrap.resamples=0", "evaluation.calibration=none"]
@@ -39,13 +36,6 @@ VARIANTS = [
 ]
 
 
-def compose(overrides: list[str]) -> object:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(str(REPO / "conf"), version_base=None):
-        return hydra_compose("config", overrides=overrides)
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -54,11 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="feature-costs-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    workdir = private_store(args.workdir, "feature-costs-")
 
     import keras
     import mlflow

@@ -20,23 +20,11 @@ start to the first epoch's end minus one epoch, *per epoch* the mean between epo
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-
-def compose(overrides: list[str]) -> object:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(str(REPO / "conf"), version_base=None):
-        return hydra_compose("config", overrides=overrides)
+from common import compose, private_store  # noqa: E402 - benchmarks/common.py
 
 
 def split(started: float, ends: list[float], finished: float) -> dict[str, float]:
@@ -91,11 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="trial-overhead-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    workdir = private_store(args.workdir, "trial-overhead-")
 
     # Every epoch trains (no early stop); a constant learning rate and Adam on both sides.
     cfg = compose([f"trainer.max_epochs={args.epochs}", "trainer.patience=1000",
