@@ -54,6 +54,11 @@ class EpochMetricsToMlflow(mlflow.keras.MlflowCallback):
     def on_test_end(self, logs: dict | None = None) -> None:
         return None
 
+    def set_model(self, model: keras.Model) -> None:
+        super().set_model(model)
+        self._local = not mlflow.get_tracking_uri().startswith(
+            ("http://", "https://", "databricks"))
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         """Synchronous on a local store, asynchronous on a server (MLflow's choice).
 
@@ -61,15 +66,11 @@ class EpochMetricsToMlflow(mlflow.keras.MlflowCallback):
         run's end waits for its logging thread's 1 s poll: a fixed ~0.5 s per trial
         (benchmarks/trial_overhead.py). A server keeps the async queue: latency stays off
         the training loop, and an outage does not stop training."""
-        if not _is_local_store():
+        if not self._local:
             return super().on_epoch_end(epoch, logs)
         if self.log_every_epoch and logs is not None:
             mlflow.log_metrics(logs, step=epoch, synchronous=True, model_id=self.model_id)
         return None
-
-
-def _is_local_store() -> bool:
-    return not mlflow.get_tracking_uri().startswith(("http://", "https://", "databricks"))
 
 
 class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):

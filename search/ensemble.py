@@ -129,7 +129,6 @@ def build_ensemble_run(config: DictConfig, parent_run_id: str, k: int) -> str | 
             results, threshold_rule=str(cfg.evaluation.threshold_rule))
             + f"\n\n**Ensemble** of runs {', '.join(f'`{i}`' for i in ids)} (averaged "
               "probabilities).")
-        mlflow.flush_async_logging()
     return run.info.run_id
 
 

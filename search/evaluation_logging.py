@@ -64,7 +64,8 @@ def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: Any, binary: boo
     prevalence = OmegaConf.select(cfg, "evaluation.deployment_prevalence")
     val_loss = float(model.evaluate(data.val, verbose=0, return_dict=True)["loss"])
     val_scores = predict_split(model, data.val)
-    calibration, val_before = calibrate(cfg, model, data.y_val, val_scores)
+    val_before = val_scores
+    calibration = calibrate(cfg, model, data.y_val, val_scores)
     if calibration is not None:  # the folded model's own val scores choose the threshold
         val_scores = predict_split(model, data.val)
         results["calibration_temperature"] = calibration.temperature
@@ -113,18 +114,18 @@ def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: Any, binary: boo
 
 
 def calibrate(cfg: DictConfig, model: keras.Model, y_val: np.ndarray,
-              val_scores: np.ndarray) -> tuple[cal.Calibration | None, np.ndarray]:
+              val_scores: np.ndarray) -> cal.Calibration | None:
     """Fit `evaluation.calibration` on val and fold it into ``model``'s output layer.
 
     None when off, or for a model without its own output layer (an ensemble averages
     members that were calibrated one by one)."""
     method = str(OmegaConf.select(cfg, "evaluation.calibration", default="none"))
     if method == "none":
-        return None, val_scores
+        return None
     calibration = cal.fit_calibration(y_val, val_scores, method)
     if calibration.method == "none" or not cal.fold_into_output(model, calibration):
-        return None, val_scores
-    return calibration, val_scores
+        return None
+    return calibration
 
 
 def log_calibration(calibration: cal.Calibration, y_val: np.ndarray, before: np.ndarray,
@@ -143,7 +144,7 @@ def log_calibration(calibration: cal.Calibration, y_val: np.ndarray, before: np.
                          "after": cal.quality(y, scores)}
     mlflow.log_dict(ev.json_ready(record), "evaluation/calibration.json")
     log_figure(cal.reliability_figure(y_val, before, after, calibration, class_names),
-                      "evaluation/calibration.png")
+               "evaluation/calibration.png")
     log.info("calibration (%s, T=%.3f): val ECE %.4f -> %.4f", calibration.method,
              calibration.temperature, record["val"]["before"]["ece"],
              record["val"]["after"]["ece"])
@@ -185,4 +186,4 @@ def log_split(result: ev.SplitEvaluation, prefix: str, y: np.ndarray,
         mlflow.log_dict(ev.json_ready({k: list(v) for k, v in result.intervals.items()}),
                         f"evaluation/{split}_intervals.json")
     log_figure(ev.roc_pr_figure(split, y, scores, result.class_names),
-                      f"evaluation/{split}_roc_pr.png")
+               f"evaluation/{split}_roc_pr.png")
