@@ -24,6 +24,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 THRESHOLD_RULES = ("max_f1", "youden", "min_sensitivity")
 DEFAULT_THRESHOLD_RULE = "min_sensitivity"  # conf/evaluation/default.yaml's
 CALIBRATION_METHODS = ("temperature", "platt", "none")  # search/calibration.py
+# trainer.precision (models/precision.py resolves `auto` at training time).
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 
 # The K-class names of the binary metrics (averaged over classes, so the name says so).
 MACRO_NAMES = {"precision": "macro_precision", "recall": "macro_recall",
@@ -175,6 +177,10 @@ def check_run_config(cfg: DictConfig) -> list[str]:
     if lr is not None and not float(lr) > 0:
         raise ConfigError(f"optimizer.learning_rate must be > 0, got {lr}")
     _positive_int(cfg, "trainer.max_epochs")
+    precision = OmegaConf.select(cfg, "trainer.precision", default="float32")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision!r} is not valid; allowed: "
+                          f"{list(PRECISIONS)}")
     _positive_int(cfg, "trainer.patience", minimum=0)
     initial = int(OmegaConf.select(cfg, "trainer.initial_epoch", default=0) or 0)
     if not 0 <= initial < int(cfg.trainer.max_epochs):

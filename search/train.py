@@ -22,6 +22,8 @@ import tensorflow as tf
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from models.fused_batch_norm import fuse_batch_norm
+from models.precision import as_float32, dtype_policy, resolve_precision
 from search import descriptions, run_names, sweep_context, tracking
 from search import evaluate as ev
 from search.callbacks import (
@@ -184,7 +186,13 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
     keras.backend.clear_session()  # a sweep worker may train several models in one process
     # Re-seed after data building so weight init does not depend on how much RNG it used.
     keras.utils.set_random_seed(train_seed)
-    model = instantiate(cfg.model, input_shape=tuple(data.input_shape), num_classes=n_classes)
+    build = functools.partial(instantiate, cfg.model, input_shape=tuple(data.input_shape),
+                              num_classes=n_classes)
+    has_gpu = bool(tf.config.list_logical_devices("GPU"))
+    precision = resolve_precision(str(cfg.trainer.get("precision") or "float32"), has_gpu)
+    with dtype_policy(precision):
+        model = build()
+    fuse_batch_norm(model)  # the same maths in one kernel: models/fused_batch_norm.py
     schedule = instantiate(
         cfg.lr_schedule,
         initial_learning_rate=float(cfg.optimizer.learning_rate),
@@ -205,7 +213,7 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
     info = trial.info if trial is not None else None
     parent = sweep_context.parent_run_id()
     run_name = run_names.initial_name(cfg, info["trial_number"] if info else None)
-    tags = {**run_tags(cfg, info), **tracking.process_tags(),
+    tags = {**run_tags(cfg, info), **tracking.process_tags(), "precision": precision,
             **(trial.engine_tags() if trial is not None else {})}
     run = mlflow.start_run(run_name=run_name, parent_run_id=parent, tags=tags)
     log.info("MLflow run %s (%s)", run.info.run_id, mlflow.get_tracking_uri())
@@ -297,6 +305,7 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
         # Without its training metrics: evaluation needs only the loss, and the logged model
         # then loads anywhere without this package's metric classes.
         best = keras.models.load_model(checkpoint, safe_mode=True, compile=False)
+        best = as_float32(best)  # evaluated, logged and served in float32
         best.compile(loss=model.loss)
         results = evaluate_and_log(cfg, best, data, binary)
         mlflow.set_tag("mlflow.note.content", describe(results))

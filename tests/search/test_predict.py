@@ -14,6 +14,7 @@ import yaml
 
 from data.loaders import BUILTIN_NPZ
 from models import build_cnn
+from models.precision import as_float32
 from search import inputs, model_store, pull, registry
 from search import predict as pr
 from search.calibration import Calibration, fold_into_output
@@ -201,8 +202,9 @@ def test_pull_then_predict_matches_the_in_memory_models(registry_store, val_xray
     mlflow.set_tracking_uri("sqlite:////nonexistent/offline.db")  # the folder needs no store
     result = pr.predict(folder, path, tmp_path / "pred-champion")
     p = np.array([r["prob_pneumonia"] for r in result.rows])
-    checkpoint = keras.models.load_model(runs.good_checkpoint, safe_mode=True)
-    # the served model is the checkpoint with the recorded val calibration folded in
+    # the served model is the checkpoint, in float32 (it may have trained in mixed precision),
+    # with the recorded val calibration folded in
+    checkpoint = as_float32(keras.models.load_model(runs.good_checkpoint, safe_mode=True))
     assert fold_into_output(checkpoint, Calibration.from_record(info["calibration"]))
     np.testing.assert_allclose(p, expected_probabilities(checkpoint, images), atol=1e-6)
     threshold = info["threshold"]
