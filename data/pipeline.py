@@ -7,6 +7,7 @@ antialiased interpolation, round back to uint8, then scale by 1/255 to float32 i
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -43,6 +44,10 @@ def preprocessing_spec(image_size: int, channels: int) -> dict[str, Any]:
 
 # Longest side (px) above which decoded images are area-averaged first (see shrink_huge).
 HUGE_SIDE = 4096
+# JPEGs are decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) when the short side
+# still covers the target size at that scale (decode_jpeg_scaled); benchmarks/input_pipeline.py
+# measures it against full decoding. Off: every JPEG is decoded at full size.
+DCT_SCALING = True
 
 
 def usable_cpus() -> int:
@@ -110,7 +115,7 @@ def decode_native(encoded: tf.Tensor, channels: int, image_size: int) -> tf.Tens
             return tf.image.rgb_to_grayscale(rgb) if channels == 1 else rgb
 
         def plain() -> tf.Tensor:
-            return shrink_huge(tf.io.decode_jpeg(encoded, channels=channels), image_size)
+            return shrink_huge(decode_jpeg_scaled(encoded, channels, image_size), image_size)
 
         return tf.cond(tf.io.extract_jpeg_shape(encoded)[2] == 4, cmyk, plain)
 
@@ -122,6 +127,22 @@ def decode_native(encoded: tf.Tensor, channels: int, image_size: int) -> tf.Tens
 
     image = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
     return tf.ensure_shape(image, (None, None, channels))
+
+
+def decode_jpeg_scaled(encoded: tf.Tensor, channels: int, image_size: int) -> tf.Tensor:
+    """Decode a JPEG at the smallest DCT scale (1, 1/2, 1/4, 1/8) whose short side is still at
+    least `image_size`: a 1416 px X-ray bound for 224 px decodes at 1/4 (354 px), a sixteenth of
+    the pixels, and the antialiased resize then starts from 354 px. Scaling happens inside the
+    inverse DCT (each 8x8 block averaged), so nothing the resize keeps is lost."""
+    if not DCT_SCALING:
+        return tf.io.decode_jpeg(encoded, channels=channels)
+    short = tf.reduce_min(tf.io.extract_jpeg_shape(encoded)[:2])
+    # branch i decodes at 1/2**i; take the largest i with short / 2**i >= image_size
+    index = tf.reduce_sum(tf.cast(short // tf.constant([2, 4, 8]) >= image_size, tf.int32))
+    return tf.switch_case(index, [
+        functools.partial(tf.io.decode_jpeg, encoded, channels=channels, ratio=ratio)
+        for ratio in (1, 2, 4, 8)
+    ])
 
 
 def decode_to_uint8(encoded: tf.Tensor, image_size: int, channels: int) -> tf.Tensor:
