@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
+from data.decoded_cache import decoded_images, default_cache_dir, memory_budget
 from data.loaders import load_npz, scan_folder
 from data.pipeline import build_augmenter, make_dataset, preprocessing_spec
 from data.splits import (
@@ -230,6 +231,7 @@ def build_data(
     subset_fraction: float = 1.0,
     batch_size: int = 64,
     cache: bool = True,
+    decoded_cache: str | os.PathLike | None = None,
     shuffle_buffer: int = 10000,
     class_weight: str | Mapping | None = "balanced",
     augment: Mapping[str, Any] | None = None,
@@ -255,6 +257,9 @@ def build_data(
         subset_fraction: Keep this stratified, seeded share of every split (quick runs).
         batch_size: Batch size of all splits.
         cache: Keep decoded images in memory after the first pass.
+        decoded_cache: Folder source: a folder where the decoded images are kept between
+            runs and shared by sweep workers (data/decoded_cache.py); "default" for
+            $XRAY_CACHE_DIR/decoded (~/.cache/xray-sweeps/decoded); None decodes in every run.
         shuffle_buffer: Train shuffle buffer (capped at the train size).
         class_weight: "balanced", None/"none", or an explicit {class: weight} mapping.
         augment: {flip, rotation, zoom, translation, contrast, brightness, noise}; all off by
@@ -288,6 +293,9 @@ def build_data(
                 "data.class_names is for source=npz; folder class names come from the folders"
             )
         pool = _folder_pool(root, label_mode)
+        if decoded_cache:
+            folder = default_cache_dir() if decoded_cache == "default" else decoded_cache
+            pool.payload = decoded_images(pool.payload, image_size, channels, folder)
     augmenter = build_augmenter(augment, seed)  # validate before the (slow) splitting
 
     splits = assign_splits_cached(
@@ -311,10 +319,13 @@ def build_data(
     n_classes = len(pool.class_names)
     binary = n_classes == 2
 
+    # Decoded images larger than the memory budget stay in their file, read as needed.
+    lazy = isinstance(pool.payload, np.memmap) and pool.payload.nbytes > memory_budget()
+
     def dataset(name: str, training: bool) -> tf.data.Dataset:
         idx = splits[name]
         return make_dataset(
-            pool.payload[idx],
+            pool.payload if lazy else np.asarray(pool.payload[idx]),
             pool.labels[idx],
             binary=binary,
             image_size=image_size,
@@ -326,6 +337,7 @@ def build_data(
             shuffle_buffer=shuffle_buffer,
             augmenter=augmenter if training else None,
             mixup=mixup if training else 0.0,
+            rows=idx if lazy else None,
         )
 
     straddling = groups_in_several_splits(splits, pool.groups)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.decoded_cache import load_decode_checks, save_decode_checks
 from data.splits import SPLITS, patient_id_from_filename
 
 LABEL_MODES = ("binary", "multiclass", "cause")
@@ -79,7 +80,9 @@ def find_undecodable(paths: Sequence[Path], workers: int | None = None) -> list[
     Uses the pipeline's TensorFlow decoders, so a file that passes will not stop training. JPEGs
     are decoded at 1/8 scale (DCT scaling still reads the whole stream, so truncation shows);
     other formats are decoded to RGB, as the pipeline does. Results are remembered per (path,
-    size, mtime) for the life of the process.
+    size, mtime) for the life of the process and in the project's cache folder
+    (data/decoded_cache.py), so a new sweep worker does not decode every file
+    again (about 2.5 ms a full-size X-ray).
 
     Args:
         paths: Files to check.
@@ -107,9 +110,15 @@ def find_undecodable(paths: Sequence[Path], workers: int | None = None) -> list[
 
     keys = [key(Path(p)) for p in paths]
     todo = [k for k in dict.fromkeys(keys) if k not in _DECODE_CHECKS]
-    workers = workers or len(os.sched_getaffinity(0))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        _DECODE_CHECKS.update(zip(todo, pool.map(lambda k: is_bad(Path(k[0])), todo), strict=True))
+    if todo:  # another worker or an earlier run may have checked them: the on-disk record
+        _DECODE_CHECKS.update(load_decode_checks())
+        todo = [k for k in todo if k not in _DECODE_CHECKS]
+    if todo:
+        workers = workers or len(os.sched_getaffinity(0))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            found = dict(zip(todo, pool.map(lambda k: is_bad(Path(k[0])), todo), strict=True))
+        _DECODE_CHECKS.update(found)
+        save_decode_checks(found)
     return [p for p, k in zip(paths, keys, strict=True) if _DECODE_CHECKS[k]]
 
 

@@ -296,6 +296,7 @@ def make_dataset(
     augmenter: keras.Sequential | None = None,
     mixup: float = 0.0,
     parallel: int | None = None,
+    rows: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """Build one split's batched dataset of (x float32 [0, 1], y).
 
@@ -316,6 +317,8 @@ def make_dataset(
         augmenter: Layers applied to train batches.
         mixup: Beta alpha of mixup on train batches (``mixup_batch``); 0 = off. Binary only.
         parallel: Decode threads; default: usable CPUs.
+        rows: With a memory-mapped uint8 `source` (data/decoded_cache.py) too large for
+            memory: the rows of this split, read image by image from the file as needed.
 
     Returns:
         The dataset.
@@ -326,7 +329,18 @@ def make_dataset(
     if mixup and not binary:
         raise ValueError("mixup needs binary (float) labels; class indices cannot be mixed")
     targets = labels.astype(np.float32 if binary else np.int32)
-    if source.dtype.kind in "US":
+    mapped = True  # only what a map computed is worth caching; arrays are in memory already
+    if rows is not None:
+        shape = tuple(source.shape[1:])
+
+        def read(row: tf.Tensor) -> tf.Tensor:  # a copy from the page cache, microseconds
+            image = tf.numpy_function(lambda i: np.asarray(source[i]), [row], tf.uint8)
+            return tf.ensure_shape(image, shape)
+
+        dataset = tf.data.Dataset.from_tensor_slices((np.asarray(rows), targets))
+        dataset = dataset.map(lambda row, y: (read(row), y), num_parallel_calls=parallel)
+        mapped = False
+    elif source.dtype.kind in "US":
         dataset = tf.data.Dataset.from_tensor_slices((source.astype(str), targets))
         dataset = dataset.map(
             lambda path, y: (decode_to_uint8(tf.io.read_file(path), image_size, channels), y),
@@ -334,12 +348,13 @@ def make_dataset(
         )
     else:
         dataset = tf.data.Dataset.from_tensor_slices((source, targets))
-        if source.shape[1:] != (image_size, image_size, channels):
+        mapped = source.shape[1:] != (image_size, image_size, channels)
+        if mapped:
             dataset = dataset.map(
                 lambda x, y: (resize_to_uint8(x, image_size, channels), y),
                 num_parallel_calls=parallel,
             )
-    if cache:
+    if cache and mapped:
         # uint8 in memory: a quarter of float32's footprint; scaling per batch is cheap.
         dataset = dataset.cache()
     if training and len(targets) > 1:
