@@ -6,7 +6,8 @@ Both sides train the same default CNN on the same built-in data for the same epo
 process that has already run one of each (a reused sweep worker, warm imports):
 
 - plain: the data built by the platform's builder, the model built, compiled and fitted with
-  `model.fit(train, validation_data=val, class_weight=...)`, as a notebook would;
+  `model.fit(train, validation_data=val, class_weight=...)`, as a notebook would, in the
+  precision the trial resolves (`trainer.precision`) with the fused batch-norm;
 - platform: `search.train.train(cfg)`: tracking, per-epoch MLflow metrics, best-only
   checkpoint, early stopping, evaluation of val and test with intervals and calibration,
   figures, the logged MLflow model with its metadata.
@@ -39,12 +40,19 @@ def plain(cfg: object) -> dict[str, float]:
     import keras
     from hydra.utils import instantiate
 
+    from models.fused_batch_norm import fuse_batch_norm
+    from models.precision import dtype_policy, resolve_precision
+
     ends: list[float] = []
     started = time.time()
     data = instantiate(cfg.data, seed=int(cfg.seed), _convert_="all")
     keras.backend.clear_session()
     keras.utils.set_random_seed(int(cfg.seed))
-    model = instantiate(cfg.model, input_shape=tuple(data.input_shape), num_classes=2)
+    # the same arithmetic as the trial (precision, fused batch-norm): only the overhead differs
+    policy = resolve_precision(str(cfg.trainer.precision), False, int(data.input_shape[0]))
+    with dtype_policy(policy):
+        model = instantiate(cfg.model, input_shape=tuple(data.input_shape), num_classes=2)
+    fuse_batch_norm(model)
     model.compile(optimizer=keras.optimizers.Adam(float(cfg.optimizer.learning_rate)),
                   loss="binary_crossentropy", metrics=["accuracy", keras.metrics.AUC()])
     model.fit(data.train, steps_per_epoch=int(data.steps_per_epoch),

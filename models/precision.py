@@ -25,18 +25,22 @@ def _cpu_flags() -> set[str]:
     return set(line.split(":", 1)[-1].split())
 
 
-def resolve_precision(value: str, has_gpu: bool) -> str:
+def resolve_precision(value: str, has_gpu: bool, image_size: int = 224) -> str:
     """The dtype policy for `trainer.precision=value`.
 
-    `auto`: mixed_float16 on a GPU; mixed_bfloat16 on a CPU with bfloat16 arithmetic (AMX or
-    AVX512-BF16), where a default 28 px trial's epoch takes 0.6x the time at the same val ROC
-    AUC (benchmarks/precision_effect.py) and the 224 px CNN's step 0.5x
-    (benchmarks/step_cost.py); float32 on other CPUs, which emulate bfloat16 slowly.
+    `auto`: mixed_float16 on a GPU. On a CPU with bfloat16 arithmetic (AMX or AVX512-BF16),
+    mixed_bfloat16 for images of 64 px and more, where the convolutions dominate and the
+    224 px CNN's step runs 2.2x faster (benchmarks/step_cost.py); float32 below, where a
+    sweep is bound by per-trial costs, not epochs (benchmarks/sweep_throughput.py: 0.96x the
+    wall time), and 28 px trials ended at the same val ROC AUC but a 9 % higher val loss, the
+    default objective (benchmarks/precision_effect.py). float32 on CPUs that emulate bfloat16.
     """
     if value != "auto":  # search/config_checks.py has refused anything but Keras' policies
         return value
     if has_gpu:
         return "mixed_float16"
+    if image_size < 64:
+        return "float32"
     return "mixed_bfloat16" if _cpu_flags() & {"amx_bf16", "avx512_bf16"} else "float32"
 
 

@@ -189,7 +189,8 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
     build = functools.partial(instantiate, cfg.model, input_shape=tuple(data.input_shape),
                               num_classes=n_classes)
     has_gpu = bool(tf.config.list_logical_devices("GPU"))
-    precision = resolve_precision(str(cfg.trainer.get("precision") or "float32"), has_gpu)
+    precision = resolve_precision(str(cfg.trainer.get("precision") or "float32"), has_gpu,
+                                  int(data.input_shape[0]))
     with dtype_policy(precision):
         model = build()
     fuse_batch_norm(model)  # the same maths in one kernel: models/fused_batch_norm.py

@@ -18,9 +18,11 @@ def test_resolve(monkeypatch):
     assert resolve_precision("mixed_bfloat16", has_gpu=False) == "mixed_bfloat16"
     assert resolve_precision("auto", has_gpu=True) == "mixed_float16"
     monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx2", "amx_bf16"})
-    assert resolve_precision("auto", has_gpu=False) == "mixed_bfloat16"
+    assert resolve_precision("auto", has_gpu=False, image_size=224) == "mixed_bfloat16"
+    assert resolve_precision("auto", has_gpu=False, image_size=28) == "float32"
+    assert resolve_precision("auto", has_gpu=True, image_size=28) == "mixed_float16"
     monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx2", "fma"})
-    assert resolve_precision("auto", has_gpu=False) == "float32"
+    assert resolve_precision("auto", has_gpu=False, image_size=224) == "float32"
 
 
 @pytest.mark.parametrize("builder", ["cnn", "transfer"])
