@@ -10,7 +10,7 @@ after the first). Trains the practitioners' CNN (benchmarks/step_cost.py) in the
   `data.pipeline.make_dataset` over a folder of full-size JPEGs made from the real samples
   (decode, resize, uint8 cache, shuffle, scaling per batch). On a backend without TensorFlow
   (KERAS_BACKEND=jax on a machine with no TF) it is a `keras.utils.PyDataset` over the same
-  uint8 cache of decoded images, shuffled per epoch and scaled per batch on 4 threads;
+  uint8 cache of decoded images, shuffled per epoch and scaled per batch (`--workers` threads);
 - memory: the same images as float32 batches already in memory.
 
 Prints images/s and mean GPU utilisation of each; the last line is the pipeline's utilisation
@@ -66,7 +66,8 @@ def decoded_cache(paths: list[Path], size: int) -> np.ndarray:
     return images
 
 
-def pipeline_input(paths: list[Path], labels: np.ndarray, size: int, batch: int):
+def pipeline_input(paths: list[Path], labels: np.ndarray, size: int, batch: int,
+                   workers: int = 4):
     """The platform's feed: tf.data where TensorFlow is there, else a threaded PyDataset."""
     import keras
 
@@ -80,7 +81,7 @@ def pipeline_input(paths: list[Path], labels: np.ndarray, size: int, batch: int)
 
     class Feed(keras.utils.PyDataset):
         def __init__(self) -> None:
-            super().__init__(workers=4, use_multiprocessing=False, max_queue_size=16)
+            super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=16)
             self.order = np.random.default_rng(0).permutation(len(cache))
 
         def __len__(self) -> int:
@@ -93,7 +94,7 @@ def pipeline_input(paths: list[Path], labels: np.ndarray, size: int, batch: int)
         def on_epoch_end(self) -> None:
             self.order = np.random.default_rng().permutation(len(cache))
 
-    return Feed(), "keras PyDataset over the uint8 cache (no TensorFlow here)"
+    return Feed(), f"keras PyDataset, {workers} threads over the uint8 cache (no TensorFlow here)"
 
 
 def train(feed, steps: int, epochs: int, batch: int, size: int) -> tuple[float, float]:
@@ -134,6 +135,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=4, help="PyDataset threads (no TF)")
     args = parser.parse_args()
     import keras
 
@@ -143,7 +145,7 @@ def main() -> None:
     paths = make_folder(root, args.images)
     labels = np.array([int(p.parent.name == "PNEUMONIA") for p in paths], dtype=np.float32)
     steps = len(paths) // args.batch
-    feed, how = pipeline_input(paths, labels, args.size, args.batch)
+    feed, how = pipeline_input(paths, labels, args.size, args.batch, args.workers)
     images = decoded_cache(paths, args.size).astype(np.float32) / 255
 
     class InMemory(keras.utils.PyDataset):

@@ -9,8 +9,10 @@ While each sweep runs, the sweeper process's resident memory is sampled every se
 the number of finished trials in its study; each worker records its own after every trial
 (the trial's `worker_rss_mb`). Prints per sweep: the search's wall time (start to the last
 trial's end), trials complete/pruned/failed, best val_loss, and the memory at trial 5 and
-trial 30 with the growth. The last line: this checkout's wall time over the baseline's and
-the two best val_loss values.
+trial 30 with the growth, and for the trials both sweeps sampled alike (TPE's seeded startup
+trials) the ratio of their seconds per epoch: after those, the two searches diverge and their
+wall times compare different trials. The last line: this checkout's wall time over the
+baseline's and the two best val_loss values.
 """
 
 from __future__ import annotations
@@ -106,6 +108,29 @@ def report(name: str, result: dict) -> None:
           f"{w5 or 0:.0f} → {w30 or 0:.0f} MB ({growth(w5, w30)}) |", flush=True)
 
 
+def epoch_seconds(trials: list) -> dict[tuple, float]:
+    """Seconds per epoch of each trial that trained 2+ epochs, by its sampled parameters."""
+    out = {}
+    for t in trials:
+        steps = sorted(t.intermediate_values)
+        if len(steps) > 1 and t.datetime_start and t.datetime_complete:
+            span = (t.datetime_complete - t.datetime_start).total_seconds()
+            out[tuple(sorted(t.params.items()))] = span / len(steps)
+    return out
+
+
+def same_trials(base: dict, head: dict) -> str:
+    """Median over the trials both sweeps sampled alike (TPE's seeded startup trials)."""
+    base_s, head_s = epoch_seconds(base["trials"]), epoch_seconds(head["trials"])
+    ratios = [head_s[k] / base_s[k] for k in base_s.keys() & head_s.keys()]
+    if not ratios:
+        return "no trial was sampled alike in both sweeps"
+    ratios.sort()
+    return (f"{len(ratios)} trials sampled alike in both: seconds per epoch (trial wall / "
+            f"epochs) this checkout / baseline, median {ratios[len(ratios) // 2]:.3f} "
+            f"(range {ratios[0]:.2f}-{ratios[-1]:.2f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", help="a git commit to sweep first, in a worktree")
@@ -132,6 +157,7 @@ def main() -> None:
            f"val_loss {head['study'].best_value:.4f}"
     if args.baseline:
         base = results[f"baseline {args.baseline}"]
+        print(same_trials(base, head))
         line += (f"; wall / baseline {head['wall'] / base['wall']:.3f} (baseline best val_loss "
                  f"{base['study'].best_value:.4f})")
     print(line)
