@@ -30,10 +30,12 @@ def resolve_precision(value: str, has_gpu: bool, image_size: int = 224) -> str:
 
     `auto`: mixed_float16 on a GPU. On a CPU with bfloat16 arithmetic (AMX or AVX512-BF16),
     mixed_bfloat16 for images of 64 px and more, where the convolutions dominate and the
-    224 px CNN's step runs 2.2x faster (benchmarks/step_cost.py); float32 below, where a
-    sweep is bound by per-trial costs, not epochs (benchmarks/sweep_throughput.py: 0.96x the
-    wall time), and 28 px trials ended at the same val ROC AUC but a 9 % higher val loss, the
-    default objective (benchmarks/precision_effect.py). float32 on CPUs that emulate bfloat16.
+    224 px CNN's step runs 2.4x faster (benchmarks/step_cost.py); float32 below: a 28 px
+    epoch takes 0.49x the time in bfloat16 at the same val ROC AUC, but the default sweep is
+    bound by per-trial costs and ran at 0.965x the wall time, while the val loss (its
+    objective) came out 0.0026 higher on average over 3 seeds (benchmarks/precision_effect.py,
+    sweep_throughput.py), so the objective's numerics stay as they were. float32 on CPUs that
+    emulate bfloat16.
     """
     if value != "auto":  # search/config_checks.py has refused anything but Keras' policies
         return value
