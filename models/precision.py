@@ -30,7 +30,7 @@ def resolve_precision(value: str, has_gpu: bool, image_size: int = 224) -> str:
 
     `auto`: mixed_float16 on a GPU. On a CPU with bfloat16 arithmetic (AMX or AVX512-BF16),
     mixed_bfloat16 for images of 64 px and more, where the convolutions dominate and the
-    224 px CNN's step runs 2.4x faster (benchmarks/step_cost.py); float32 below: a 28 px
+    224 px CNN's step runs 2.2x faster (benchmarks/step_cost.py); float32 below: a 28 px
     epoch takes 0.49x the time in bfloat16 at the same val ROC AUC, but the default sweep is
     bound by per-trial costs and ran at 0.965x the wall time, while the val loss (its
     objective) came out 0.0026 higher on average over 3 seeds (benchmarks/precision_effect.py,
