@@ -52,6 +52,9 @@ def predict_split(model: keras.Model, dataset: tf.data.Dataset) -> np.ndarray:
 def bootstrap_spec(cfg: DictConfig) -> BootstrapSpec:
     """`evaluation.bootstrap`, checked (train calls it before any data is loaded)."""
     section = OmegaConf.select(cfg, "evaluation.bootstrap")
+    if section is not None and not OmegaConf.is_dict(section):
+        raise ValueError(f"evaluation.bootstrap={section!r} must be a mapping of resamples, "
+                         "level, seed; to turn intervals off set evaluation.bootstrap.resamples=0")
     return BootstrapSpec.from_config(
         OmegaConf.to_container(section) if section is not None else None)
 

@@ -71,3 +71,11 @@ def test_paired_difference_decides_only_beyond_noise():
 def test_bootstrap_config_is_checked(section, message):
     with pytest.raises(ValueError, match=message):
         iv.BootstrapSpec.from_config(section)
+
+
+def test_a_bare_number_for_bootstrap_names_the_key(compose_cfg):
+    from search.evaluation_logging import bootstrap_spec
+
+    with pytest.raises(ValueError, match=r"evaluation.bootstrap=0 must be a mapping.*resamples=0"):
+        bootstrap_spec(compose_cfg("evaluation.bootstrap=0"))
+    assert bootstrap_spec(compose_cfg("evaluation.bootstrap.resamples=0")).resamples == 0
