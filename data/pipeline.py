@@ -45,7 +45,7 @@ def preprocessing_spec(image_size: int, channels: int) -> dict[str, Any]:
 # Longest side (px) above which decoded images are area-averaged first (see shrink_huge).
 HUGE_SIDE = 4096
 # JPEGs are decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) when the short side
-# still covers the target size at that scale (decode_jpeg_scaled); benchmarks/input_pipeline.py
+# still holds twice the target size at that scale (decode_jpeg_scaled); benchmarks/input_pipeline.py
 # measures it against full decoding. Off: every JPEG is decoded at full size.
 DCT_SCALING = True
 
@@ -131,14 +131,16 @@ def decode_native(encoded: tf.Tensor, channels: int, image_size: int) -> tf.Tens
 
 def decode_jpeg_scaled(encoded: tf.Tensor, channels: int, image_size: int) -> tf.Tensor:
     """Decode a JPEG at the smallest DCT scale (1, 1/2, 1/4, 1/8) whose short side is still at
-    least `image_size`: a 1416 px X-ray bound for 224 px decodes at 1/4 (354 px), a sixteenth of
-    the pixels, and the antialiased resize then starts from 354 px. Scaling happens inside the
-    inverse DCT (each 8x8 block averaged), so nothing the resize keeps is lost."""
+    least twice `image_size`: a 1040 px X-ray bound for 224 px decodes at 1/2 (520 px), a
+    quarter of the pixels, and the antialiased resize then starts from 520 px. Scaling happens
+    inside the inverse DCT; keeping 2x oversampling for the resize keeps the result within half
+    a grey level of full decoding on average (benchmarks/input_pipeline.py), where scaling down
+    to the target itself would move small, busy images visibly."""
     if not DCT_SCALING:
         return tf.io.decode_jpeg(encoded, channels=channels)
     short = tf.reduce_min(tf.io.extract_jpeg_shape(encoded)[:2])
-    # branch i decodes at 1/2**i; take the largest i with short / 2**i >= image_size
-    index = tf.reduce_sum(tf.cast(short // tf.constant([2, 4, 8]) >= image_size, tf.int32))
+    # branch i decodes at 1/2**i; take the largest i with short / 2**i >= 2 * image_size
+    index = tf.reduce_sum(tf.cast(short // tf.constant([2, 4, 8]) >= 2 * image_size, tf.int32))
     return tf.switch_case(index, [
         functools.partial(tf.io.decode_jpeg, encoded, channels=channels, ratio=ratio)
         for ratio in (1, 2, 4, 8)
