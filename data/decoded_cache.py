@@ -28,7 +28,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 # Part of every key: a change of the decoding maths must not reuse old pixels.
-DECODER_VERSION = "tf-decode-dct-v1"
+DECODER_VERSION = "tf-decode-dct2x-v2"
 
 
 def default_cache_dir() -> Path:
