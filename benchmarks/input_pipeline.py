@@ -176,7 +176,7 @@ def main() -> None:
     paths = sorted(root.rglob("*.jpeg")) if root.exists() else []
     if len(paths) != args.images:
         paths = make_folder(root, args.images)
-    megapixels = statistics.mean(np.prod(Image.open(p).size) for p in paths[:50]) / 1e6
+    megapixels = statistics.mean(np.prod(Image.open(p).size) for p in paths) / 1e6
     print(f"{len(paths)} JPEGs under {root}, {megapixels:.2f} MP on average; target "
           f"{args.size} px grayscale, batches of 16", flush=True)
     contenders = {
