@@ -11,6 +11,7 @@ written under a temporary name then renamed, so concurrent writers are harmless 
 rename wins with identical bytes) and a killed one leaves nothing half-written. Readers get the
 file memory-mapped (`np.load(mmap_mode="r")`); `data.pipeline.make_dataset` copies it into
 memory when it fits the memory budget, else reads it image by image from the page cache.
+The folder is kept under $XRAY_DECODED_CACHE_GB (20 GB by default), least recently used first.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def decoded_images(paths: Sequence[str | Path], image_size: int, channels: int,
             images = np.load(file, mmap_mode="r")
             if images.shape == shape and images.dtype == np.uint8:
                 logger.info("decoded images from the cache %s", file)
+                os.utime(file)  # recently used: evicted last (atime is unreliable, mtime is not)
                 return images
         except (OSError, ValueError):
             pass  # a damaged file: decode again and replace it
@@ -111,7 +113,38 @@ def decoded_images(paths: Sequence[str | Path], image_size: int, channels: int,
         temporary.unlink(missing_ok=True)
     logger.info("decoded %d images in %.1f s into the cache %s", len(paths),
                 time.perf_counter() - started, file)
+    evict(folder, keep=file)
     return np.load(file, mmap_mode="r")
+
+
+def cache_budget() -> int:
+    """Bytes the decoded files may take together: $XRAY_DECODED_CACHE_GB (default 20)."""
+    return int(float(os.environ.get("XRAY_DECODED_CACHE_GB", "20")) * 1024**3)
+
+
+def evict(folder: Path, keep: Path) -> list[Path]:
+    """Delete the least recently used decoded files until the folder fits `cache_budget()`;
+    `keep` (the file just written) stays whatever its size. Returns the deleted files. A file
+    another process has open stays readable until it closes it (POSIX unlink)."""
+    files = []
+    for path in folder.glob("*.npy"):
+        try:
+            stat = path.stat()
+        except OSError:  # deleted by another worker meanwhile
+            continue
+        files.append((stat.st_mtime, stat.st_size, path))
+    total, budget, deleted = sum(size for _, size, _ in files), cache_budget(), []
+    for _, size, path in sorted(files):
+        if total <= budget:
+            break
+        if path == keep:
+            continue
+        path.unlink(missing_ok=True)
+        total -= size
+        deleted.append(path)
+        logger.info("decoded-image cache over %.1f GB: removed the least recently used %s",
+                    budget / 1024**3, path.name)
+    return deleted
 
 
 def memory_budget() -> int:

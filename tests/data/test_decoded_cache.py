@@ -103,3 +103,19 @@ def test_decode_checks_are_recorded_for_new_workers(chest_xray_tree, monkeypatch
     monkeypatch.setattr(folder_loader, "_DECODE_CHECKS", {})
     monkeypatch.setattr(tf.io, "decode_jpeg", None)  # any decoding would now fail loudly
     assert folder_loader.find_undecodable(paths) == [bad]
+
+
+def test_least_recently_used_files_go_when_the_folder_passes_its_budget(
+        tmp_path, chest_xray_sample_files, monkeypatch):
+    paths = chest_xray_sample_files[:2]
+    first = decoded_images(paths, 32, 1, tmp_path)  # 2 KB each, plus the .npy header
+    size = next(tmp_path.glob("*.npy")).stat().st_size
+    decoded_images(paths, 33, 1, tmp_path)
+    os.utime(next(p for p in tmp_path.glob("*.npy") if p.stat().st_size == size),
+             (1, 1))  # the 32 px file: least recently used
+    decoded_images(paths, 32, 1, tmp_path)  # a hit marks it used again
+    monkeypatch.setenv("XRAY_DECODED_CACHE_GB", str(2.5 * size / 1024**3))
+    decoded_images(paths, 34, 1, tmp_path)  # over budget: the 33 px file goes, not the 32 px
+    left = sorted(np.load(p, mmap_mode="r").shape[1] for p in tmp_path.glob("*.npy"))
+    assert left == [32, 34]
+    np.testing.assert_array_equal(first, _direct(paths, 32, 1))  # an open map stays readable
