@@ -33,13 +33,10 @@ DECODER_VERSION = "tf-decode-dct2x-v2"
 
 
 def default_cache_dir() -> Path:
-    """`decoded/` in the project's cache folder, as data/splits.py's split cache: $XRAY_CACHE_DIR,
-    else $XDG_CACHE_HOME/xray-sweeps (~/.cache/xray-sweeps)."""
-    from data.splits import CACHE_ENV
+    """`decoded/` in the project's cache folder (data/splits.py `cache_root`)."""
+    from data.splits import cache_root
 
-    base = os.environ.get(CACHE_ENV) or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xray-sweeps"
-    return Path(base) / "decoded"
+    return cache_root() / "decoded"
 
 
 def cache_key(paths: Sequence[str | Path], image_size: int, channels: int) -> str:

@@ -303,6 +303,13 @@ def split_fingerprint(
 CACHE_ENV = "XRAY_CACHE_DIR"
 
 
+def cache_root() -> Path:
+    """The project's cache folder: $XRAY_CACHE_DIR, else $XDG_CACHE_HOME/xray-sweeps
+    (~/.cache/xray-sweeps): splits here, decoded images in data/decoded_cache.py."""
+    return Path(os.environ.get(CACHE_ENV) or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xray-sweeps")
+
+
 @functools.cache
 def _split_memory() -> Any:
     """joblib's disk cache for splits, in ``$XRAY_CACHE_DIR`` (default ``~/.cache/xray-sweeps``).
@@ -313,8 +320,7 @@ def _split_memory() -> Any:
     import sklearn
     from joblib import Memory
 
-    base = os.environ.get(CACHE_ENV) or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xray-sweeps"
+    base = cache_root()
     code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
     location: Path | None = Path(base) / f"splits-sklearn{sklearn.__version__}-{code}"
     try:

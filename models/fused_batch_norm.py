@@ -22,11 +22,9 @@ import keras
 
 
 def _eligible(layer: keras.layers.Layer) -> bool:
-    if type(layer) is not keras.layers.BatchNormalization or not layer.built:
-        return False
-    rank = len(layer.input.shape) if getattr(layer, "_inbound_nodes", None) else None
-    return (rank in (None, 4) and layer.axis in (-1, 3) and not layer.renorm
-            and not layer.synchronized)
+    """Plain BatchNormalization over the last axis; the call checks the input's rank."""
+    return (type(layer) is keras.layers.BatchNormalization and layer.axis in (-1, 3)
+            and not layer.renorm and not layer.synchronized)
 
 
 def _fused_call(self: keras.layers.BatchNormalization, inputs: Any, training: Any = None,

@@ -9,6 +9,7 @@ on how a model was trained.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,14 @@ from typing import Any
 import keras
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache  # the CPU does not change within a process; read once per worker
+def _cpu_flags() -> frozenset[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
+    return frozenset(line.split(":", 1)[-1].split())
 
 
 def resolve_precision(value: str, has_gpu: bool, image_size: int = 224) -> str:
