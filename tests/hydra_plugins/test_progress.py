@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import select
 import struct
 import sys
 import termios
@@ -48,6 +49,15 @@ def test_start_line_keeps_params_short(caplog):
     assert len(line) < progress.PARAMS_SHOWN + 80 and "… (30 params)" in line
 
 
+def read_all(master: int) -> str:
+    """Everything written so far: Linux hands pty output to the reader asynchronously, so
+    one read can return only the first of several writes (it did once in CI)."""
+    chunks = b""
+    while select.select([master], [], [], 1.0)[0]:
+        chunks += os.read(master, 65536)
+    return chunks.decode(errors="replace")
+
+
 def test_a_terminal_gets_a_live_bar_with_the_status(monkeypatch):
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 200, 0, 0))
@@ -59,7 +69,7 @@ def test_a_terminal_gets_a_live_bar_with_the_status(monkeypatch):
     view.update("done 3/40 · running 2 · best 0.076 (#2)", 3)
     view.close()
     tty.flush()
-    shown = os.read(master, 65536).decode(errors="replace")
+    shown = read_all(master)
     assert "running 2 · best 0.076 (#2)" in shown and "8%" in shown
     with open(os.devnull, "w") as pipe:  # stderr that is no terminal (CI logs): no bar
         monkeypatch.setattr(sys, "stderr", pipe)
