@@ -17,7 +17,7 @@ from typing import Any
 import keras
 import mlflow
 
-from search.faults import fault_point, fires, pause_point
+from search.faults import fault_epoch, fault_point, fires, pause_point, signal_point
 
 
 class LearningRateLogger(keras.callbacks.Callback):
@@ -103,21 +103,24 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
             os.replace(written, self.final_path)
 
 
-class FaultInSecondEpoch(keras.callbacks.Callback):
-    """Fault tests only (search.faults): reach the mid-training points deterministically."""
+class FaultInEpoch(keras.callbacks.Callback):
+    """Fault tests only (search.faults): reach the mid-training points deterministically,
+    in epoch ``XRAY_FAULT_EPOCH`` (0-based; default 1, the second epoch)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.epoch = 0
+        self.at = fault_epoch()
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.epoch = epoch
-        if epoch == 1:
+        if epoch == self.at:
             pause_point("tracking_outage")
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        if self.epoch == 1 and batch == 1:
+        if self.epoch == self.at and batch == 1:
             fault_point("mid_epoch")
+            signal_point("preempt")
 
 
 class TrainingDiverged(FloatingPointError):

@@ -11,6 +11,8 @@ The fault tests (tests/faults/) set, for the command they run:
                             in one command, each once)
 ``XRAY_FAULT_SCOPE``        ``process`` (default: this process, e.g. one sweep worker) or
                             ``group`` (the whole command: sweeper and workers)
+``XRAY_FAULT_EPOCH``        the epoch (0-based) of ``mid_epoch``, ``tracking_outage`` and
+                            ``preempt``; default 1 (the second epoch)
 ==========================  ===============================================================
 
 Without ``XRAY_FAULT`` every call is one dictionary lookup.
@@ -38,7 +40,15 @@ POINTS = (
     "disk_full",         # the second best checkpoint cannot be written: ENOSPC, no kill
     "tracking_outage",   # train(): waits at the second epoch's start while the test
                          # stops the tracking server (pause_point), then trains on
+    "preempt",           # train(): SIGTERM (not SIGKILL) between two batches of an epoch,
+                         # as SLURM, Kubernetes or a spot instance sends (signal_point)
 )
+EPOCH_ENV = "XRAY_FAULT_EPOCH"
+
+
+def fault_epoch() -> int:
+    """The epoch (0-based) the in-training points fire in (``XRAY_FAULT_EPOCH``, default 1)."""
+    return int(os.environ.get(EPOCH_ENV) or 1)
 
 
 def _asked() -> dict[str, str]:
@@ -88,6 +98,17 @@ def fault_point(point: str) -> None:
     if _asked()[point] == "group":
         os.killpg(os.getpgrp(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def signal_point(point: str, signum: int = signal.SIGTERM) -> None:
+    """Send ``signum`` (SIGTERM) to this process or its group if ``point`` fires; the
+    process carries on (its handlers decide), unlike ``fault_point``."""
+    if not fires(point):
+        return
+    if _asked()[point] == "group":
+        os.killpg(os.getpgrp(), signum)
+    else:
+        os.kill(os.getpid(), signum)
 
 
 def pause_point(point: str, limit_s: float = 300.0) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from hydra_plugins.optuna_pruning_sweeper import preemption as _preemption
 from hydra_plugins.optuna_pruning_sweeper import summary as _summary
 from hydra_plugins.optuna_pruning_sweeper import trial_context as _tc
 
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
 
 # The sweep callback exports its parent run id here; trial workers inherit it.
 PARENT_RUN_ENV = "MLFLOW_PARENT_RUN_ID"
+# Raised by a trial that stopped for a preemption (SIGTERM): the worker records it
+# "interrupted" and re-queues it (see hydra_plugins/.../preemption.py).
+TrialInterrupted = _preemption.TrialInterrupted
 # Where the sweeper names its study (for messages).
 STUDY_ENV_NAMES = (_tc.ENV_STUDY, _tc.ENV_STORAGE)
 
@@ -78,6 +82,18 @@ def current_trial() -> SweepTrial | None:
         sampler=str(info["sampler"]),
         pruner=str(info["pruner"]),
     )
+
+
+def retry_policy() -> dict[str, Any] | None:
+    """``hydra.sweeper.retry`` (resume, every_epochs, state_dir, preempt_grace, count) of the
+    sweep this job runs in; None outside a sweep."""
+    return _tc.retry_policy()
+
+
+def preemption_deadline() -> float | None:
+    """When this worker's SIGTERM grace period ends (``time.monotonic()``), None when no
+    preemption was asked for."""
+    return _preemption.deadline()
 
 
 def thread_budget() -> int | None:

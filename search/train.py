@@ -24,12 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from models.fused_batch_norm import fuse_batch_norm
 from models.precision import as_float32, dtype_policy, resolve_precision
-from search import descriptions, run_names, sweep_context, tracking
+from search import descriptions, resume, run_names, sweep_context, tracking
 from search import evaluate as ev
 from search.callbacks import (
     AtomicModelCheckpoint,
     EpochMetricsToMlflow,
-    FaultInSecondEpoch,
+    FaultInEpoch,
     LearningRateLogger,
     check_divergence,
 )
@@ -204,7 +204,7 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
     compile_model(model, optimizer, binary, list(data.class_names))
     smoothing = check_label_smoothing(cfg.trainer.get("label_smoothing") or 0.0, n_classes)
     init_weights = cfg.trainer.get("init_weights")
-    initial_epoch = int(cfg.trainer.get("initial_epoch") or 0)
+    first_epoch = initial_epoch = int(cfg.trainer.get("initial_epoch") or 0)
     if init_weights:  # weights only, as keras-tuner continues a model: a fresh optimizer
         model.set_weights(keras.models.load_model(
             str(init_weights), safe_mode=True, compile=False).get_weights())
@@ -212,11 +212,23 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
 
     trial = sweep_context.current_trial()
     info = trial.info if trial is not None else None
+    # A retried trial continues from its last resumable state (search/resume.py).
+    plan = resume.plan_for_trial(trial, output_dir, config_hash(cfg))
+    point = plan.point if plan is not None else None
     parent = sweep_context.parent_run_id()
     run_name = run_names.initial_name(cfg, info["trial_number"] if info else None)
     tags = {**run_tags(cfg, info), **tracking.process_tags(), "precision": precision,
             **(trial.engine_tags() if trial is not None else {})}
-    run = mlflow.start_run(run_name=run_name, parent_run_id=parent, tags=tags)
+    run = resume.reopen_run(point, parent, tags) if point is not None else None
+    if run is None:
+        point = None if plan is None else resume.forget(plan)
+        run = mlflow.start_run(run_name=run_name, parent_run_id=parent, tags=tags)
+    else:
+        initial_epoch = point.epoch
+        log.info("Resuming after epoch %d of %d in MLflow run %s", point.epoch,
+                 int(cfg.trainer.max_epochs), run.info.run_id)
+        if trial is not None:
+            trial.trial.set_user_attr("resumed_from_epoch", point.epoch)
     log.info("MLflow run %s (%s)", run.info.run_id, mlflow.get_tracking_uri())
     if trial is not None:  # optuna-dashboard shows user attrs: the trial links to its run
         trial.trial.set_user_attr("mlflow_run_id", run.info.run_id)
@@ -224,16 +236,18 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
         if url:
             trial.trial.set_user_attr("mlflow_run_url", url)
     status, state, values, epochs_run = "FAILED", "FAIL", None, None
+    resumable: resume.ResumableState | None = None
     try:
-        tracking.log_run_context(cfg)
-        mlflow.log_params({
+        logged = set(run.data.params) if point is not None else set()  # params stay as set
+        tracking.log_run_context(cfg, skip=logged)
+        mlflow.log_params({k: v for k, v in {
             "data.fingerprint": data.fingerprint,
             "data.n_train": data.n_train,
             "data.n_val": data.n_val,
             "data.n_test": data.n_test,
             "model.n_params": model.count_params(),
             "config_hash": config_hash(cfg),
-        })
+        }.items() if k not in logged})
         mlflow.log_dict(data.source_info, "data/source_info.json")
         describe = functools.partial(
             descriptions.run_description, list(data.class_names), data.source_info,
@@ -244,19 +258,25 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
         checkpoint = output_dir / "checkpoints" / "best.keras"
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         monitor = str(cfg.trainer.monitor)
-        callbacks: list[keras.callbacks.Callback] = [
-            keras.callbacks.TerminateOnNaN(),
+        stateful: list[keras.callbacks.Callback] = [
             keras.callbacks.EarlyStopping(
                 monitor=monitor, patience=int(cfg.trainer.patience),
                 min_delta=float(cfg.trainer.min_delta), restore_best_weights=True,
             ),
             AtomicModelCheckpoint(checkpoint, monitor=monitor, save_best_only=True),
             *schedule.callbacks,
-            LearningRateLogger(),
-            EpochMetricsToMlflow(),
         ]
-        if armed("mid_epoch") or armed("tracking_outage"):
-            callbacks.append(FaultInSecondEpoch())
+        if plan is not None:  # after the callbacks it keeps, before those that report
+            resumable = resume.ResumableState(
+                plan, stateful, checkpoint, int(data.steps_per_epoch),
+                int(cfg.trainer.max_epochs), {"run_id": run.info.run_id,
+                                              "config_hash": config_hash(cfg)})
+        callbacks: list[keras.callbacks.Callback] = [
+            keras.callbacks.TerminateOnNaN(), *stateful, LearningRateLogger(),
+            *([resumable] if resumable is not None else []), EpochMetricsToMlflow(),
+        ]
+        if armed("mid_epoch") or armed("tracking_outage") or armed("preempt"):
+            callbacks.append(FaultInEpoch())
         prune_on = pruning_metric(cfg) if trial is not None else None
         if prune_on is not None:
             from optuna_integration import KerasPruningCallback
@@ -265,13 +285,19 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
                 log.info("pruning on %s (trainer.monitor=%s runs against objective=%s)",
                          prune_on, monitor, cfg.objective)
             callbacks.append(KerasPruningCallback(trial.trial, prune_on))
+        if point is not None:  # the epochs trained before, each reported once
+            resume.carry_over(point, checkpoint, run.info.run_id,
+                              trial if prune_on is not None else None, prune_on, first_epoch)
 
         try:
             memory_fault()
             model.fit(
-                smooth_labels(data.train, smoothing),
+                resume.resume_data(smooth_labels(data.train, smoothing), plan, first_epoch,
+                                   int(data.steps_per_epoch)),
                 steps_per_epoch=int(data.steps_per_epoch),
-                epochs=int(cfg.trainer.max_epochs),
+                # a state saved after early stopping: no epoch left, on_train_end restores
+                epochs=initial_epoch if point is not None and point.meta.get("stopped")
+                else int(cfg.trainer.max_epochs),
                 initial_epoch=initial_epoch,
                 validation_data=data.val,
                 shuffle=False,  # the tf.data pipeline shuffles (seeded); Keras would warn
@@ -281,9 +307,12 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
             )
         except optuna.TrialPruned:  # a normal end, not a failure: FINISHED, tagged PRUNED
             state, status = "PRUNED", "FINISHED"
-            # the pruner stops in on_epoch_end, before Keras' History records that epoch
-            epochs_run = len(model.history.history.get("loss", [])) + 1
-            log_curves(model.history.history)
+            if resumable is not None:  # it records each epoch before the pruner decides
+                epochs_run = len(resumable.history.get("loss", []))
+                log_curves(resumable.history)
+            else:  # the pruner stops in on_epoch_end, before Keras' History records it
+                epochs_run = len(model.history.history.get("loss", [])) + 1
+                log_curves(model.history.history)
             raise
         except MemoryError as error:
             raise MemoryError(
@@ -291,7 +320,7 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
                 "data.batch_size, data.image_size or the model's size (model.base_filters, "
                 "model.dense_units), or run fewer hydra.sweeper.n_jobs"
             ) from error
-        history = model.history.history
+        history = resume.merged_history(resumable, model.history.history)
         log_curves(history)
         losses = history.get("loss", [])
         if not losses or any(not math.isfinite(v) for v in losses):
@@ -312,7 +341,7 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
         mlflow.set_tag("mlflow.note.content", describe(results))
         results["n_params"] = float(best.count_params())
         results["epochs_trained"] = float(len(losses))
-        results["best_epoch"] = float(initial_epoch + (int(np.argmin(history[monitor])) + 1
+        results["best_epoch"] = float(first_epoch + (int(np.argmin(history[monitor])) + 1
                                                        if monitor in history else len(losses)))
         mlflow.log_metrics({k: results[k] for k in ("epochs_trained", "best_epoch")})
         if cfg.tracking.get("log_model", True):
@@ -338,10 +367,12 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
         mlflow.log_metrics({"objective" if len(values) == 1 else f"objective_{i}": v
                             for i, v in enumerate(values) if math.isfinite(v)})
         status, state = "FINISHED", "COMPLETE"
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except (KeyboardInterrupt, sweep_context.TrialInterrupted):
+        status, state = "KILLED", "INTERRUPTED"  # the retry resumes from the saved state
         raise
     finally:
+        if status != "KILLED":  # ended for good: its resumable state is not needed
+            resume.remove_state(plan)
         # No flush here: end_run drains MLflow's async queue itself, and each drain waits for
         # its logging thread's 1 s poll to lapse (benchmarks/trial_overhead.py measures it).
         if info:

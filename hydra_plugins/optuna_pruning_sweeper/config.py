@@ -187,6 +187,32 @@ class KerasTunerConf:
     resume: str | None = None
 
 
+@dataclass
+class RetryConf:
+    """``hydra.sweeper.retry.*``: how a trial that was killed or preempted comes back.
+
+    The number of restarts is ``hydra.sweeper.max_retry`` (the same for a dead worker, a
+    dead sweeper's stale trial and a preempted trial's crash; a preemption itself never uses
+    up a restart). These keys say how the retry starts and what it costs.
+    """
+
+    # true: a retry continues from its trial's last resumable state (weights, optimizer,
+    # epoch, early-stopping/plateau state, data order); false: it starts from epoch 0.
+    resume: bool = True
+    # Epochs between two resumable states (1 = every epoch; benchmarks/resume_cost.py).
+    every_epochs: int = 1
+    # Where states live: null = the trial's output folder (one machine); a folder every
+    # worker can reach (NFS, a shared disk) lets a trial started on box A resume on box B.
+    state_dir: str | None = None
+    # Seconds a trial has after SIGTERM (SLURM, Kubernetes, spot) to reach a resumable
+    # state: it finishes the epoch when that fits, else stops at the next batch with the
+    # previous epoch's state. A second SIGTERM or the end of this period exits at once.
+    preempt_grace: float = 60.0
+    # What uses up n_trials: "trials" (a retried attempt does not count, its retry does)
+    # or "attempts" (every attempt counts: crashes eat the budget).
+    count: str = "trials"
+
+
 # --- the sweeper (group hydra/sweeper) ------------------------------------------------------
 
 
@@ -262,6 +288,8 @@ class OptunaPruningSweeperConf:
     # keras-tuner's oracles, see ``keras_tuner``; runs and tracking stay the same).
     engine: str = "optuna"
     keras_tuner: KerasTunerConf = field(default_factory=KerasTunerConf)
+    # Resume, state folder, preemption grace and budget rule of retried trials.
+    retry: RetryConf = field(default_factory=RetryConf)
 
 
 def register_configs() -> None:

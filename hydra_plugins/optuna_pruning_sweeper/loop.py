@@ -27,6 +27,9 @@ import collections
 import contextlib
 import logging
 import math
+import os
+import shutil
+import signal
 import threading
 import time
 import warnings
@@ -35,7 +38,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import progress, worker
+from . import preemption, progress, worker
 from .conditions import ConditionResolver, sample_trial
 from .config import OptunaPruningSweeperConf
 from .distributions import config_key, format_override
@@ -51,6 +54,22 @@ if TYPE_CHECKING:
     from .keras_tuner_engine import KerasTunerEngine, Proposal
 
 log = logging.getLogger(__name__)
+
+RESUME_DIR_ATTR = "resume_dir"  # the trial's resumable-state folder (search.resume sets it)
+
+
+def retry_settings(conf: OptunaPruningSweeperConf) -> dict[str, Any]:
+    """``hydra.sweeper.retry`` as a plain dict (a dataclass, or a DictConfig from Hydra)."""
+    import dataclasses
+
+    retry = getattr(conf, "retry", None)
+    if retry is None:
+        return {}
+    if dataclasses.is_dataclass(retry):
+        return dataclasses.asdict(retry)
+    from omegaconf import OmegaConf
+
+    return dict(OmegaConf.to_container(retry, resolve=True))
 
 
 @dataclass
@@ -90,6 +109,8 @@ class SweepLoop:
         self.in_flight: dict[Future, _InFlight] = {}
         self.view: progress.LiveView | None = None  # run() opens it
         self.outcomes: list[worker.TrialOutcome] = []
+        self.interrupted = False  # SIGTERM: no new trials, running ones save and stop
+        self.count_attempts = retry_settings(conf).get("count") == "attempts"
         self.min_finished = (
             conf.failure_rate_min_trials
             if conf.failure_rate_min_trials is not None
@@ -102,6 +123,7 @@ class SweepLoop:
     def run(self) -> str:
         """Run until the budget is used, the timeout passes or failures exceed the limit."""
         self.view = progress.LiveView(self.conf.n_trials)
+        previous = self._catch_sigterm()
         stop = threading.Event()
         if self.conf.heartbeat_interval:
             threading.Thread(target=self._beat_own, args=(self.conf.heartbeat_interval, stop),
@@ -117,8 +139,28 @@ class SweepLoop:
             raise
         finally:
             stop.set()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
             self.view.close()
             self.executor.shutdown()
+
+    def _catch_sigterm(self) -> "Any":
+        """SIGTERM (a preemption): stop asking, relay it to the workers, wait for them to
+        save and stop; a second one ends this process at once. Returns the old handler."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def on_term(signum: int, frame: object) -> None:
+            if self.interrupted:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            self.interrupted = True
+            log.warning("SIGTERM: no new trials; %d running trial(s) save their state and "
+                        "stop (re-run the same command to resume them)", len(self.in_flight))
+            self.executor.signal_workers(preemption.FORWARDED)
+
+        return signal.signal(signal.SIGTERM, on_term)
 
     def _run(self) -> str:
         conf = self.conf
@@ -132,6 +174,8 @@ class SweepLoop:
             if beat and time.monotonic() - last_stale_check >= min(beat, 10):
                 self._fail_stale()
                 last_stale_check = time.monotonic()
+            if stop_reason is None and self.interrupted:
+                stop_reason = "interrupted"
             if stop_reason is None:
                 stop_reason = self._limit_reached()
             while free and stop_reason is None:
@@ -145,7 +189,8 @@ class SweepLoop:
                         log.info("keras-tuner's oracle has no more trials.")
                         break
                 trial = ask_within_budget(
-                    self.study, self.storage, self.lock, conf.n_trials, conf.heartbeat_interval
+                    self.study, self.storage, self.lock, conf.n_trials, conf.heartbeat_interval,
+                    attempts=self.count_attempts,
                 )
                 if trial is None:
                     if proposal is not None:  # asked of the oracle, never run
@@ -180,7 +225,8 @@ class SweepLoop:
         if budget is not None and self.epochs_spent() >= budget:
             log.info("Epoch budget of %d reached: no new trials.", budget)
             return "epoch_budget"
-        finished = len(self.outcomes)
+        # an interrupted trial (preempted) is neither a failure nor finished
+        finished = sum(1 for o in self.outcomes if o.state != "INTERRUPTED")
         fails = sum(1 for o in self.outcomes if o.state == "FAIL")
         if finished >= self.min_finished and fails / finished > self.conf.max_failure_rate:
             log.error(self.failure_message())
@@ -190,7 +236,9 @@ class SweepLoop:
     def epochs_spent(self) -> int:
         """Epochs the study's trials trained: one per reported intermediate value."""
         trials = self.storage.get_all_trials(self.study._study_id, deepcopy=False)
-        return sum(len(t.intermediate_values) for t in trials)
+        # a resumed retry carries its earlier epochs' values: count those epochs once
+        carried = sum(int(t.user_attrs.get("resumed_from_epoch") or 0) for t in trials)
+        return sum(len(t.intermediate_values) for t in trials) - carried
 
     def failure_message(self) -> str:
         finished = len(self.outcomes)
@@ -208,8 +256,8 @@ class SweepLoop:
 
     def _propose(self, slot: int) -> "Proposal | str":
         """The oracle's next trial, queued in the study so the next ask returns it."""
-        if count_toward_budget(self.storage.get_all_trials(
-                self.study._study_id, deepcopy=False)) >= self.conf.n_trials:
+        if count_toward_budget(self.storage.get_all_trials(self.study._study_id, deepcopy=False),
+                               attempts=self.count_attempts) >= self.conf.n_trials:
             return "budget"  # n_trials reached: never ask the oracle for a trial not run
         proposal = self.engine.propose(slot)
         if not isinstance(proposal, str):
@@ -268,20 +316,28 @@ class SweepLoop:
         except BaseException as e:  # noqa: BLE001 - the worker could not tell: tell here
             reason, retry = self.executor.failure(info.slot, e)
             untold = self._still_running(info)  # False: the worker told its state, then died
+            # preempted: the sweeper got SIGTERM, or the worker's grace period ran out
+            interrupted = retry and (self.interrupted or "preempted" in reason)
+            if interrupted:
+                with contextlib.suppress(Exception):
+                    self.storage.set_trial_user_attr(info.trial_id, "interrupted", reason)
             self._tell_fail(info, reason)
-            if retry and untold and self._requeue(info):
+            if retry and untold and self._requeue(info, interrupted):
                 reason += "; re-queued with the same params"
             outcome = worker.TrialOutcome(
                 number=info.number,
-                state="FAIL",
+                state="INTERRUPTED" if interrupted else "FAIL",
                 values=None,
                 reason=reason,
                 duration_s=time.monotonic() - info.started,
                 pid=-1,
             )
         self.outcomes.append(outcome)
+        if outcome.state == "INTERRUPTED":  # that worker was told to stop: a new one follows
+            self.executor.retire(info.slot)
         if self.engine is not None:
-            self.engine.finish(outcome.number, outcome.state, outcome.values, outcome.reason)
+            self.engine.finish(outcome.number, "FAIL" if outcome.state == "INTERRUPTED"
+                               else outcome.state, outcome.values, outcome.reason)
         trials = self.storage.get_all_trials(self.study._study_id, deepcopy=False)
         progress.trial_finished(outcome, trials, self._show(trials))
 
@@ -291,11 +347,17 @@ class SweepLoop:
         except Exception:  # noqa: BLE001 - storage trouble: treat as not told
             return True
 
-    def _requeue(self, info: _InFlight) -> bool:
-        """Queue a retry of a trial whose worker died (the stale-trial policy, max_retry)."""
+    def _requeue(self, info: _InFlight, interrupted: bool = False) -> bool:
+        """Queue a retry of a trial whose worker died (the stale-trial policy, max_retry; a
+        preemption never uses up a restart). Without a retry its resumable state goes."""
         try:
             failed = self.storage.get_trial(info.trial_id)
-            return worker.requeue_trial(self.study, failed, self.conf.max_retry)
+            queued = worker.requeue_trial(self.study, failed,
+                                          None if interrupted else self.conf.max_retry)
+            state_dir = failed.user_attrs.get(RESUME_DIR_ATTR)
+            if not queued and state_dir:
+                shutil.rmtree(state_dir, ignore_errors=True)
+            return queued
         except Exception:  # noqa: BLE001 - the FAIL stands; the sweep goes on
             log.exception("Could not re-queue trial %d", info.number)
             return False

@@ -65,9 +65,10 @@ def retried_numbers(trials: Iterable[FrozenTrial]) -> set[int]:
     return out
 
 
-def count_toward_budget(trials: Sequence[FrozenTrial]) -> int:
-    """Trials that use up ``n_trials``: finished or running, minus retried failures."""
-    retried = retried_numbers(trials)
+def count_toward_budget(trials: Sequence[FrozenTrial], attempts: bool = False) -> int:
+    """Trials that use up ``n_trials``: finished or running, minus retried failures (with
+    ``attempts``, ``hydra.sweeper.retry.count=attempts``: every attempt counts)."""
+    retried = set() if attempts else retried_numbers(trials)
     return sum(
         1
         for t in trials
@@ -189,11 +190,12 @@ def ask_within_budget(
     lock: AskLock,
     n_trials: int,
     heartbeat_interval: int | None,
+    attempts: bool = False,
 ) -> optuna.trial.Trial | None:
     """Count, then ask if the budget allows (atomically across processes)."""
     with lock():
         trials = storage.get_all_trials(study._study_id, deepcopy=False)
-        if count_toward_budget(trials) >= n_trials:
+        if count_toward_budget(trials, attempts) >= n_trials:
             return None
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Heartbeat of storage")

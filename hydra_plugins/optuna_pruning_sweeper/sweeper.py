@@ -26,6 +26,7 @@ imports inside their functions.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -36,6 +37,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from . import preemption
 from . import storage as st
 from . import trial_context as tc
 from .conditions import ConditionResolver
@@ -49,7 +51,7 @@ from .executors.local import (
     worker_setup_common,
 )
 from .hooks import locate
-from .loop import SweepLoop
+from .loop import SweepLoop, retry_settings
 from .samplers import (
     build_pruner,
     build_sampler,
@@ -81,6 +83,13 @@ def validate(conf: OptunaPruningSweeperConf) -> None:
     if conf.timeout is not None and conf.timeout <= 0:
         raise ValueError(f"hydra.sweeper.timeout must be > 0 seconds or null, got {conf.timeout}")
     directions_of(conf.direction)
+    retry = conf.retry
+    if retry.count not in ("trials", "attempts"):
+        raise ValueError(f"hydra.sweeper.retry.count={retry.count!r}; use trials or attempts")
+    if retry.every_epochs < 1 or retry.preempt_grace < 0:
+        raise ValueError("hydra.sweeper.retry.every_epochs must be >= 1 and "
+                         f"retry.preempt_grace >= 0, got {retry.every_epochs} and "
+                         f"{retry.preempt_grace}")
 
 
 def log_fixed(
@@ -272,6 +281,7 @@ class OptunaPruningSweeper(Sweeper):
             n_objectives=len(directions),
             heartbeat_interval=conf.heartbeat_interval,
             max_retry=conf.max_retry,
+            retry_json=json.dumps(retry_settings(conf)),
         )
         executor = LocalProcessExecutor(setup_common, gpus, conf.trials_per_worker)
         loop = SweepLoop(conf, study, storage, lock, resolver, executor, t0, config, custom,
@@ -293,6 +303,12 @@ class OptunaPruningSweeper(Sweeper):
         write_official_results(study, sweep_dir)
         if stop_reason == "failure_rate":
             raise RuntimeError(loop.failure_message())
+        if stop_reason == "interrupted":  # no report, no promotion: the study is not done
+            saved = sum(1 for o in loop.outcomes if o.state == "INTERRUPTED")
+            log.warning("Sweep interrupted by SIGTERM: %d trial(s) stopped at a resumable "
+                        "state and were re-queued; re-run the same command to resume them "
+                        "in study '%s'.", saved, study.study_name)
+            raise SystemExit(preemption.EXIT_CODE)
         return summary
 
 

@@ -11,6 +11,7 @@ Before a job runs, the sweeper's worker process exports:
 ``OPTUNA_SWEEPER_PRUNER``      pruner config as JSON (``{"_target_": ..., ...}``)
 ``OPTUNA_SWEEPER_SAMPLER_CONFIG``  sampler config as JSON, for suggest calls in the task
 ``SWEEPER_THREADS_PER_WORKER`` threads granted to this worker (also OMP_NUM_THREADS, ...)
+``OPTUNA_SWEEPER_RETRY``       the retry policy as JSON (``hydra.sweeper.retry``)
 =============================  ============================================================
 
 Use in a task (e.g. with optuna_integration's KerasPruningCallback)::
@@ -60,6 +61,7 @@ ENV_SAMPLER = "OPTUNA_SWEEPER_SAMPLER"
 ENV_PRUNER = "OPTUNA_SWEEPER_PRUNER"
 ENV_SAMPLER_CONFIG = "OPTUNA_SWEEPER_SAMPLER_CONFIG"
 ENV_THREADS = "SWEEPER_THREADS_PER_WORKER"
+ENV_RETRY = "OPTUNA_SWEEPER_RETRY"
 
 # Survives Hydra's plugin rescan, which re-executes this module in place.
 _CACHE: dict[Any, Any] = globals().get("_CACHE", {})
@@ -135,3 +137,9 @@ def trial_info() -> dict[str, Any] | None:
         "sampler": os.environ.get(ENV_SAMPLER, ""),
         "pruner": target.rsplit(".", 1)[-1] if target else "NopPruner",
     }
+
+
+def retry_policy() -> dict[str, Any] | None:
+    """``hydra.sweeper.retry`` of the sweep this process works for (None outside a sweep)."""
+    text = os.environ.get(ENV_RETRY)
+    return json.loads(text) if text else None

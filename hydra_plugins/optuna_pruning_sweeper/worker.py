@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import console  # noqa: E402 - light (the plugin scan imports this module)
+from . import console, preemption  # noqa: E402 - light (the plugin scan imports this module)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class TrialOutcome:
     """What the worker told the storage, for the sweeper's progress line."""
 
     number: int
-    state: str  # COMPLETE / PRUNED / FAIL
+    state: str  # COMPLETE / PRUNED / FAIL / INTERRUPTED (stored FAIL, re-queued)
     values: list[float] | None
     reason: str | None
     duration_s: float
@@ -105,6 +105,9 @@ def init_worker(setup: WorkerSetup) -> None:
     """Executor initializer: never raises (an error is reported by each trial instead)."""
     os.environ.update(setup.env)
     die_with_parent(setup.parent_pid)
+    from . import trial_context as tc
+
+    preemption.install(float((tc.retry_policy() or {}).get("preempt_grace", 60.0)))
     try:
         import pickle
 
@@ -265,6 +268,9 @@ def _outcome_of_job(ret: Any, n_objectives: int) -> tuple[str, list[float] | Non
     exc = ret._return_value  # the task's exception (return_value would re-raise it)
     if isinstance(exc, optuna.TrialPruned):
         return "PRUNED", None, None
+    if preemption.is_interruption(exc):
+        log.warning("Trial interrupted: %s", exc)
+        return "INTERRUPTED", None, f"interrupted: {exc}"
     log.error("Trial failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
     return "FAIL", None, f"{type(exc).__name__}: {exc}"
 
@@ -317,9 +323,13 @@ def run_trial(task: TrialTask) -> TrialOutcome:
     if reason is not None:
         reason = reason[:FAIL_REASON_MAX_CHARS]
         storage.set_trial_user_attr(task.trial_id, "fail_reason", reason)
-    study.tell(task.number, values, state=optuna.trial.TrialState[state], skip_if_finished=True)
-    if retry:
-        requeue_trial(study, storage.get_trial(task.trial_id), setup.max_retry)
+    if state == "INTERRUPTED":  # no such Optuna state: FAIL, marked, always re-queued
+        storage.set_trial_user_attr(task.trial_id, "interrupted", reason)
+    told = "FAIL" if state == "INTERRUPTED" else state
+    study.tell(task.number, values, state=optuna.trial.TrialState[told], skip_if_finished=True)
+    if retry or state == "INTERRUPTED":  # a preemption never uses up a restart
+        requeue_trial(study, storage.get_trial(task.trial_id),
+                      None if state == "INTERRUPTED" else setup.max_retry)
     return TrialOutcome(
         number=task.number,
         state=state,
@@ -358,7 +368,8 @@ def requeue_trial(study: Any, failed_trial: Any, max_retry: int | None) -> bool:
 
     failed_trial = copy.deepcopy(failed_trial)
     failed_trial.user_attrs = {
-        k: v for k, v in failed_trial.user_attrs.items() if k not in ("fail_reason", "worker_pid")
+        k: v for k, v in failed_trial.user_attrs.items()
+        if k not in ("fail_reason", "worker_pid", "interrupted")
     }
     # The callback's own rule: the retry history, this trial included, may hold max_retry.
     history = list(failed_trial.system_attrs.get("retry_history", [])) + [failed_trial.number]

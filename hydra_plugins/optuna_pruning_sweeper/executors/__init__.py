@@ -33,5 +33,11 @@ class TrialExecutor(Protocol):
     def gpu_of(self, slot: int) -> str | None:
         """The GPU id a slot uses (None: CPU only), for progress lines."""
 
+    def retire(self, slot: int) -> None:
+        """Let a slot's worker exit after its trial was preempted (a new one follows)."""
+
+    def signal_workers(self, signum: int) -> None:
+        """Send ``signum`` to every live worker (the sweeper relays a preemption)."""
+
     def shutdown(self) -> None:
         """Stop every worker (running trials are told FAIL by their workers)."""

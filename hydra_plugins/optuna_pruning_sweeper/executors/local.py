@@ -80,6 +80,7 @@ def worker_setup_common(
     n_objectives: int,
     heartbeat_interval: int | None,
     max_retry: int | None,
+    retry_json: str | None = None,
 ) -> dict[str, Any]:
     """The ``WorkerSetup`` fields every slot shares (the slot adds its GPU to ``env``)."""
     from hydra.core.singleton import Singleton
@@ -96,6 +97,7 @@ def worker_setup_common(
         tc.ENV_STORAGE: url,
         tc.ENV_SAMPLER: sampler_name,
         **({tc.ENV_SAMPLER_CONFIG: sampler_json} if sampler_json else {}),
+        **({tc.ENV_RETRY: retry_json} if retry_json else {}),
     }
     return {
         "payload": payload,
@@ -182,6 +184,20 @@ class LocalProcessExecutor:
             return "worker process died abruptly" + _exit_cause(dead), True
         return f"{type(error).__name__}: {error}", False
 
+    def retire(self, slot: int) -> None:
+        """Let the slot's worker exit (it was preempted); the next trial gets a new one."""
+        executor = self.executors.pop(slot, None)
+        if executor is not None:
+            executor.shutdown(wait=False)
+
+    def signal_workers(self, signum: int) -> None:
+        """Send ``signum`` to every live worker process (the sweeper's preemption relay)."""
+        for executor in self.executors.values():
+            for process in list((getattr(executor, "_processes", None) or {}).values()):
+                with contextlib.suppress(OSError, ValueError):
+                    if process.pid and process.is_alive():
+                        os.kill(process.pid, signum)
+
     def shutdown(self) -> None:
         for ex in self.executors.values():
             ex.shutdown(wait=True, cancel_futures=True)
@@ -207,6 +223,8 @@ def _exit_cause(executor: ProcessPoolExecutor | None) -> str:
         return " (SIGABRT: aborted, often a failed allocation: out of memory?)"
     if code < 0:
         return f" ({signal.Signals(-code).name})"
+    if code == 128 + signal.SIGTERM:
+        return " (exit code 143: preempted, SIGTERM's grace period ended)"
     return f" (exit code {code})"
 
 
