@@ -333,38 +333,26 @@ def merged_history(callback: ResumableState | None,
     return callback.history if callback is not None else fit_history
 
 
-def reopen_run(point: ResumePoint, parent: str | None, tags: dict[str, str]) -> Any:
-    """The interrupted attempt's MLflow run, reopened (None when it is gone: a new run).
+def run_tags(point: ResumePoint | None) -> dict[str, str]:
+    """Tags linking a resumed trial's new MLflow run to the interrupted attempt's run.
 
-    It moves under this sweep session's parent run and takes this attempt's tags (trial
-    number, process), so the UI shows one run per trial with one continuous curve.
-    """
-    import mlflow
-
-    if not point.run_id:
-        return None
-    try:
-        run = mlflow.start_run(run_id=point.run_id)
-    except Exception as error:  # noqa: BLE001 - deleted run, other store: start afresh
-        log.warning("cannot reopen MLflow run %s (%s): a new run", point.run_id, error)
-        return None
-    mlflow.set_tags({**tags, "resume.from_epoch": str(point.epoch),
-                     **({"mlflow.parentRunId": parent} if parent else {})})
-    return mlflow.get_run(run.info.run_id)
-
-
-def forget(plan: ResumePlan) -> None:
-    """Start from epoch 0 after all (the run could not be reopened)."""
-    plan.point = None
+    A new run rather than the old one reopened: every Optuna trial keeps its own run (the
+    interrupted one stays KILLED with its partial curve), and the new run holds the whole
+    curve, the earlier epochs copied from the state (``carry_over``)."""
+    if point is None:
+        return {}
+    return {"resume.from_epoch": str(point.epoch),
+            **({"resume.previous_run_id": point.run_id} if point.run_id else {})}
 
 
 def carry_over(point: ResumePoint, checkpoint: Path, run_id: str,
                trial: sweep_context.SweepTrial | None, prune_on: str | None,
                first_epoch: int) -> None:
     """What the resumed fit starts with besides the variables: the best checkpoint so far,
-    the epochs' MLflow metrics the interrupted attempt did not log yet (a kill between the
-    state and the logging; none is logged twice), and the pruner's values for the epochs
-    before (the retry is a new Optuna trial: each epoch reported once on it)."""
+    the earlier epochs' metrics in the new MLflow run (from the state's history, so an epoch
+    the interrupted attempt never logged is there too; none is logged twice), and the
+    pruner's values for those epochs (the retry is a new Optuna trial: each epoch reported
+    once on it)."""
     from mlflow.tracking import MlflowClient
 
     best = point.best_checkpoint

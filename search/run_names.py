@@ -49,6 +49,6 @@ def final_name(name: str, state: str, objective: str, value: Any, epochs: int | 
         return f"{name}{SEP}pruned" + (f" @ epoch {epochs}" if epochs else "")
     if state == "FAIL":
         return f"{name}{SEP}failed"
-    if state == "INTERRUPTED":  # killed or preempted: its retry reopens the run and renames
+    if state == "INTERRUPTED":  # preempted (or Ctrl-C): its retry resumes in a linked run
         return f"{name}{SEP}interrupted"
     return name

@@ -355,8 +355,7 @@ def redacted(cfg: DictConfig) -> DictConfig:
     return copy
 
 
-def log_run_context(cfg: DictConfig, params: dict[str, Any] | None = None,
-                    skip: set[str] | frozenset[str] = frozenset()) -> None:
+def log_run_context(cfg: DictConfig, params: dict[str, Any] | None = None) -> None:
     """Log the run's params, its composed config (YAML artifact), versions and git commit.
 
     Params default to `run_params.hydra_job_params`: what was swept or set plus a few key
@@ -367,8 +366,7 @@ def log_run_context(cfg: DictConfig, params: dict[str, Any] | None = None,
 
     cfg = redacted(cfg)
     params = hydra_job_params(cfg) if params is None else params
-    # skip: a reopened run's params stay as first logged (MLflow refuses a changed value)
-    mlflow.log_params({k: v for k, v in params.items() if k not in skip})
+    mlflow.log_params(params)
     mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
     versions = package_versions()
     mlflow.log_dict(versions, "environment/versions.json")

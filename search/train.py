@@ -219,11 +219,9 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
     run_name = run_names.initial_name(cfg, info["trial_number"] if info else None)
     tags = {**run_tags(cfg, info), **tracking.process_tags(), "precision": precision,
             **(trial.engine_tags() if trial is not None else {})}
-    run = resume.reopen_run(point, parent, tags) if point is not None else None
-    if run is None:
-        point = None if plan is None else resume.forget(plan)
-        run = mlflow.start_run(run_name=run_name, parent_run_id=parent, tags=tags)
-    else:
+    run = mlflow.start_run(run_name=run_name, parent_run_id=parent,
+                           tags={**tags, **resume.run_tags(point)})
+    if point is not None:
         initial_epoch = point.epoch
         log.info("Resuming after epoch %d of %d in MLflow run %s", point.epoch,
                  int(cfg.trainer.max_epochs), run.info.run_id)
@@ -238,16 +236,15 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
     status, state, values, epochs_run = "FAILED", "FAIL", None, None
     resumable: resume.ResumableState | None = None
     try:
-        logged = set(run.data.params) if point is not None else set()  # params stay as set
-        tracking.log_run_context(cfg, skip=logged)
-        mlflow.log_params({k: v for k, v in {
+        tracking.log_run_context(cfg)
+        mlflow.log_params({
             "data.fingerprint": data.fingerprint,
             "data.n_train": data.n_train,
             "data.n_val": data.n_val,
             "data.n_test": data.n_test,
             "model.n_params": model.count_params(),
             "config_hash": config_hash(cfg),
-        }.items() if k not in logged})
+        })
         mlflow.log_dict(data.source_info, "data/source_info.json")
         describe = functools.partial(
             descriptions.run_description, list(data.class_names), data.source_info,

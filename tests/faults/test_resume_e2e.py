@@ -116,10 +116,12 @@ def test_sigkill_after_epoch_k_resumes_there_with_the_same_result(tmp_path, refe
     done = resumed_trial(tmp_path, "resume-kill", 2)
     log = (tmp_path / "sweep" / str(done.number) / "run.log").read_text()
     assert "Resuming after epoch 2 of 5" in log and f"Resumed from {state}" in log
-    assert done.user_attrs["mlflow_run_id"] == first.user_attrs["mlflow_run_id"]  # reopened
+    # its own MLflow run, linked to the killed attempt's, which stays KILLED with 2 epochs
+    old = the_run(tmp_path, first.user_attrs["mlflow_run_id"])
     run_ = the_run(tmp_path, done.user_attrs["mlflow_run_id"])
     assert run_.info.status == "FINISHED" and run_.data.tags["resume.from_epoch"] == "2"
-    assert run_.data.tags["optuna.trial_number"] == str(done.number)
+    assert run_.data.tags["resume.previous_run_id"] == old.info.run_id
+    assert old.info.status == "KILLED" and curves(tmp_path, old.info.run_id)["loss"] == [0, 1]
     for key, steps in curves(tmp_path, run_.info.run_id).items():
         assert steps == list(range(EPOCHS)), (key, steps)  # no repeated, no missing step
     assert not state.exists()  # the trial ended: its state is gone
