@@ -213,6 +213,17 @@ class RetryConf:
     count: str = "trials"
 
 
+@dataclass
+class RayConf:
+    """``hydra.sweeper.ray.*``: the cluster and each trial's resources (``executor=ray``)."""
+
+    # ray://head:10001 (Ray Client), auto (the cluster this machine joined with `ray
+    # start`), or null: a local Ray instance on this machine.
+    address: str | None = None
+    num_cpus: float = 1.0  # CPUs per trial (also its TF/OpenMP threads)
+    num_gpus: float | None = None  # GPUs per trial; null = 1 where the cluster has GPUs
+
+
 # --- the sweeper (group hydra/sweeper) ------------------------------------------------------
 
 
@@ -288,6 +299,10 @@ class OptunaPruningSweeperConf:
     # keras-tuner's oracles, see ``keras_tuner``; runs and tracking stay the same).
     engine: str = "optuna"
     keras_tuner: KerasTunerConf = field(default_factory=KerasTunerConf)
+    # Where trials run: "local" (worker processes on this machine) or "ray" (Ray tasks on
+    # a cluster, see ``ray``; concurrency = the cluster's room for them, capped at n_jobs).
+    executor: str = "local"
+    ray: RayConf = field(default_factory=RayConf)
     # Resume, state folder, preemption grace and budget rule of retried trials.
     retry: RetryConf = field(default_factory=RetryConf)
 

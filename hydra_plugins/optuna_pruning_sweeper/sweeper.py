@@ -83,6 +83,8 @@ def validate(conf: OptunaPruningSweeperConf) -> None:
     if conf.timeout is not None and conf.timeout <= 0:
         raise ValueError(f"hydra.sweeper.timeout must be > 0 seconds or null, got {conf.timeout}")
     directions_of(conf.direction)
+    if conf.executor not in ("local", "ray"):
+        raise ValueError(f"hydra.sweeper.executor={conf.executor!r}; use local or ray")
     retry = conf.retry
     if retry.count not in ("trials", "attempts"):
         raise ValueError(f"hydra.sweeper.retry.count={retry.count!r}; use trials or attempts")
@@ -90,6 +92,23 @@ def validate(conf: OptunaPruningSweeperConf) -> None:
         raise ValueError("hydra.sweeper.retry.every_epochs must be >= 1 and "
                          f"retry.preempt_grace >= 0, got {retry.every_epochs} and "
                          f"{retry.preempt_grace}")
+
+
+def make_executor(conf: OptunaPruningSweeperConf, setup_common: dict[str, Any],
+                  gpus: list[str], task_function: Any) -> Any:
+    """The executor ``hydra.sweeper.executor`` names: local processes or Ray tasks."""
+    if conf.executor == "local":
+        return LocalProcessExecutor(setup_common, gpus, conf.trials_per_worker)
+    from .executors.ray_cluster import RayExecutor, RaySettings, import_ray
+
+    import_ray()  # a clear error with the install command before anything else
+    import cloudpickle
+
+    settings = RaySettings(address=conf.ray.address, num_cpus=float(conf.ray.num_cpus),
+                           num_gpus=None if conf.ray.num_gpus is None
+                           else float(conf.ray.num_gpus),
+                           trials_per_worker=conf.trials_per_worker)
+    return RayExecutor(setup_common, settings, conf.n_jobs, cloudpickle.dumps(task_function))
 
 
 def log_fixed(
@@ -263,7 +282,7 @@ class OptunaPruningSweeper(Sweeper):
         )
         if gpus and conf.n_jobs > len(gpus):
             log.warning("%d slots share %d GPUs", conf.n_jobs, len(gpus))
-        elif not gpus and conf.n_jobs > available_cores():
+        elif not gpus and conf.n_jobs > available_cores() and conf.executor == "local":
             log.warning(
                 "hydra.sweeper.n_jobs=%d is more than the %d CPU cores here: trials will run "
                 "slower each, not faster in total", conf.n_jobs, available_cores())
@@ -283,7 +302,8 @@ class OptunaPruningSweeper(Sweeper):
             max_retry=conf.max_retry,
             retry_json=json.dumps(retry_settings(conf)),
         )
-        executor = LocalProcessExecutor(setup_common, gpus, conf.trials_per_worker)
+        executor = make_executor(conf, setup_common, gpus, self.task_function)
+        conf = dataclasses.replace(conf, n_jobs=getattr(executor, "slots", conf.n_jobs))
         loop = SweepLoop(conf, study, storage, lock, resolver, executor, t0, config, custom,
                          engine)
         try:

@@ -90,7 +90,7 @@ class TrialOutcome:
 
 def die_with_parent(parent_pid: int) -> None:
     """Linux: SIGKILL this process when the sweeper process dies (even by SIGKILL)."""
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or parent_pid <= 0:  # 0: not our child (Ray)
         return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -107,7 +107,10 @@ def init_worker(setup: WorkerSetup) -> None:
     die_with_parent(setup.parent_pid)
     from . import trial_context as tc
 
-    preemption.install(float((tc.retry_policy() or {}).get("preempt_grace", 60.0)))
+    try:
+        preemption.install(float((tc.retry_policy() or {}).get("preempt_grace", 60.0)))
+    except ValueError:  # not the main thread (a Ray task may run elsewhere): no grace path
+        log.info("SIGTERM grace period not installed: not the main thread")
     try:
         import pickle
 
