@@ -299,6 +299,11 @@ class OptunaPruningSweeperConf:
     # keras-tuner's oracles, see ``keras_tuner``; runs and tracking stay the same).
     engine: str = "optuna"
     keras_tuner: KerasTunerConf = field(default_factory=KerasTunerConf)
+    # grpc://host:port of an Optuna gRPC storage proxy (optuna.storages.run_grpc_proxy_server
+    # in front of ``storage``): trial processes report, prune and tell through it, so many
+    # workers share the proxy's database connections; the sweeper still counts and asks on
+    # ``storage`` under its lock, and beats the trials' heartbeats. null = ``storage``.
+    trial_storage: str | None = None
     # Where trials run: "local" (worker processes on this machine) or "ray" (Ray tasks on
     # a cluster, see ``ray``; concurrency = the cluster's room for them, capped at n_jobs).
     executor: str = "local"

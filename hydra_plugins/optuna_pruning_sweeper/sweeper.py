@@ -83,6 +83,9 @@ def validate(conf: OptunaPruningSweeperConf) -> None:
     if conf.timeout is not None and conf.timeout <= 0:
         raise ValueError(f"hydra.sweeper.timeout must be > 0 seconds or null, got {conf.timeout}")
     directions_of(conf.direction)
+    if conf.trial_storage and not str(conf.trial_storage).startswith("grpc://"):
+        raise ValueError(f"hydra.sweeper.trial_storage={conf.trial_storage!r}: use "
+                         "grpc://host:port (an Optuna gRPC storage proxy) or null")
     if conf.executor not in ("local", "ray"):
         raise ValueError(f"hydra.sweeper.executor={conf.executor!r}; use local or ray")
     retry = conf.retry
@@ -291,14 +294,15 @@ class OptunaPruningSweeper(Sweeper):
             self.hydra_context,
             self.task_function,
             config,
-            url=url,
+            url=conf.trial_storage or url,
             study_name=study.study_name,
             sampler_name=sampler_name,
             pruner_json=pruner_json(conf.pruner),
             sampler_json=sampler_json(conf.sampler) if engine is None else None,
             threads=threads,
             n_objectives=len(directions),
-            heartbeat_interval=conf.heartbeat_interval,
+            # through a proxy (no heartbeat API) the sweeper's own beat keeps trials alive
+            heartbeat_interval=None if conf.trial_storage else conf.heartbeat_interval,
             max_retry=conf.max_retry,
             retry_json=json.dumps(retry_settings(conf)),
         )

@@ -67,13 +67,24 @@ ENV_RETRY = "OPTUNA_SWEEPER_RETRY"
 _CACHE: dict[Any, Any] = globals().get("_CACHE", {})
 
 
-def get_storage(storage_url: str) -> optuna.storages.RDBStorage:
-    """The process's RDBStorage for ``storage_url`` (created once)."""
+def get_storage(storage_url: str) -> optuna.storages.BaseStorage:
+    """The process's storage for ``storage_url`` (created once): an RDBStorage, or for
+    ``grpc://host:port`` a client of Optuna's gRPC storage proxy."""
     key = ("storage", storage_url)
     if key not in _CACHE:
         import optuna
 
-        _CACHE[key] = optuna.storages.RDBStorage(storage_url, **storage_kwargs(storage_url))
+        if storage_url.startswith("grpc://"):
+            import warnings
+
+            host, _, port = storage_url[len("grpc://"):].rstrip("/").rpartition(":")
+            with warnings.catch_warnings():  # experimental in Optuna 5: chosen knowingly
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                _CACHE[key] = optuna.storages.GrpcStorageProxy(host=host or "localhost",
+                                                               port=int(port))
+        else:
+            _CACHE[key] = optuna.storages.RDBStorage(storage_url,
+                                                     **storage_kwargs(storage_url))
     return _CACHE[key]
 
 
