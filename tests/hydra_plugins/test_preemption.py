@@ -89,3 +89,4 @@ def test_bad_retry_settings_are_refused_naming_the_key(retry, key):
 
     with pytest.raises(ValueError, match=key):
         validate(OptunaPruningSweeperConf(retry=RetryConf(**retry)))
+
