@@ -26,7 +26,6 @@ import argparse
 import multiprocessing as mp
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -195,39 +194,11 @@ def main() -> None:
 
 
 def throwaway_postgres(max_connections: int) -> tuple[str, object]:
-    """A PostgreSQL cluster in a temp folder on a free port (the team-stack tests' way)."""
-    import os
-    import secrets
-    import shutil
+    """A PostgreSQL cluster in a temp folder on a free port (the team-stack tests' own)."""
+    from tests.stack.conftest import start_postgres
 
-    from tests.stack.conftest import as_postgres, free_port, pg_bin
-
-    bin_dir = pg_bin()
-    root = Path(tempfile.mkdtemp(prefix="xray-scale-pg-"))
-    os.chmod(root, 0o755)
-    password = secrets.token_urlsafe(16)
-    (root / "pw").write_text(password)
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-        shutil.chown(root / "pw", "postgres")
-    as_postgres(str(bin_dir / "initdb"), "-D", str(root / "data"), "-U", "sweeps",
-                "--auth=scram-sha-256", f"--pwfile={root / 'pw'}")
-    port = free_port()
-    as_postgres(str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"),
-                "-w", "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 "
-                f"-c max_connections={max_connections}", "start")
-    import psycopg
-
-    with psycopg.connect(host="127.0.0.1", port=port, user="sweeps", password=password,
-                         dbname="postgres", autocommit=True) as conn:
-        conn.execute("CREATE DATABASE optuna")
-
-    def stop() -> None:
-        as_postgres(str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate",
-                    "stop")
-        shutil.rmtree(root, ignore_errors=True)
-
-    return f"postgresql+psycopg://sweeps:{password}@127.0.0.1:{port}/optuna", stop
+    pg, stop = start_postgres(("optuna",), max_connections)
+    return pg.url("optuna"), stop
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,9 +78,10 @@ class Postgres:
                 f"{database}")
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[Postgres]:
-    """A cluster in a temp folder on a free port, databases `optuna` and `mlflow`."""
+def start_postgres(databases: tuple[str, ...] = ("optuna", "mlflow"),
+                   max_connections: int | None = None) -> tuple[Postgres, Callable[[], None]]:
+    """A cluster in a temp folder on a free port with ``databases``; returns it and its stop
+    (also used by benchmarks/scale_workers.py)."""
     bin_dir = pg_bin()
     root = Path(tempfile.mkdtemp(prefix="xray-pg-"))
     os.chmod(root, 0o755)
@@ -93,20 +94,35 @@ def postgres() -> Iterator[Postgres]:
     as_postgres(str(bin_dir / "initdb"), "-D", str(data), "-U", "sweeps",
                 "--auth=scram-sha-256", f"--pwfile={root / 'pw'}")
     port = free_port()
+    limit = f" -c max_connections={max_connections}" if max_connections else ""
     as_postgres(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w",
-                "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start")
-    pg = Postgres(port, "sweeps", password)
+                "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1{limit}", "start")
+
+    def stop() -> None:
+        as_postgres(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
     try:
         import psycopg
 
         with psycopg.connect(host="127.0.0.1", port=port, user="sweeps", password=password,
                              dbname="postgres", autocommit=True) as conn:
-            for name in ("optuna", "mlflow"):
+            for name in databases:
                 conn.execute(f"CREATE DATABASE {name}")
+    except BaseException:
+        stop()
+        raise
+    return Postgres(port, "sweeps", password), stop
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A cluster in a temp folder on a free port, databases `optuna` and `mlflow`."""
+    pg, stop = start_postgres()
+    try:
         yield pg
     finally:
-        as_postgres(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
-        shutil.rmtree(root, ignore_errors=True)
+        stop()
 
 
 @dataclass
