@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.npz"
 FORMAT = 1
-RESUME_DIR_ATTR = "resume_dir"  # the trial's user attr; a retry copy inherits it
+RESUME_DIR_ATTR = sweep_context.RESUME_DIR_ATTR  # a retry copy inherits the user attr
 # Callback attributes that a resumed fit must see as the interrupted one left them.
 STATEFUL: dict[type, tuple[str, ...]] = {
     keras.callbacks.EarlyStopping: ("wait", "stopped_epoch", "best", "best_epoch"),
@@ -160,8 +160,10 @@ def restore_callbacks(callbacks: Sequence[keras.callbacks.Callback], states: lis
     for i, (callback, state) in enumerate(zip(callbacks, states, strict=True)):
         for name, value in state.items():
             setattr(callback, name, value)
-        best = [arrays[f"cb{i}_best_{k}"] for k in range(len(arrays))
-                if f"cb{i}_best_{k}" in arrays]
+        prefix = f"cb{i}_best_"
+        keys = sorted((k for k in arrays if k.startswith(prefix)),
+                      key=lambda k: int(k[len(prefix):]))
+        best = [arrays[k] for k in keys]
         if best:
             callback.best_weights = best
 
@@ -206,6 +208,7 @@ class ResumableState(keras.callbacks.Callback):
         self.epoch_start = self.val_seconds = 0.0
         self.write_seconds = 0.0
         self.epoch = 0
+        self.best_copy: tuple[str, str] | None = None  # (checkpoint mtime, copy's name)
 
     # --- restore ---------------------------------------------------------------------------
 
@@ -290,14 +293,13 @@ class ResumableState(keras.callbacks.Callback):
             return None
         directory = self.plan.directory
         stamp = f"{self.checkpoint.stat().st_mtime_ns}"
-        previous = self.meta.get("_best_stamp")
-        if previous == stamp and self.meta.get("_best_name"):
-            return self.meta["_best_name"]
+        if self.best_copy is not None and self.best_copy[0] == stamp:
+            return self.best_copy[1]  # no better epoch since the last copy
         name = f"best-e{epoch}.keras"
         partial = directory / f".{name}.partial"
         shutil.copyfile(self.checkpoint, partial)
         os.replace(partial, directory / name)
-        self.meta["_best_stamp"], self.meta["_best_name"] = stamp, name
+        self.best_copy = (stamp, name)
         return name
 
     # --- preemption ------------------------------------------------------------------------
@@ -358,19 +360,15 @@ def carry_over(point: ResumePoint, checkpoint: Path, run_id: str,
     best = point.best_checkpoint
     if best is not None and best.is_file():
         shutil.copyfile(best, checkpoint)
-    history = point.history
-    client = MlflowClient()
-    missing = []
-    for key, values in history.items():
-        steps = {m.step for m in client.get_metric_history(run_id, key)}
-        missing += [(key, v, first_epoch + i) for i, v in enumerate(values)
-                    if first_epoch + i not in steps]
-    if missing:
-        from mlflow.entities import Metric
+    from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v, step in missing],
-                         synchronous=True)
+    history = point.history
+    now = int(time.time() * 1000)
+    # the run is new: every earlier epoch goes in once (MLflow takes 1000 per batch)
+    metrics = [Metric(key, value, now, first_epoch + i)
+               for key, values in history.items() for i, value in enumerate(values)]
+    for start in range(0, len(metrics), 1000):
+        MlflowClient().log_batch(run_id, metrics=metrics[start:start + 1000], synchronous=True)
     if trial is not None and prune_on in history:
         for i, value in enumerate(history[prune_on]):
             trial.report(value, first_epoch + i)

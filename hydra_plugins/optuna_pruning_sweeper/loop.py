@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import preemption, progress, worker
+from . import trial_context as tc
 from .conditions import ConditionResolver, sample_trial
 from .config import OptunaPruningSweeperConf
 from .distributions import config_key, format_override
@@ -54,8 +55,6 @@ if TYPE_CHECKING:
     from .keras_tuner_engine import KerasTunerEngine, Proposal
 
 log = logging.getLogger(__name__)
-
-RESUME_DIR_ATTR = "resume_dir"  # the trial's resumable-state folder (search.resume sets it)
 
 
 def retry_settings(conf: OptunaPruningSweeperConf) -> dict[str, Any]:
@@ -354,7 +353,7 @@ class SweepLoop:
             failed = self.storage.get_trial(info.trial_id)
             queued = worker.requeue_trial(self.study, failed,
                                           None if interrupted else self.conf.max_retry)
-            state_dir = failed.user_attrs.get(RESUME_DIR_ATTR)
+            state_dir = failed.user_attrs.get(tc.RESUME_DIR_ATTR)
             if not queued and state_dir:
                 shutil.rmtree(state_dir, ignore_errors=True)
             return queued

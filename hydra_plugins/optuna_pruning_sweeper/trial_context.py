@@ -62,6 +62,7 @@ ENV_PRUNER = "OPTUNA_SWEEPER_PRUNER"
 ENV_SAMPLER_CONFIG = "OPTUNA_SWEEPER_SAMPLER_CONFIG"
 ENV_THREADS = "SWEEPER_THREADS_PER_WORKER"
 ENV_RETRY = "OPTUNA_SWEEPER_RETRY"
+RESUME_DIR_ATTR = "resume_dir"  # user attr: the trial's resumable-state folder
 
 # Survives Hydra's plugin rescan, which re-executes this module in place.
 _CACHE: dict[Any, Any] = globals().get("_CACHE", {})
