@@ -2,7 +2,8 @@
 
     python benchmarks/feature_costs.py [--epochs 10] [--repeats 3] [--workdir DIR]
 
-The default CNN is trained once by the platform (`search.train.train`, built-in data). Its
+The default CNN is trained once by the platform (`search.training.trainer.train`, built-in
+data). Its
 best checkpoint is then evaluated and logged (`evaluation_logging.evaluate_and_log`, into a
 private MLflow store, as every finished trial is) with the features switched on one at a
 time: bootstrap intervals (`evaluation.bootstrap.resamples=1000`), calibration
@@ -50,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     import mlflow
     from hydra.utils import instantiate
 
-    from search.evaluation_logging import evaluate_and_log
-    from search.train import train
+    from search.evaluation.evaluate_run import evaluate_and_log
+    from search.training.trainer import train
 
     base = [f"seed={args.seed}", f"trainer.max_epochs={args.epochs}", "trainer.verbose=0",
             "tracking.log_model=false", "tracking.experiment=feature-costs",

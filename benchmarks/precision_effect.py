@@ -2,7 +2,8 @@
 
     python benchmarks/precision_effect.py [--seeds 1 2 3] [--epochs 8] [--overrides ...]
 
-For each seed, the platform's own trainer (`search.train.train`, full tracking into a private
+For each seed, the platform's own trainer (`search.training.trainer.train`, full tracking into a
+private
 store) trains the same config once per precision (`trainer.precision`), alternating, on the
 built-in PneumoniaMNIST data unless `--overrides` says otherwise (e.g. `model.batch_norm=
 after_activation`). Prints each run's seconds per epoch (from the MLflow epoch records), val
@@ -24,7 +25,7 @@ def one_run(overrides: list[str]) -> dict[str, float]:
     """Train once; seconds per epoch and the best checkpoint's val metrics."""
     import mlflow
 
-    from search.train import train
+    from search.training.trainer import train
 
     train(compose(overrides))
     client = mlflow.MlflowClient()

@@ -3,7 +3,7 @@
     python benchmarks/resume_cost.py [--epochs 4] [--repeats 2] [--transfer-images 256]
                                      [--every 1] [--backbone resnet50]
 
-Two models, each trained with and without `search.resume.ResumableState` writing its state
+Two models, each trained with and without `search.training.resume.ResumableState` writing its state
 (every variable of the model and optimizer, the callbacks' state and the best checkpoint's
 copy) after every `--every` epochs, in alternating order, on the real data:
 
@@ -37,10 +37,10 @@ def one_fit(cfg, epochs: int, every: int | None, folder: Path, images: int | Non
     import keras
     from hydra.utils import instantiate
 
-    from search import resume
-    from search.callbacks import AtomicModelCheckpoint
-    from search.model_logging import config_hash
-    from search.train import compile_model
+    from search.tracking.model_logging import config_hash
+    from search.training import resume
+    from search.training.keras_callbacks import AtomicModelCheckpoint
+    from search.training.trainer import compile_model
 
     keras.utils.set_random_seed(int(cfg.seed))
     data = instantiate(cfg.data, seed=int(cfg.seed), _convert_="all")

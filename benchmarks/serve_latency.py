@@ -72,15 +72,15 @@ def start_server(model_dir: Path) -> tuple[subprocess.Popen, str]:
 def main() -> None:
     import mlflow
 
-    from search import tracking
-    from search.model_store import load_model_reference
+    from search.model_registry.model_store import load_model_reference
     from search.predict import predict
+    from search.tracking import mlflow_runs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models:/pneumonia-cnn@champion")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
-    tracking.setup_cli(None)
+    mlflow_runs.setup_cli(None)
     import logging
 
     logging.getLogger("search").setLevel(logging.WARNING)  # predict() logs every call

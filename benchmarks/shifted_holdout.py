@@ -31,7 +31,7 @@ def load(spec: str, workdir: Path) -> tuple[str, object]:
     """(name, LoadedModel) from NAME=STORE:URI."""
     import mlflow
 
-    from search.model_store import load_model_reference
+    from search.model_registry.model_store import load_model_reference
 
     name, rest = spec.split("=", 1)
     store, uri = rest.rsplit(":models:/", 1)
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from search import evaluate as ev
-    from search.intervals import BootstrapSpec, intervals, paired_difference
+    from search.evaluation import metrics as ev
+    from search.evaluation.intervals import BootstrapSpec, intervals, paired_difference
 
     with initialize_config_dir(str(REPO / "conf"), version_base=None):
         cfg = compose("config", overrides=[f"seed={args.seed}"])

@@ -4,7 +4,8 @@
 
 The built-in val and test splits are 74 % pneumonia; new data need not be (the public
 hold-out of the same collection is 37.5 % normal). Each seed trains the default CNN once
-(`search.train.train`, the platform's own trainer, into a private MLflow store), then every
+(`search.training.trainer.train`, the platform's own trainer, into a private MLflow store),
+then every
 threshold rule picks its threshold on val, and the model is scored on a *shifted* test
 split: all its normal images plus a seeded random subset of its pneumonia images, so that
 37.5 % are normal. Sensitivity and specificity at a fixed threshold do not depend on
@@ -13,7 +14,7 @@ and accuracy, precision and F1 move with it. The rule for the platform's default
 one that keeps sensitivity >= 0.95 on the shifted split with the best specificity.
 
 The second table compares test-time augmentation (a mirror and four small shifts,
-`search.tta`) with single-view predictions on the unshifted test split.
+`search.evaluation.tta`) with single-view predictions on the unshifted test split.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def train_one(seed: int, epochs: int, workdir: Path) -> tuple[object, object]:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from search.train import train
+    from search.training.trainer import train
 
     overrides = [f"seed={seed}", f"trainer.max_epochs={epochs}", "trainer.verbose=0",
                  "tracking.log_model=false", "tracking.experiment=threshold-rules"]
@@ -75,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    from search import evaluate as ev
-    from search.intervals import intervals
-    from search.tta import tta_predict
+    from search.evaluation import metrics as ev
+    from search.evaluation.intervals import intervals
+    from search.evaluation.tta import tta_predict
 
     names = ["normal", "pneumonia"]
     by_rule: dict[str, list[dict[str, float]]] = {r: [] for r, _ in RULES}

@@ -8,7 +8,7 @@ process that has already run one of each (a reused sweep worker, warm imports):
 - plain: the data built by the platform's builder, the model built, compiled and fitted with
   `model.fit(train, validation_data=val, class_weight=...)`, as a notebook would, in the
   precision the trial resolves (`trainer.precision`) with the fused batch-norm;
-- platform: `search.train.train(cfg)`: tracking, per-epoch MLflow metrics, best-only
+- platform: `search.training.trainer.train(cfg)`: tracking, per-epoch MLflow metrics, best-only
   checkpoint, early stopping, evaluation of val and test with intervals and calibration,
   figures, the logged MLflow model with its metadata.
 
@@ -64,10 +64,10 @@ def plain(cfg: object) -> dict[str, float]:
 
 
 def platform(cfg: object, workdir: Path, i: int) -> dict[str, float]:
-    """One trial as the sweeper's worker runs it: `search.train.train`."""
+    """One trial as the sweeper's worker runs it: `search.training.trainer.train`."""
     import mlflow
 
-    from search.train import train
+    from search.training.trainer import train
 
     started = time.time()
     train(cfg, output_dir=workdir / f"trial{i}")

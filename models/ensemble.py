@@ -3,7 +3,7 @@
 The ensemble is a plain functional model: one input, every member applied to it, Keras'
 `Average` layer over their outputs. It saves to one `.keras` file and loads with
 `safe_mode=True` like any other model, so pull, predict, serving and Grad-CAM need nothing
-special (Grad-CAM averages its members' heatmaps, see `search.gradcam`).
+special (Grad-CAM averages its members' heatmaps, see `search.evaluation.gradcam`).
 """
 
 from __future__ import annotations

@@ -19,11 +19,11 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-# How search.evaluate picks the decision threshold; here so the sweeper's checks need no
+# How search.evaluation.metrics picks the decision threshold; here so the sweeper's checks need no
 # sklearn (2.5 s of imports in the sweeper process).
 THRESHOLD_RULES = ("max_f1", "youden", "min_sensitivity")
 DEFAULT_THRESHOLD_RULE = "min_sensitivity"  # conf/evaluation/default.yaml's
-CALIBRATION_METHODS = ("temperature", "platt", "none")  # search/calibration.py
+CALIBRATION_METHODS = ("temperature", "platt", "none")  # search/evaluation/calibration.py
 # trainer.precision (models/precision.py resolves `auto` at training time).
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 
@@ -32,13 +32,14 @@ MACRO_NAMES = {"precision": "macro_precision", "recall": "macro_recall",
                "sensitivity": "macro_recall", "specificity": "macro_specificity",
                "f1": "macro_f1"}
 
-# Metrics of search.evaluate.evaluate_split that can rank model versions (registry.metric,
+# Metrics of search.evaluation.metrics.evaluate_split that can rank model versions (registry.metric,
 # tie_break; all: higher is better). A binary name ranks K-class models by its macro_*
 # counterpart and the reverse; the decision records the name actually compared.
 RANKING_METRICS = ("roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity", "f1",
                    "precision", "recall", *dict.fromkeys(MACRO_NAMES.values()))
 
-# What search/train.py returns: evaluate_split's metrics of the val split, plus model facts.
+# What search/training/trainer.py returns: evaluate_split's metrics of the val split, plus
+# model facts.
 VAL_METRICS = ("loss", "accuracy", "precision", "recall", "sensitivity", "specificity", "f1",
                "roc_auc", "pr_auc", *dict.fromkeys(MACRO_NAMES.values()))
 MODEL_FACTS = ("n_params", "epochs_trained", "best_epoch")

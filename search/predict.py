@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from search.inputs import InputItem, batches, collect_inputs, display_image
-from search.model_store import LoadedModel, load_model_reference
+from search.evaluation.inputs import InputItem, batches, collect_inputs, display_image
+from search.model_registry.model_store import LoadedModel, load_model_reference
 
 
 @dataclass
@@ -72,8 +72,8 @@ def _safe_name(text: str) -> str:
 
 def write_metrics(loaded: LoadedModel, labels: list[int],
                   probs: np.ndarray, out: Path) -> dict[str, Any]:
-    """metrics.json and confusion.png for the labelled predictions (search.evaluate)."""
-    from search import evaluate as ev
+    """metrics.json and confusion.png for the labelled predictions (search.evaluation.metrics)."""
+    from search.evaluation import metrics as ev
 
     scores = probs[:, 1] if probs.shape[1] == 2 else probs
     threshold = loaded.threshold if probs.shape[1] == 2 else None
@@ -121,7 +121,7 @@ def predict(
         labels_key: Labels key of an npz input.
         batch_size: Images per forward pass.
         overwrite: Replace the predictions of an earlier call in ``out`` (else refused).
-        tta: Average each prediction over flipped and shifted copies (``search.tta``).
+        tta: Average each prediction over flipped and shifted copies (``search.evaluation.tta``).
 
     Returns:
         The rows written, the skipped inputs and, with labels, the metrics.
@@ -142,7 +142,7 @@ def check_input_shape(loaded: LoadedModel, size: int, channels: int) -> None:
         raise ValueError(
             f"{loaded.info.get('model_uri') or loaded.folder}: the model takes inputs of shape "
             f"{shape}, but its preprocessing metadata makes {expected} images; the model and "
-            "its metadata do not belong together (re-log it with search/train.py)"
+            "its metadata do not belong together (re-log it with search/training/trainer.py)"
         )
 
 
@@ -165,12 +165,12 @@ def _predict_loaded(loaded: LoadedModel, source: str | Path, out: Path, gradcam:
     sheet: list[dict[str, Any]] = []
     grad_model = None
     if gradcam:
-        from search import gradcam as gc
+        from search.evaluation import gradcam as gc
 
         grad_model = gc.gradcam_model(loaded.model)
     for batch, images in batches(items, batch_size, size, channels, skipped):
         if tta:
-            from search.tta import tta_predict
+            from search.evaluation.tta import tta_predict
 
             outputs = tta_predict(lambda x: loaded.model.predict(x, verbose=0), images)
         else:
@@ -207,7 +207,7 @@ def _predict_loaded(loaded: LoadedModel, source: str | Path, out: Path, gradcam:
         metrics = write_metrics(loaded, labels, probs, out)
         files["metrics"], files["confusion"] = out / "metrics.json", out / "confusion.png"
     if gradcam:
-        from search import gradcam as gc
+        from search.evaluation import gradcam as gc
 
         files["gradcam"] = gc.contact_sheet(
             sheet, out / "gradcam" / "index.html",
@@ -220,7 +220,7 @@ def _gradcam_batch(loaded: LoadedModel, grad_model: Any, batch: list[InputItem],
                    images: np.ndarray, predicted: np.ndarray, probs: np.ndarray,
                    threshold: float | None, out: Path, start: int) -> list[dict[str, Any]]:
     """Overlays of one batch (each image's predicted class explained) + contact-sheet entries."""
-    from search import gradcam as gc
+    from search.evaluation import gradcam as gc
 
     heatmaps, _ = gc.gradcam_heatmaps(loaded.model, images, class_index=predicted,
                                       grad_model=grad_model)
@@ -243,7 +243,7 @@ def _gradcam_batch(loaded: LoadedModel, grad_model: Any, batch: list[InputItem],
 
 def main(argv: list[str] | None = None) -> int:
 
-    from search.tracking import setup_cli
+    from search.tracking.mlflow_runs import setup_cli
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     if result.skipped:
         print(f"{len(result.skipped)} input(s) skipped -> {result.files['skipped']}")
     if result.metrics:
-        from search.evaluate import headline
+        from search.evaluation.metrics import headline
 
         m = result.metrics["metrics"]
         print(f"metrics on {result.metrics['n']} labelled image(s) at threshold "

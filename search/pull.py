@@ -21,11 +21,11 @@ import argparse
 import json
 import sys
 
-from search.model_store import DEFAULT_MODEL_NAME, INFO_FILE, export_version
+from search.model_registry.model_store import DEFAULT_MODEL_NAME, INFO_FILE, export_version
 
 
 def main(argv: list[str] | None = None) -> int:
-    from search.tracking import setup_cli
+    from search.tracking.mlflow_runs import setup_cli
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],

@@ -1,6 +1,6 @@
 """Entry point: `python search/run.py [overrides]` trains one model; add `-m` to sweep.
 
-Thin by design: Hydra composes conf/, `search.train.train` does the work and returns the
+Thin by design: Hydra composes conf/, `search.training.trainer.train` does the work and returns the
 objective for the sweeper.
 """
 
@@ -23,7 +23,7 @@ def main(cfg: DictConfig) -> float | list[float]:
 
     # imported here so the sweeper process never loads TF; its native start-up lines go
     with quiet_native_start(verbose=bool(HydraConfig.get().verbose)):
-        from search.train import train
+        from search.training.trainer import train
 
     return train(cfg)
 

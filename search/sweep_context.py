@@ -28,7 +28,7 @@ PARENT_RUN_ENV = "MLFLOW_PARENT_RUN_ID"
 # Raised by a trial that stopped for a preemption (SIGTERM): the worker records it
 # "interrupted" and re-queues it (see hydra_plugins/.../preemption.py).
 TrialInterrupted = _preemption.TrialInterrupted
-# The trial's user attr naming its resumable-state folder (search.resume writes it; the
+# The trial's user attr naming its resumable-state folder (search.training.resume writes it; the
 # sweeper removes the folder of a trial that will not be retried).
 RESUME_DIR_ATTR = _tc.RESUME_DIR_ATTR
 # Where the sweeper names its study (for messages).

@@ -149,14 +149,19 @@ def compose_cfg() -> Callable[..., Any]:
 
 
 def log_run_like_train(cfg: Any, invert_labels: bool, epochs: int) -> tuple[str, Any]:
-    """Train a CNN outside search.train.train (e.g. on inverted labels: a deliberately poor
+    """Train a CNN outside search.training.trainer.train (e.g. on inverted labels: a poor
     model) and log it with train.py's own functions, so the run looks exactly like a trial's."""
     import keras
     import mlflow
     from hydra.utils import instantiate
 
-    from search import tracking
-    from search.train import compile_model, config_hash, evaluate_and_log, log_keras_model
+    from search.tracking import mlflow_runs as tracking
+    from search.training.trainer import (
+        compile_model,
+        config_hash,
+        evaluate_and_log,
+        log_keras_model,
+    )
 
     data = instantiate(cfg.data, seed=int(cfg.seed), _convert_="all")
     keras.utils.set_random_seed(int(cfg.seed))
@@ -176,10 +181,10 @@ def log_run_like_train(cfg: Any, invert_labels: bool, epochs: int) -> tuple[str,
 
 @dataclass
 class TrainedStore:
-    """A SQLite MLflow store with three finished runs logged the way search/train.py logs."""
+    """A SQLite MLflow store with three finished runs logged the way the trainer logs."""
 
     root: Path
-    good_run_id: str  # search.train.train, 2 epochs: held-out ROC AUC ~0.85+
+    good_run_id: str  # search.training.trainer.train, 2 epochs: held-out ROC AUC ~0.85+
     poor_run_id: str  # same config and data, trained on inverted labels: ROC AUC << 0.5
     other_data_run_id: str  # another data seed (other split, other fingerprint)
     good_checkpoint: Path  # the good run's best.keras, as train() left it
@@ -197,7 +202,7 @@ def trained_store(tmp_path_factory: pytest.TempPathFactory, compose_cfg: Callabl
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from search.train import train
+    from search.training.trainer import train
 
     root = tmp_path_factory.mktemp("trained-store")
     uri = f"sqlite:///{root / 'mlflow.db'}"

@@ -3,7 +3,8 @@
 
 The first SIGTERM (or SIGUSR1, which the sweeper forwards when only it was signalled) only
 records the time: the training loop asks ``requested()`` at every batch boundary and decides
-(``search.resume``). A second SIGTERM, or the end of ``retry.preempt_grace``, exits at once;
+(``search.training.resume``). A second SIGTERM, or the end of ``retry.preempt_grace``, exits at
+once;
 the last resumable state on disk is then what the retry starts from.
 
 Optuna has no "interrupted" state: an interrupted trial is stored FAIL with the user attr

@@ -118,7 +118,7 @@ def test_nightly_summary_reads_the_sweep_folder(tmp_path):
 
 @pytest.mark.parametrize(("value", "floor", "missed"), [(0.85, 0.9, True), (0.93, 0.9, False)])
 def test_quality_floor(value, floor, missed):
-    from search.champion import PromotionDecision, floor_failure
+    from search.model_registry.champion import PromotionDecision, floor_failure
 
     decision = PromotionDecision(
         model_name="m", version=2, run_id="r", alias="challenger", promoted=False,

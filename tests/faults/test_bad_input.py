@@ -19,7 +19,7 @@ from data.build import build_data
 from data.loaders import find_undecodable, load_npz, scan_folder
 from data.pipeline import preprocess_for_model
 from search import predict as pr
-from search.model_store import load_exported
+from search.model_registry.model_store import load_exported
 
 U8 = np.uint8
 
@@ -150,7 +150,7 @@ def test_bad_folders(tmp_path, layout, message):
 
 
 def mlflow_folder(folder: Path, model) -> Path:
-    """A bare MLflow Keras model folder as search/train.py logs one (MLmodel + .keras)."""
+    """A bare MLflow Keras model folder as the trainer logs one (MLmodel + .keras)."""
     (folder / "data").mkdir(parents=True)
     model.save(folder / "data" / "model.keras")
     (folder / "MLmodel").write_text(
@@ -226,7 +226,8 @@ def test_predict_never_clobbers_and_checks_the_input_shape(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_pull_never_replaces_another_versions_export(registry_store, tmp_path, capsys):
-    from search import pull, registry
+    from search import pull
+    from search.model_registry import registration as registry
 
     registry.register_and_promote(registry_store.runs.good_run_id)
     registry.register_and_promote(registry_store.runs.poor_run_id)  # -> challenger

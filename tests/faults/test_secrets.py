@@ -5,8 +5,8 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from hydra_plugins.optuna_pruning_sweeper.storage import redact
-from search import tracking
-from search.sweep_callbacks import redacted_sweeper_yaml
+from search.sweep.hydra_callbacks import redacted_sweeper_yaml
+from search.tracking import mlflow_runs as tracking
 
 SECRET = "s3cret-Pw"
 

@@ -92,7 +92,7 @@ def test_worker_console_shows_each_warning_once_per_sweep_and_every_error(tmp_pa
         root.addHandler(handler)
         try:
             console.quiet_console(seen, verbose=False)
-            log = logging.getLogger("search.train")
+            log = logging.getLogger("search.training.trainer")
             log.info("Loading data (npz)")
             log.warning("found 12 duplicate images in split %d", attempt)
             log.error("trial failed: NaN loss")
@@ -107,7 +107,7 @@ def test_worker_console_shows_each_warning_once_per_sweep_and_every_error(tmp_pa
     root.addHandler(handler)
     try:
         console.quiet_console(seen, verbose=True)
-        logging.getLogger("search.train").info("Loading data (npz)")
+        logging.getLogger("search.training.trainer").info("Loading data (npz)")
     finally:
         root.removeHandler(handler)
         logging.captureWarnings(False)

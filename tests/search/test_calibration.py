@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from search import calibration as cal
 from search.config_checks import ConfigError, check_threshold_rule
+from search.evaluation import calibration as cal
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from search.train import check_label_smoothing, smooth_labels
+from search.training.trainer import check_label_smoothing, smooth_labels
 
 
 def test_smoothing_moves_train_targets_as_keras_loss_would():

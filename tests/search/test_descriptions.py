@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from search import descriptions as d
-from search.sweep_figures import curves_figure
+from search.sweep.figures import curves_figure
+from search.tracking import descriptions as d
 
 SERVER = "http://alice:s3cret@127.0.0.1:5000"
 SUMMARY = {"counts": {"COMPLETE": 3, "PRUNED": 5, "FAIL": 1},
@@ -86,7 +86,7 @@ def test_the_curve_figure_reads_with_forty_trials():
 
 
 def test_model_card_names_the_runs_own_training_data():
-    from search.model_card import training_data
+    from search.model_registry.model_card import training_data
 
     info = {"data_fingerprint": "abcdef1234567890",
             "training_data": {"data": "chest_xray", "data.n_train": "12", "data.n_val": "2",
@@ -102,7 +102,7 @@ def test_model_card_names_the_runs_own_training_data():
 
 
 def test_model_card_says_how_a_label_is_chosen():
-    from search.model_card import decision
+    from search.model_registry.model_card import decision
 
     assert decision({"class_names": ["normal", "pneumonia"], "threshold": 0.38,
                      "threshold_rule": "max_f1"}) == (
@@ -113,7 +113,7 @@ def test_model_card_says_how_a_label_is_chosen():
 
 
 def test_model_card_says_what_the_probabilities_mean():
-    from search.model_card import calibrated
+    from search.model_registry.model_card import calibrated
 
     assert calibrated({"calibration": None}) == "as trained (no calibration)"
     assert calibrated({"calibration": {"method": "temperature", "temperature": 1.25,

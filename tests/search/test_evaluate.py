@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from search import evaluate as ev
+from search.evaluation import metrics as ev
 
 Y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
 S = np.array([0.05, 0.2, 0.45, 0.7, 0.4, 0.6, 0.8, 0.85, 0.9, 0.95])

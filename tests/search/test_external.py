@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from search import external as ext
+from search.evaluation import external as ext
 
 CLASSES = ["normal", "pneumonia"]
 

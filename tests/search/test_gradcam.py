@@ -8,7 +8,7 @@ import pytest
 
 from data.loaders import BUILTIN_NPZ
 from models import build_cnn, build_transfer
-from search import gradcam as gc
+from search.evaluation import gradcam as gc
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from search import evaluate as ev
-from search import intervals as iv
+from search.evaluation import intervals as iv
+from search.evaluation import metrics as ev
 
 RNG = np.random.default_rng(7)
 Y = (RNG.random(400) < 0.7).astype(int)
@@ -74,7 +74,7 @@ def test_bootstrap_config_is_checked(section, message):
 
 
 def test_a_bare_number_for_bootstrap_names_the_key(compose_cfg):
-    from search.evaluation_logging import bootstrap_spec
+    from search.evaluation.evaluate_run import bootstrap_spec
 
     with pytest.raises(ValueError, match=r"evaluation.bootstrap=0 must be a mapping.*resamples=0"):
         bootstrap_spec(compose_cfg("evaluation.bootstrap=0"))

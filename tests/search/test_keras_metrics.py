@@ -5,7 +5,12 @@ import numpy as np
 import pytest
 from sklearn.metrics import recall_score, roc_auc_score
 
-from search.keras_metrics import SparseClassRecall, SparseMacroAUC, class_keys, multiclass_metrics
+from search.evaluation.keras_metrics import (
+    SparseClassRecall,
+    SparseMacroAUC,
+    class_keys,
+    multiclass_metrics,
+)
 
 
 def test_per_epoch_macro_auc_and_class_recall_match_scikit_learn():

@@ -15,10 +15,13 @@ import yaml
 from data.loaders import BUILTIN_NPZ
 from models import build_cnn
 from models.precision import as_float32
-from search import inputs, model_store, pull, registry
 from search import predict as pr
-from search.calibration import Calibration, fold_into_output
-from search.model_store import LoadedModel
+from search import pull
+from search.evaluation import inputs
+from search.evaluation.calibration import Calibration, fold_into_output
+from search.model_registry import model_store
+from search.model_registry import registration as registry
+from search.model_registry.model_store import LoadedModel
 
 CLASSES = ["normal", "pneumonia"]
 

@@ -16,9 +16,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from search import champion as gate
-from search import registry
-from search.champion import HeldOutScore
+from search.model_registry import champion as gate
+from search.model_registry import registration as registry
+from search.model_registry.champion import HeldOutScore
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "pneumonia-cnn"
@@ -49,7 +49,7 @@ def test_beats_metric_then_tie_break(new, champion, wins):
 
 
 def _scored(version: int, y, s, threshold: float = 0.5) -> HeldOutScore:
-    from search import evaluate as ev
+    from search.evaluation import metrics as ev
 
     metrics = ev.evaluate_split("heldout", y, s, ["normal", "pneumonia"], threshold).metrics
     return HeldOutScore(version, metrics["roc_auc"], metrics["sensitivity"], threshold, metrics,
@@ -128,7 +128,7 @@ def test_held_out_split_is_the_same_whatever_the_preprocessing(compose_cfg):
 def test_sqlite_lock_serialises_processes(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code = (
-        "import sys, time; from search.champion import promotion_lock\n"
+        "import sys, time; from search.model_registry.champion import promotion_lock\n"
         f"with promotion_lock({uri!r}) as locked:\n"
         "    print('locked' if locked else 'none', time.time(), flush=True)\n"
     )

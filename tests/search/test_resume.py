@@ -1,4 +1,4 @@
-"""Resumable state (search/resume.py) in one process: real PneumoniaMNIST, a real CNN with
+"""Resumable state (search/training/resume.py) in one process: real PneumoniaMNIST, a real CNN with
 dropout, augmentation, a plateau schedule, early stopping and the best-only checkpoint.
 
 A fit stopped after epoch 3 and resumed from its state in a fresh model must give the same
@@ -17,10 +17,11 @@ import pytest
 from hydra.utils import instantiate
 
 from hydra_plugins.optuna_pruning_sweeper import preemption
-from search import resume, sweep_context
-from search.callbacks import AtomicModelCheckpoint
-from search.model_logging import config_hash
-from search.train import compile_model
+from search import sweep_context
+from search.tracking.model_logging import config_hash
+from search.training import resume
+from search.training.keras_callbacks import AtomicModelCheckpoint
+from search.training.trainer import compile_model
 
 OVERRIDES = ("data.subset_fraction=0.1", "model.depth=2", "model.base_filters=8",
              "model.dense_units=16", "data.augment.flip=true", "data.augment.noise=0.05",

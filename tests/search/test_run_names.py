@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from search.run_names import final_name, initial_name
+from search.tracking.run_names import final_name, initial_name
 
 
 def cfg(**tracking):

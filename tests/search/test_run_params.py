@@ -6,7 +6,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from search.run_params import override_keys, run_params
+from search.tracking.run_params import override_keys, run_params
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 TRIAL = ["model.depth=4", "optimizer=adamax", "optimizer.learning_rate=0.0033",

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from search import serving
+from search.tracking import serving
 
 REPO = Path(__file__).resolve().parents[2]
 BUILTIN = REPO / "data" / "builtin" / "pneumoniamnist_28_trainval.npz"

@@ -9,7 +9,9 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from search import registry, store_move, tracking
+from search.model_registry import registration as registry
+from search.tracking import mlflow_runs as tracking
+from search.tracking import store_move
 
 pytestmark = pytest.mark.slow
 

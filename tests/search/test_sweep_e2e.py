@@ -154,7 +154,7 @@ def check_calibration(tmp_path: Path, client: MlflowClient, child, version) -> N
     import mlflow
     import numpy as np
 
-    from search import calibration as cal
+    from search.evaluation import calibration as cal
 
     record = json.loads(Path(client.download_artifacts(
         child.info.run_id, "evaluation/calibration.json", str(tmp_path))).read_text())
@@ -176,8 +176,8 @@ def check_calibration(tmp_path: Path, client: MlflowClient, child, version) -> N
     try:
         from hydra.utils import instantiate
 
-        from search.model_store import load_keras_safely
-        from search.registry import run_config
+        from search.model_registry.model_store import load_keras_safely
+        from search.model_registry.registration import run_config
 
         cfg = run_config(client, child.info.run_id)
         model = load_keras_safely(mlflow.artifacts.download_artifacts(
@@ -196,9 +196,10 @@ def check_ensemble(tmp_path: Path, client: MlflowClient, parent, children) -> No
     import numpy as np
 
     from models.ensemble import build_ensemble
-    from search import model_store, pull
     from search import predict as pr
-    from search.inputs import batches, collect_inputs
+    from search import pull
+    from search.evaluation.inputs import batches, collect_inputs
+    from search.model_registry import model_store
 
     tags = parent.data.tags
     run = client.get_run(tags["ensemble.run_id"])

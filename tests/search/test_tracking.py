@@ -5,7 +5,7 @@ from pathlib import Path
 import mlflow
 from omegaconf import OmegaConf
 
-from search import tracking
+from search.tracking import mlflow_runs as tracking
 
 
 def test_uri_precedence(monkeypatch, tmp_path):

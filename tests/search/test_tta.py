@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from search import tta
+from search.evaluation import tta
 
 
 def test_shift_moves_pixels_and_repeats_the_edge():

@@ -41,9 +41,9 @@ def cv_folds(config: DictConfig | dict | None) -> int:
 def run_cross_validation(config: DictConfig, parent_run_id: str, decision: Any
                          ) -> dict[str, Any] | None:
     """Train the champion's config on k folds; mean ± std on the parent and the version."""
-    from search.champion import current_champion
-    from search.final_stage import metrics_of, run_single
-    from search.model_store import run_config_text
+    from search.model_registry.champion import current_champion
+    from search.model_registry.model_store import run_config_text
+    from search.sweep.final_stage import metrics_of, run_single
 
     k = cv_folds(config)
     if k < 2 or decision is None:

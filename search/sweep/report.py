@@ -70,7 +70,7 @@ def top_params(study: optuna.Study, k: int = TOP_PARAMS) -> list[str] | None:
 
 def held_out_rows(metrics: dict[str, float] | None) -> list[tuple[str, str]]:
     """The best trial's held-out and external figures with their 95 % intervals."""
-    from search.model_card import with_interval
+    from search.model_registry.model_card import with_interval
 
     metrics = metrics or {}
     rows = []
@@ -110,7 +110,7 @@ def header_table(study: optuna.Study, summary: dict[str, Any],
 
 def _curves_png(study: optuna.Study, summary: dict[str, Any], path: Path) -> None:
     """The intermediate values as one readable figure (Optuna's cuts its legend at ~25)."""
-    from search.sweep_figures import curves_figure, study_curves
+    from search.sweep.figures import curves_figure, study_curves
 
     curves, states = study_curves(study.get_trials(deepcopy=False))
     best = summary.get("best") or {}

@@ -20,9 +20,11 @@ from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from search import descriptions, report, sweep_context, tracking
+from search import sweep_context
 from search.config_checks import ConfigError, check_sweep_config
 from search.faults import fault_point
+from search.sweep import report
+from search.tracking import descriptions, mlflow_runs
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +45,8 @@ class MlflowSweepCallback(Callback):
             check_sweep_config(config)
             if config.hydra.sweeper.get("dry_run"):
                 return  # a dry run trains nothing and leaves MLflow and the study untouched
-            tracking.setup_tracking(config.tracking)
-        except (ConfigError, tracking.TrackingError) as error:
+            mlflow_runs.setup_tracking(config.tracking)
+        except (ConfigError, mlflow_runs.TrackingError) as error:
             raise SystemExit(f"error: {error}") from None
         except mlflow.exceptions.MlflowException as error:  # the store answered, but refused
             raise SystemExit(f"error: the tracking store refused the sweep's setup "
@@ -52,14 +54,14 @@ class MlflowSweepCallback(Callback):
         sweeper = config.hydra.sweeper
         study = sweeper.get("study_name")
         tags = {"sweep.parent": "true", "sweep.dir": str(config.hydra.sweep.dir),
-                **tracking.process_tags()}
+                **mlflow_runs.process_tags()}
         if study:
             tags["optuna.study"] = str(study)
         try:
             run = mlflow.start_run(run_name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
         except Exception as error:  # noqa: BLE001 - Hydra would sweep on without a parent run
             raise SystemExit(f"error: the sweep's MLflow parent run could not be started on "
-                             f"{tracking.redact_uri(mlflow.get_tracking_uri())} "
+                             f"{mlflow_runs.redact_uri(mlflow.get_tracking_uri())} "
                              f"({type(error).__name__}: {error})") from None
         self.run_id = run.info.run_id
         self.started = time.time()
@@ -123,7 +125,7 @@ class MlflowSweepCallback(Callback):
         decision = None
         if study is not None and len(study.directions) == 1 and not failure:
             try:  # before promotion: it may move best_run_id to the best mean
-                from search.final_stage import run_final_stage
+                from search.sweep.final_stage import run_final_stage
 
                 run_final_stage(config, self.run_id)
             except Exception as error:  # noqa: BLE001 - the search's results stand
@@ -132,10 +134,10 @@ class MlflowSweepCallback(Callback):
                                f"{type(error).__name__}: {error}"[:5000])
         try:
             if study is not None and len(study.directions) == 1:
-                from search.champion import floor_failure
-                from search.ensemble import promote_ensemble
+                from search.model_registry.champion import floor_failure
+                from search.model_registry.registration import promote_sweep_best
                 from search.quiet_start import quiet_native_start
-                from search.registry import promote_sweep_best
+                from search.sweep.top_k_ensemble import promote_ensemble
 
                 with quiet_native_start():  # held-out scoring imports TF in this process
                     decision = promote_sweep_best(config, self.run_id)
@@ -143,7 +145,7 @@ class MlflowSweepCallback(Callback):
                         promote_ensemble(config, self.run_id, decision)
                 if decision is not None:  # beside the summary, for CI summaries and people
                     write_promotion(Path(config.hydra.sweep.dir), decision.to_dict())
-                    from search.cross_validation import run_cross_validation
+                    from search.sweep.cross_validation import run_cross_validation
 
                     try:  # after the gate: a failure here leaves the registration as it is
                         run_cross_validation(config, self.run_id, decision)
@@ -197,7 +199,7 @@ class MlflowSweepCallback(Callback):
 
 
 def registry_model_name(config: DictConfig) -> str:
-    from search.model_store import DEFAULT_MODEL_NAME
+    from search.model_registry.model_store import DEFAULT_MODEL_NAME
 
     return str((config.get("registry") or {}).get("model_name") or DEFAULT_MODEL_NAME)
 
@@ -206,7 +208,7 @@ def log_sweep_curves(client: MlflowClient, study: optuna.Study, summary: dict) -
     """Every trial's val_loss per epoch, from the tracked series, as one PNG on the parent."""
     import matplotlib.pyplot as plt
 
-    from search.sweep_figures import curves_figure, run_curves
+    from search.sweep.figures import curves_figure, run_curves
 
     runs = child_runs(client, study.study_name)
     curves = run_curves(client, runs, "val_loss")
@@ -237,7 +239,7 @@ def redacted_sweeper_yaml(sweeper: DictConfig) -> str:
     """The sweeper settings as written, with any password in the storage URL masked."""
     settings = OmegaConf.to_container(sweeper, resolve=False)
     if isinstance(settings.get("storage"), str):
-        settings["storage"] = tracking.redact_uri(settings["storage"])
+        settings["storage"] = mlflow_runs.redact_uri(settings["storage"])
     return OmegaConf.to_yaml(OmegaConf.create(settings))
 
 
@@ -280,7 +282,7 @@ def close_stale_runs(client: MlflowClient, study: optuna.Study, keep: str) -> in
             # Between two trials no trial runs, yet the sweep may well be alive: a parent
             # whose process on this host still runs is never closed.
             if (run.data.tags.get("sweep.parent") == "true" and not alive
-                    and tracking.owner_alive(run.data.tags) is not True):
+                    and mlflow_runs.owner_alive(run.data.tags) is not True):
                 client.set_terminated(run.info.run_id, "KILLED")
                 closed += 1
             continue

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
-from search.tracking import DEFAULT_STORE, ML_VIEW, public_uri
+from search.tracking.mlflow_runs import DEFAULT_STORE, ML_VIEW, public_uri
 
 LOCAL_UI = "http://127.0.0.1:5000"
 # The runs page on its chart view, model-training runs only (MLflow 3's UI query keys).
@@ -151,7 +151,7 @@ def version_description(run: Any, metadata: dict[str, Any],
 
 
 def contract_lines(metadata: dict[str, Any]) -> list[str]:
-    """The served input and output (search/serving.py), for a description."""
+    """The served input and output (search/tracking/serving.py), for a description."""
     prep = metadata.get("preprocessing") or {}
     size, channels = prep.get("image_size", "?"), prep.get("channels", "?")
     names = list(metadata.get("class_names") or [])
@@ -248,7 +248,7 @@ def run_description(class_names: list[str], source_info: dict[str, Any],
     lines = [task_line(class_names, threshold, threshold_rule), "",
              *data_lines(source_info, input_shape, fingerprint)]
     if results:
-        from search.evaluate import headline  # sklearn: only once there are results
+        from search.evaluation.metrics import headline  # sklearn: only once there are results
 
         lines += ["", "**Best checkpoint** (95 % intervals on held-out images):"]
         splits = ["val", "test"] + sorted({k.split("_")[1] for k in results

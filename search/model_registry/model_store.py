@@ -8,7 +8,7 @@
     model_info.json   name, version, aliases, run link, class names, preprocessing, threshold,
                       data fingerprint, config hash, metrics
     config.yaml       the run's composed Hydra config
-    MODEL_CARD.md     the same, for humans (`search.model_card`)
+    MODEL_CARD.md     the same, for humans (`search.model_registry.model_card`)
 
 `load_model_reference` loads a registry URI (through such an export), a pulled folder or a
 bare MLflow Keras model folder. Models are always loaded from the `.keras` file with Keras'
@@ -34,8 +34,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from search.model_card import model_card
-from search.tracking import redact_uri
+from search.model_registry.model_card import model_card
+from search.tracking.mlflow_runs import redact_uri
 
 if TYPE_CHECKING:
     import keras
@@ -191,7 +191,7 @@ def version_info(client: MlflowClient, mv: ModelVersion, model_dir: Path) -> dic
     if not info["class_names"] or not info["preprocessing"]:
         raise ValueError(
             f"model version {mv.name}/{mv.version} has no class_names/preprocessing metadata; "
-            "it was not logged by search/train.py"
+            "it was not logged by search/training/trainer.py"
         )
     info.update({
         "name": mv.name,
@@ -329,7 +329,8 @@ def load_exported(folder: str | Path) -> LoadedModel:
         missing = [k for k in ("class_names", "preprocessing") if not info.get(k)]
         if missing:
             raise ValueError(
-                f"{folder}/MLmodel metadata lacks {missing}; log models with search/train.py "
+                f"{folder}/MLmodel metadata lacks {missing}; log models with "
+                "search/training/trainer.py "
                 "or pull a registered version with search/pull.py"
             )
         return LoadedModel(load_keras_safely(folder), info, folder)
@@ -362,6 +363,6 @@ def run_model_metadata(client: MlflowClient, run_id: str) -> dict[str, Any]:
         except (MlflowException, OSError) as error:
             raise FileNotFoundError(
                 f"run {run_id} has no model_metadata.json: was it logged with "
-                "tracking.log_model=true by search/train.py?"
+                "tracking.log_model=true by search/training/trainer.py?"
             ) from error
         return json.loads(Path(path).read_text())

@@ -24,32 +24,34 @@ from omegaconf import DictConfig, OmegaConf
 
 from models.fused_batch_norm import fuse_batch_norm
 from models.precision import as_float32, dtype_policy, resolve_precision
-from search import descriptions, resume, run_names, sweep_context, tracking
-from search import evaluate as ev
-from search.callbacks import (
-    AtomicModelCheckpoint,
-    EpochMetricsToMlflow,
-    FaultInEpoch,
-    LearningRateLogger,
-    check_divergence,
-)
+from search import sweep_context
 from search.config_checks import (
     check_run_config,
     check_task_metrics,
     check_threshold_rule,
     pruning_metric,
 )
-from search.evaluation_logging import (  # noqa: F401 - evaluate_and_log re-exported
+from search.evaluation import metrics as ev
+from search.evaluation.evaluate_run import (  # noqa: F401 - evaluate_and_log re-exported
     NOT_LOGGED,
     bootstrap_spec,
     evaluate_and_log,
     external_sets,
     log_figure,
 )
+from search.evaluation.keras_metrics import multiclass_metrics
 from search.faults import armed, fault_point, memory_fault
-from search.keras_metrics import multiclass_metrics
-from search.model_logging import config_hash, log_keras_model
 from search.quiet_start import quiet_native_start
+from search.tracking import descriptions, mlflow_runs, run_names
+from search.tracking.model_logging import config_hash, log_keras_model
+from search.training import resume
+from search.training.keras_callbacks import (
+    AtomicModelCheckpoint,
+    EpochMetricsToMlflow,
+    FaultInEpoch,
+    LearningRateLogger,
+    check_divergence,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +159,7 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
     """
     objectives = check_run_config(cfg)  # before any data is loaded
     bootstrap_spec(cfg)
-    tracking.setup_tracking(cfg.tracking)  # an unusable store fails now, not after training
+    mlflow_runs.setup_tracking(cfg.tracking)  # an unusable store fails now, not after training
     output_dir = Path(output_dir) if output_dir else output_directory()
     output_dir.mkdir(parents=True, exist_ok=True)
     # trainer.seed: weights and dropout only; the data split and its order follow `seed`.
@@ -212,12 +214,12 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
 
     trial = sweep_context.current_trial()
     info = trial.info if trial is not None else None
-    # A retried trial continues from its last resumable state (search/resume.py).
+    # A retried trial continues from its last resumable state (search/training/resume.py).
     plan = resume.plan_for_trial(trial, output_dir, config_hash(cfg))
     point = plan.point if plan is not None else None
     parent = sweep_context.parent_run_id()
     run_name = run_names.initial_name(cfg, info["trial_number"] if info else None)
-    tags = {**run_tags(cfg, info), **tracking.process_tags(), "precision": precision,
+    tags = {**run_tags(cfg, info), **mlflow_runs.process_tags(), "precision": precision,
             **(trial.engine_tags() if trial is not None else {})}
     run = mlflow.start_run(run_name=run_name, parent_run_id=parent,
                            tags={**tags, **resume.run_tags(point)})
@@ -230,13 +232,13 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
     log.info("MLflow run %s (%s)", run.info.run_id, mlflow.get_tracking_uri())
     if trial is not None:  # optuna-dashboard shows user attrs: the trial links to its run
         trial.trial.set_user_attr("mlflow_run_id", run.info.run_id)
-        url = tracking.run_url(run.info.experiment_id, run.info.run_id)
+        url = mlflow_runs.run_url(run.info.experiment_id, run.info.run_id)
         if url:
             trial.trial.set_user_attr("mlflow_run_url", url)
     status, state, values, epochs_run = "FAILED", "FAIL", None, None
     resumable: resume.ResumableState | None = None
     try:
-        tracking.log_run_context(cfg)
+        mlflow_runs.log_run_context(cfg)
         mlflow.log_params({
             "data.fingerprint": data.fingerprint,
             "data.n_train": data.n_train,

@@ -74,10 +74,11 @@ def build_ensemble_run(config: DictConfig, parent_run_id: str, k: int) -> str | 
     from hydra.utils import instantiate
 
     from models.ensemble import build_ensemble
-    from search import descriptions, model_store, tracking
-    from search.evaluation_logging import evaluate_and_log
-    from search.model_logging import log_keras_model
-    from search.registry import run_config, run_model_metadata
+    from search.evaluation.evaluate_run import evaluate_and_log
+    from search.model_registry import model_store
+    from search.model_registry.registration import run_config, run_model_metadata
+    from search.tracking import descriptions, mlflow_runs
+    from search.tracking.model_logging import log_keras_model
 
     client = MlflowClient()
     runs = top_runs(client, parent_run_id, k, sweep_context.maximizes(config))
@@ -109,14 +110,14 @@ def build_ensemble_run(config: DictConfig, parent_run_id: str, k: int) -> str | 
     tags = {"ensemble.members": ",".join(ids), "ensemble.k": str(len(ids)),
             "ensemble.trials": ",".join(r.data.tags.get("optuna.trial_number", "?")
                                         for r in runs),
-            "model.builder": "build_ensemble", **tracking.process_tags()}
+            "model.builder": "build_ensemble", **mlflow_runs.process_tags()}
     params = {k_: v for k_, v in runs[0].data.params.items()
               if k_ == "data" or k_.startswith("data.") or k_ in ("seed",)}
     with mlflow.start_run(run_name=f"ensemble · top {len(ids)} of {study}",
                           parent_run_id=parent_run_id, nested=True,  # the sweep's is active
                           experiment_id=client.get_run(parent_run_id).info.experiment_id,
                           tags=tags) as run:
-        tracking.log_run_context(cfg, params={**params, "ensemble.k": len(ids),
+        mlflow_runs.log_run_context(cfg, params={**params, "ensemble.k": len(ids),
                                               "model.n_params": model.count_params(),
                                               "config_hash": members_hash})
         results = evaluate_and_log(cfg, model, data, binary)
@@ -134,8 +135,8 @@ def build_ensemble_run(config: DictConfig, parent_run_id: str, k: int) -> str | 
 
 def promote_ensemble(config: DictConfig, parent_run_id: str, best_decision: Any) -> Any:
     """Build the ensemble run, register it and put it through the gate; tags on the parent."""
-    from search.champion import GateSpec
-    from search.registry import register_and_promote, registry_options
+    from search.model_registry.champion import GateSpec
+    from search.model_registry.registration import register_and_promote, registry_options
 
     k = ensemble_top_k(config)
     if k < 2 or not registry_options(config)["enabled"]:

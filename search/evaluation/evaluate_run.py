@@ -3,8 +3,9 @@
 The threshold is chosen on val (`evaluation.threshold_rule`, optionally re-weighted to
 `evaluation.deployment_prevalence`); test and every `evaluation.external` set are scored at
 it, with stratified bootstrap intervals; metrics, intervals, confusion matrices, reports and
-ROC/PR curves go to the active MLflow run. `search.train` calls it for every finished trial,
-`search.ensemble` for an ensemble.
+ROC/PR curves go to the active MLflow run. `search.training.trainer` calls it for every
+finished trial,
+`search.sweep.top_k_ensemble` for an ensemble.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from search import calibration as cal
-from search import evaluate as ev
-from search.external import ExternalSets, external_specs, score_sets
-from search.intervals import BootstrapSpec
+from search.evaluation import calibration as cal
+from search.evaluation import metrics as ev
+from search.evaluation.external import ExternalSets, external_specs, score_sets
+from search.evaluation.intervals import BootstrapSpec
 
-log = logging.getLogger("search.train")  # its lines read as the trainer's, as before the split
+# its lines read as the trainer's, as before the split
+log = logging.getLogger("search.training.trainer")
 
 # evaluate_split's values that already have a metric of their own, so one quantity has one
 # name: recall is `sensitivity`; the threshold is `threshold` (chosen once, on val); the best

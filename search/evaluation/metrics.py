@@ -32,9 +32,9 @@ from sklearn.metrics import (  # noqa: E402
 from sklearn.preprocessing import label_binarize  # noqa: E402
 
 from search.config_checks import MACRO_NAMES, THRESHOLD_RULES  # noqa: E402
-from search.intervals import BootstrapSpec  # noqa: E402
-from search.intervals import intervals as bootstrap_intervals  # noqa: E402
-from search.keras_metrics import class_keys  # noqa: E402
+from search.evaluation.intervals import BootstrapSpec  # noqa: E402
+from search.evaluation.intervals import intervals as bootstrap_intervals  # noqa: E402
+from search.evaluation.keras_metrics import class_keys  # noqa: E402
 
 
 @dataclass

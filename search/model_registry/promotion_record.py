@@ -1,6 +1,6 @@
 """Where a promotion decision is written: version tags, the deciding run and descriptions.
 
-The decision (`search.champion.PromotionDecision`) goes to the new version's tags
+The decision (`search.model_registry.champion.PromotionDecision`) goes to the new version's tags
 (`promotion.*`), to a run (the sweep's parent: tags, params, metrics with the intervals and
 the paired difference, `promotion/decision.json`), and into the descriptions people read on
 the version's and the registered model's pages.
@@ -13,9 +13,9 @@ import math
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from search import descriptions
-from search.champion import PromotionDecision
-from search.model_store import run_model_metadata
+from search.model_registry.champion import PromotionDecision
+from search.model_registry.model_store import run_model_metadata
+from search.tracking import descriptions
 
 
 def _finite(value: float | None) -> bool:
@@ -87,7 +87,7 @@ def record_decision(client: MlflowClient, decision: PromotionDecision, target_ru
     for key, value in params.items():
         if key not in existing:
             client.log_param(target_run_id, key, value)
-    from search.evaluate import json_ready
+    from search.evaluation.metrics import json_ready
 
     client.log_dict(target_run_id, json_ready(decision.to_dict()), "promotion/decision.json")
     # Where people look: the version's page says how it fared, the model's who is champion.

@@ -8,7 +8,8 @@ version points at the old place. Rewritten here with SQL, by hand for that reaso
 when the store's own `artifacts/` folder holds the runs the database names: a store whose
 artifacts are meant to live elsewhere (`tracking.artifact_root`) is left alone.
 
-`python -m search.store_move [mlruns/mlflow.db]` does it; every command that opens the store
+`python -m search.tracking.store_move [mlruns/mlflow.db]` does it; every command that opens
+the store
 (a run, a sweep, pull, predict) does it first too.
 """
 
@@ -85,7 +86,7 @@ def follow_move(tracking_uri: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("db", nargs="?", default=str(Path(__file__).resolve().parents[1]
+    parser.add_argument("db", nargs="?", default=str(Path(__file__).resolve().parents[2]
                                                      / "mlruns" / "mlflow.db"))
     args = parser.parse_args(argv)
     db = Path(args.db)

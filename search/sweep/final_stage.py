@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from search import sweep_context
 
 log = logging.getLogger(__name__)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The sweeper's per-trial variables: a repeat must not attach itself to an Optuna trial.
 TRIAL_ENV = ("OPTUNA_SWEEPER_STORAGE", "OPTUNA_SWEEPER_STUDY", "OPTUNA_SWEEPER_TRIAL_ID",
              "OPTUNA_SWEEPER_TRIAL_NUMBER", "OPTUNA_SWEEPER_SAMPLER", "OPTUNA_SWEEPER_PRUNER",
@@ -77,8 +77,8 @@ def kendall_tau(a: list[str], b: list[str]) -> float:
 
 def run_final_stage(config: DictConfig, parent_run_id: str) -> dict[str, Any] | None:
     """Re-train the top-k trials, pick the best mean, record it; the ranking, or None."""
-    from search.ensemble import top_runs
-    from search.model_store import run_config_text
+    from search.model_registry.model_store import run_config_text
+    from search.sweep.top_k_ensemble import top_runs
 
     top_k, repeats = options(config)
     if top_k < 1 or repeats < 1:

@@ -36,7 +36,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from search.config_checks import RANKING_METRICS, check_metric  # noqa: F401 - re-exported
-from search.heldout import (  # noqa: F401 - the gate's parts, re-exported
+from search.model_registry.heldout import (  # noqa: F401 - the gate's parts, re-exported
     DEFAULT_METRIC,
     DEFAULT_TIE_BREAK,
     GATES,

@@ -19,11 +19,11 @@ from typing import Any
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from search.store_move import follow_move
+from search.tracking.store_move import follow_move
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_STORE = REPO_ROOT / "mlruns"
 PACKAGES = ("tensorflow", "keras", "mlflow", "optuna", "hydra-core", "scikit-learn", "numpy")
 
@@ -362,7 +362,7 @@ def log_run_context(cfg: DictConfig, params: dict[str, Any] | None = None) -> No
     values, never the whole config. Passwords in store URIs are masked first: secrets never
     reach params or artifacts.
     """
-    from search.run_params import hydra_job_params
+    from search.tracking.run_params import hydra_job_params
 
     cfg = redacted(cfg)
     params = hydra_job_params(cfg) if params is None else params

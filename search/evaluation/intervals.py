@@ -123,7 +123,9 @@ def multiclass_rows(y: np.ndarray, s: np.ndarray, class_names: list[str]
                     ) -> dict[str, np.ndarray]:
     """evaluate.multiclass_metrics for each row of (rows, n) labels and (rows, n, K) scores."""
     from search.config_checks import MACRO_NAMES
-    from search.keras_metrics import class_keys  # imports Keras: not at config-check time
+    from search.evaluation.keras_metrics import (
+        class_keys,  # imports Keras: not at config-check time
+    )
 
     k = len(class_names)
     rows = y.shape[0]

@@ -4,7 +4,7 @@ comparison of two scores (point values, or a paired bootstrap beyond noise).
 `HeldOutEvaluator` rebuilds the held-out split from the new run's composed config (the test
 split, or one of its `evaluation.external` sets with `registry.compare_on`), scores each
 registered version there at its own stored threshold, with bootstrap intervals, and
-`compare` decides whether the new version beats the champion (see `search.champion`).
+`compare` decides whether the new version beats the champion (see `search.model_registry.champion`).
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from search import model_store
 from search.config_checks import check_metric
+from search.model_registry import model_store
 
-log = logging.getLogger("search.champion")  # its lines read as the gate's, as before the split
+# its lines read as the gate's, as before the split
+log = logging.getLogger("search.model_registry.champion")
 
 DEFAULT_METRIC = "roc_auc"
 DEFAULT_TIE_BREAK = "sensitivity"
@@ -84,7 +85,7 @@ class HeldOutEvaluator:
 
     def __init__(self, cfg: DictConfig, metric: str = DEFAULT_METRIC,
                  tie_break: str = DEFAULT_TIE_BREAK, gate: GateSpec | None = None) -> None:
-        from search.intervals import BootstrapSpec
+        from search.evaluation.intervals import BootstrapSpec
 
         self.cfg = cfg
         self.metric = check_metric(metric)
@@ -172,7 +173,7 @@ class HeldOutEvaluator:
         version = int(version)
         if version in self._scores:
             return self._scores[version]
-        from search import evaluate as ev
+        from search.evaluation import metrics as ev
 
         mv = client.get_model_version(name, str(version))
         with tempfile.TemporaryDirectory() as tmp:
@@ -222,7 +223,7 @@ class HeldOutEvaluator:
     def score_external(self, model: Any, prep: dict[str, Any], threshold: float | None
                        ) -> dict[str, tuple[Any, np.ndarray, np.ndarray]]:
         """{name: (evaluation, labels, scores)} on the run's `evaluation.external` sets."""
-        from search.external import ExternalSets, external_specs, score_sets
+        from search.evaluation.external import ExternalSets, external_specs, score_sets
 
         if not self.external_items:
             return {}
@@ -237,7 +238,7 @@ class HeldOutEvaluator:
     def compare(self, new: HeldOutScore, champion: HeldOutScore
                 ) -> tuple[bool, str, dict[str, Any]]:
         """(promoted, reason, paired difference) of `new` against `champion`."""
-        from search.intervals import paired_difference
+        from search.evaluation.intervals import paired_difference
 
         y = new.y
         if y is not None:

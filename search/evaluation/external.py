@@ -3,7 +3,8 @@
 Each entry names a labelled set that comes from elsewhere than the training data: a
 class-folder tree (labels from sub-folders named like the classes, any depth) or a
 MedMNIST-layout npz (one images key and its labels). The images go through prediction's own
-reader (`search.inputs`: the training pipeline's decode → channels → resize → 1/255), so a
+reader (`search.evaluation.inputs`: the training pipeline's decode → channels → resize →
+1/255), so a
 set is scored exactly as a user's new images would be. Every COMPLETE trial and every
 registry candidate is scored on them at its stored threshold; the metrics are logged as
 `ext_<name>_<metric>` with bootstrap intervals. Nothing here feeds the objective, the
@@ -49,7 +50,7 @@ class ExternalSet:
 
 def external_specs(section: Any) -> list[ExternalSpec]:
     """Parse and check `evaluation.external` (a list of {name, path, npz_key, labels_key})."""
-    from search.tracking import REPO_ROOT
+    from search.tracking.mlflow_runs import REPO_ROOT
 
     specs: list[ExternalSpec] = []
     for i, entry in enumerate(section or []):
@@ -82,7 +83,7 @@ def external_specs(section: Any) -> list[ExternalSpec]:
 def load_set(spec: ExternalSpec, class_names: list[str], image_size: int, channels: int,
              batch_size: int = 64) -> ExternalSet:
     """Read and preprocess one set; every image must carry a label of the model's classes."""
-    from search.inputs import batches, collect_inputs
+    from search.evaluation.inputs import batches, collect_inputs
 
     items, _ = collect_inputs(spec.path, class_names, spec.npz_key, spec.labels_key)
     unlabelled = [item.key for item in items if item.label is None]
@@ -125,7 +126,7 @@ class ExternalSets:
 def score_sets(model: Any, sets: list[ExternalSet], class_names: list[str],
                threshold: float | None, bootstrap: Any) -> dict[str, Any]:
     """{name: SplitEvaluation} of `model` on each set at its stored threshold."""
-    from search import evaluate as ev
+    from search.evaluation import metrics as ev
 
     results = {}
     for item in sets:

@@ -1,5 +1,5 @@
 """The trained model into MLflow: the Keras flavour plus the serving contract
-(search/serving.py as its pyfunc flavour), its signature, example and metadata."""
+(search/tracking/serving.py as its pyfunc flavour), its signature, example and metadata."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import mlflow
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from search import serving, tracking
 from search.faults import fault_point
+from search.tracking import mlflow_runs, serving
 
 MODEL_PACKAGES = ("tensorflow", "keras", "numpy")
 
@@ -47,7 +47,7 @@ def log_keras_model(cfg: DictConfig, model: keras.Model, data: Any, results: dic
                     extra_metadata: dict[str, Any] | None = None) -> None:
     """Log the best checkpoint as an MLflow Keras model with signature, example and metadata
     (`extra_metadata` adds or replaces fields, e.g. an ensemble's members)."""
-    # The served contract (search/serving.py): raw 0–255 pixels, named outputs. The example
+    # The served contract (search/tracking/serving.py): raw 0–255 pixels, named outputs. The example
     # is a val image as a client would send it, and MLflow's validation serves it.
     example = np.round(next(iter(data.val.take(1)))[0][:1].numpy() * 255.0).astype(np.float32)
     signature = serving.serving_signature(int(data.preprocessing["image_size"]),
@@ -58,7 +58,8 @@ def log_keras_model(cfg: DictConfig, model: keras.Model, data: Any, results: dic
         "preprocessing": dict(data.preprocessing),
         "threshold": results.get("val_threshold"),
         "threshold_rule": str(cfg.evaluation.threshold_rule),
-        # folded into the output layer's weights (search/calibration.py): recorded, not applied
+        # folded into the output layer's weights (search/evaluation/calibration.py): recorded,
+        # not applied
         "calibration": {"method": str(cfg.evaluation.get("calibration", "none")),
                         "temperature": results.get("calibration_temperature"),
                         "shift": results.get("calibration_shift")}
@@ -90,5 +91,5 @@ def _log_model(model: keras.Model, signature: Any, example: np.ndarray,
         # Explicit requirements: inferring them makes MLflow load the model again in a fresh
         # subprocess (TF import included), seconds per trial for the same answer.
         pip_requirements=[f"{name}=={version}" for name, version in
-                          tracking.package_versions().items() if name in MODEL_PACKAGES],
+                          mlflow_runs.package_versions().items() if name in MODEL_PACKAGES],
     )

@@ -100,7 +100,8 @@ def model_card(info: dict[str, Any], has_config: bool = True) -> str:
         "",
         "## Metrics of the training run",
         "",
-        "Computed by search/train.py on the run's own splits; `test` is that config's held-out",
+        "Computed by search/training/trainer.py on the run's own splits; `test` is that config's"
+        " held-out",
         "split (never used for tuning), not an official test set."
         + (" With more than two classes, `macro_*` are means over the classes, `roc_auc` and"
            " `pr_auc` are one-vs-rest and macro-averaged, and `recall_<class>`,"

@@ -1,0 +1,1 @@
+"""Evaluation: metric names and maths, intervals, calibration, external sets, Grad-CAM, TTA."""

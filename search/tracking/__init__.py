@@ -1,0 +1,1 @@
+"""MLflow tracking: runs, tag keys, params, names, descriptions, model logging, serving contract."""
