@@ -123,17 +123,9 @@ def make_npz(tmp_path: Path) -> Callable[..., Path]:
 # ----------------------------------------------------------------------------------------------
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-# A CNN that trains in seconds on 10% of the built-in PneumoniaMNIST (test split ~47 images).
-TINY_RUN = (
-    "data.subset_fraction=0.1",
-    "data.batch_size=32",
-    "trainer.max_epochs=2",
-    "trainer.patience=5",
-    "trainer.verbose=0",
-    "model.depth=2",
-    "model.base_filters=8",
-    "model.dense_units=16",
-)
+# A CNN that trains in seconds on 10% of the built-in PneumoniaMNIST (test split ~47 images):
+# conf/debug/tiny.yaml, the tiny run tests and benchmarks share.
+TINY_RUN = ("+debug=tiny",)
 
 
 @pytest.fixture(scope="session")
