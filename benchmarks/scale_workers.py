@@ -46,8 +46,8 @@ def worker(url: str, study_name: str, n_trials: int, steps: int, sleep: float,
 
     import optuna
 
-    from hydra_plugins.optuna_pruning_sweeper import storage as st
-    from hydra_plugins.optuna_pruning_sweeper.study import ask_within_budget
+    from hydra_plugins.optuna_pruning_sweeper import _storage as st
+    from hydra_plugins.optuna_pruning_sweeper._study import ask_within_budget
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -85,7 +85,7 @@ def worker(url: str, study_name: str, n_trials: int, steps: int, sleep: float,
 def serve_proxy(url: str, port: int) -> None:
     import optuna
 
-    from hydra_plugins.optuna_pruning_sweeper import storage as st
+    from hydra_plugins.optuna_pruning_sweeper import _storage as st
 
     optuna.storages.run_grpc_proxy_server(st.make_storage(url, None, None, None),
                                           host="127.0.0.1", port=port)

@@ -19,36 +19,31 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-# How search.evaluation.metrics picks the decision threshold; here so the sweeper's checks need no
-# sklearn (2.5 s of imports in the sweeper process).
-THRESHOLD_RULES = ("max_f1", "youden", "min_sensitivity")
-DEFAULT_THRESHOLD_RULE = "min_sensitivity"  # conf/evaluation/default.yaml's
-CALIBRATION_METHODS = ("temperature", "platt", "none")  # search/evaluation/calibration.py
+# The evaluation and registry defaults: conf/<group>/default.yaml read onto their typed schemas
+# by two leaf modules that import only OmegaConf (below this one, like metric_maths).
+from search.evaluation.evaluation_settings import DEFAULTS as EVALUATION_DEFAULTS
+
+# The metric names (and the threshold rules, calibration methods) are owned by
+# search/evaluation/metric_maths.py, which needs only NumPy: the sweeper's checks stay free of
+# scikit-learn (2.5 s of imports in the sweeper process). Re-exported here for the checks' users.
+from search.evaluation.metric_maths import (
+    CALIBRATION_METHODS,
+    EPOCH_COUNTERPART,
+    EPOCH_METRICS,
+    MACRO_NAMES,
+    RANKING_METRICS,
+    THRESHOLD_RULES,
+    VAL_METRICS,
+)
+from search.model_registry.registry_settings import DEFAULTS as REGISTRY_DEFAULTS
+
+# The one rule a K-class run accepts (it predicts the most probable class): the configured default.
+DEFAULT_THRESHOLD_RULE = EVALUATION_DEFAULTS.threshold_rule
 # trainer.precision (models/precision.py resolves `auto` at training time).
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
-
-# The K-class names of the binary metrics (averaged over classes, so the name says so).
-MACRO_NAMES = {"precision": "macro_precision", "recall": "macro_recall",
-               "sensitivity": "macro_recall", "specificity": "macro_specificity",
-               "f1": "macro_f1"}
-
-# Metrics of search.evaluation.metrics.evaluate_split that can rank model versions (registry.metric,
-# tie_break; all: higher is better). A binary name ranks K-class models by its macro_*
-# counterpart and the reverse; the decision records the name actually compared.
-RANKING_METRICS = ("roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity", "f1",
-                   "precision", "recall", *dict.fromkeys(MACRO_NAMES.values()))
-
-# What search/training/trainer.py returns: evaluate_split's metrics of the val split, plus
-# model facts.
-VAL_METRICS = ("loss", "accuracy", "precision", "recall", "sensitivity", "specificity", "f1",
-               "roc_auc", "pr_auc", *dict.fromkeys(MACRO_NAMES.values()))
+# What a run reports besides its val_* metrics (VAL_METRICS): facts about the model.
 MODEL_FACTS = ("n_params", "epochs_trained", "best_epoch")
 MINIMISED = ("loss", *MODEL_FACTS)
-# What Keras logs each epoch (compile_model's metrics), which trainer.monitor may watch.
-EPOCH_METRICS = ("loss", "accuracy", "precision", "recall", "auc")
-# The per-epoch counterpart of an objective metric (what a pruner can watch for it).
-EPOCH_COUNTERPART = {"loss": "loss", "accuracy": "accuracy", "precision": "precision",
-                     "recall": "recall", "sensitivity": "recall", "roc_auc": "auc"}
 
 
 class ConfigError(ValueError):
@@ -199,7 +194,7 @@ def check_run_config(cfg: DictConfig) -> list[str]:
     _positive_int(cfg, "data.batch_size")
     _positive_int(cfg, "seed", minimum=0)
     registry = cfg.get("registry") or {}
-    if registry.get("enabled", True):
+    if registry.get("enabled", REGISTRY_DEFAULTS.enabled):
         for key in ("metric", "tie_break"):
             if registry.get(key) is not None:
                 try:

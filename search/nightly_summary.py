@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from hydra_plugins.optuna_pruning_sweeper.summary import SUMMARY_FILE
+from search.model_registry.registry_settings import DEFAULTS
+from search.sweep_context import SUMMARY_FILE
 
 
 def _fmt(value: Any) -> str:
@@ -45,7 +46,7 @@ def summary_markdown(sweep_dir: Path, env: dict[str, str] | None = None) -> str:
     promotion_path = sweep_dir / "promotion.json"
     if promotion_path.is_file():
         p = json.loads(promotion_path.read_text())
-        metric = p.get("metric", "roc_auc")
+        metric = p.get("metric", DEFAULTS.metric)  # a record from before the key
         value = (p.get("new_metrics") or {}).get(metric, p.get("new_score"))
         lines.append(f"| held-out {metric} | {_fmt(value)} ({p.get('model_name')} "
                      f"v{p.get('version')}, {p.get('alias')}) |")

@@ -4,7 +4,8 @@ This is the only module under search/ that imports ``hydra_plugins.*``, and the 
 that reads the sweep's environment variables. Training gets the trial's handle
 (``current_trial()``: report, should-prune, trial number, study, thread budget, parent run);
 the sweep callback gets the study (``sweep_study()``), its summary (``study_summary``) and
-sets the parent run that trial jobs attach to (``set_parent_run_id``).
+sets the parent run that trial jobs attach to (``set_parent_run_id``); the runs after the
+sweep (final stage, cross-validation) get their environment (``single_run_env``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from hydra_plugins.optuna_pruning_sweeper import preemption as _preemption
-from hydra_plugins.optuna_pruning_sweeper import summary as _summary
+from hydra_plugins.optuna_pruning_sweeper import _preemption, _summary
 from hydra_plugins.optuna_pruning_sweeper import trial_context as _tc
 
 if TYPE_CHECKING:
@@ -33,6 +33,12 @@ TrialInterrupted = _preemption.TrialInterrupted
 RESUME_DIR_ATTR = _tc.RESUME_DIR_ATTR
 # Where the sweeper names its study (for messages).
 STUDY_ENV_NAMES = (_tc.ENV_STUDY, _tc.ENV_STORAGE)
+# The sweeper's summary file in the sweep folder (the nightly table reads it).
+SUMMARY_FILE = _summary.SUMMARY_FILE
+# The sweeper's per-trial variables: a run started after the sweep (a final-stage repeat, a
+# cross-validation fold) drops them, so that it never attaches itself to an Optuna trial.
+TRIAL_ENV_NAMES = (_tc.ENV_STORAGE, _tc.ENV_STUDY, _tc.ENV_TRIAL_ID, _tc.ENV_TRIAL_NUMBER,
+                   _tc.ENV_SAMPLER, _tc.ENV_PRUNER, _tc.ENV_SAMPLER_CONFIG)
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,7 @@ def sweep_jobs(config: Any) -> tuple[int, int]:
     cross-validation): the sweeper's own rule, `threads_per_worker` else cores // n_jobs."""
     from omegaconf import OmegaConf
 
-    from hydra_plugins.optuna_pruning_sweeper.executors.local import available_cores
+    from hydra_plugins.optuna_pruning_sweeper._executors._local import available_cores
 
     sweeper = OmegaConf.select(OmegaConf.create(config), "hydra.sweeper") or {}
     jobs = int(sweeper.get("n_jobs") or 1)
@@ -138,6 +144,15 @@ def set_parent_run_id(run_id: str | None) -> None:
         os.environ.pop(PARENT_RUN_ENV, None)
     else:
         os.environ[PARENT_RUN_ENV] = run_id
+
+
+def single_run_env(parent_run_id: str, threads: int) -> dict[str, str]:
+    """The environment of a single run started after the sweep under its parent run: this
+    process's, without the per-trial variables (``TRIAL_ENV_NAMES``), with the parent run and
+    the run's TF thread budget set."""
+    env = {k: v for k, v in os.environ.items() if k not in TRIAL_ENV_NAMES}
+    env.update({PARENT_RUN_ENV: parent_run_id, _tc.ENV_THREADS: str(threads)})
+    return env
 
 
 def sweep_study() -> optuna.Study | None:

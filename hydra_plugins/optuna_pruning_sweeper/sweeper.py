@@ -4,12 +4,15 @@ Hydra instantiates ``OptunaPruningSweeper`` from ``hydra/sweeper: optuna_pruning
 ``config``); it keeps the typed config (``config.OptunaPruningSweeperConf``) and wires the
 parts together for one sweep:
 
-1. the search space from ``params`` and the command line (``distributions``) and its
-   conditional rule (``conditions``);
-2. the storage, the ask lock and the study, resumed or created (``storage``, ``study``),
-   with the sampler and pruner (``samplers``);
-3. the slot loop (``loop``) over local worker processes (``executors.local``);
-4. the summary (``summary``), written to ``<hydra.sweep.dir>/optuna_summary.yaml``.
+1. the search space from ``params`` and the command line (``_distributions``) and its
+   conditional rule (``_conditions``);
+2. the storage, the ask lock and the study, resumed or created (``_storage``, ``_study``),
+   with the sampler and pruner (``_samplers``), or keras-tuner's oracle
+   (``_keras_tuner_engine``);
+3. the slot loop (``_loop``) over local worker processes or Ray tasks (``_executors``);
+4. the summary (``_summary``), written to ``<hydra.sweep.dir>/optuna_summary.yaml``.
+
+``hydra.sweeper.dry_run=N`` stops after step 1 (``_dry_run``).
 
 For Hydra callbacks in the sweeper process: as soon as the study is open,
 ``OPTUNA_SWEEPER_STUDY`` and ``OPTUNA_SWEEPER_STORAGE`` are set in ``os.environ`` (the name
@@ -19,8 +22,9 @@ actually used, e.g. after ``new_study=true``); the summary is written before
 Workers tell through a study loaded with a RandomSampler, so a sampler's ``after_trial``
 hook does not run; Optuna's built-in samplers keep their state in the storage.
 
-Hydra's plugin scan imports this module in every Hydra process: the parts keep Optuna
-imports inside their functions.
+Hydra's plugin scan imports this module (and through it the private parts) in every Hydra
+process: the parts keep Optuna, SQLAlchemy, Ray and keras-tuner imports inside their
+functions.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,22 +42,23 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from . import preemption
-from . import storage as st
+from . import _preemption as preemption
+from . import _storage as st
 from . import trial_context as tc
-from .conditions import ConditionResolver
-from .config import OptunaPruningSweeperConf
-from .distributions import SearchSpace, config_key, params_to_overrides, parse_search_space
-from .dry_run import dry_run
-from .executors.local import (
+from ._conditions import ConditionResolver
+from ._distributions import SearchSpace, config_key, params_to_overrides, parse_search_space
+from ._dry_run import dry_run
+from ._executors._local import (
     LocalProcessExecutor,
     available_cores,
     detect_gpus,
     worker_setup_common,
 )
-from .hooks import locate
-from .loop import SweepLoop, retry_settings
-from .samplers import (
+from ._executors._ray_cluster import RayExecutor, RaySettings, import_ray
+from ._hooks import locate
+from ._keras_tuner_engine import KerasTunerEngine
+from ._loop import SweepLoop, retry_settings
+from ._samplers import (
     build_pruner,
     build_sampler,
     check_sampler_dependencies,
@@ -61,8 +67,9 @@ from .samplers import (
     sampler_json,
     target_of,
 )
-from .study import default_study_name, directions_of, open_study
-from .summary import sweep_summary, write_official_results, write_summary
+from ._study import default_study_name, directions_of, open_study
+from ._summary import sweep_summary, write_official_results, write_summary
+from .config import OptunaPruningSweeperConf
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +109,8 @@ def make_executor(conf: OptunaPruningSweeperConf, setup_common: dict[str, Any],
     """The executor ``hydra.sweeper.executor`` names: local processes or Ray tasks."""
     if conf.executor == "local":
         return LocalProcessExecutor(setup_common, gpus, conf.trials_per_worker)
-    from .executors.ray_cluster import RayExecutor, RaySettings, import_ray
-
     import_ray()  # a clear error with the install command before anything else
-    import cloudpickle
+    import cloudpickle  # comes with Ray (the local executor treats it as optional)
 
     settings = RaySettings(address=conf.ray.address, num_cpus=float(conf.ray.num_cpus),
                            num_gpus=None if conf.ray.num_gpus is None
@@ -195,13 +200,7 @@ class OptunaPruningSweeper(Sweeper):
         t0 = time.monotonic()
         config = self.config
         directions = directions_of(self.conf.direction)
-        metric_names = [str(n) for n in self.conf.metric_names or ()]
-        if metric_names and len(metric_names) != len(directions):
-            raise ValueError(
-                f"hydra.sweeper.metric_names has {len(metric_names)} name(s) for "
-                f"{len(directions)} direction(s): {metric_names} vs {directions}"
-            )
-
+        metric_names = self._metric_names(directions)
         space = self.search_space(arguments)
         resolver = ConditionResolver(
             space, self.hydra_context.config_loader, config, self.swept_in_file()
@@ -209,15 +208,7 @@ class OptunaPruningSweeper(Sweeper):
         resolver.check_keys_exist()
         log_fixed(space, resolver, self.swept_in_file(), arguments)
         custom = locate(self.conf.custom_search_space, "custom_search_space")
-        target = target_of(self.conf.sampler)
-        check_sampler_dependencies(target)
-        n_trials = self.conf.n_trials
-        if target.endswith("GridSampler"):
-            size = grid_size(space)
-            if size < n_trials:
-                log.info("Grid sampler: n_trials %d -> %d (the grid size)", n_trials, size)
-                n_trials = size
-        conf = dataclasses.replace(self.conf, n_trials=n_trials)
+        conf = self._capped_to_grid(space)
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if conf.dry_run:
             return dry_run(
@@ -242,58 +233,63 @@ class OptunaPruningSweeper(Sweeper):
             raise ValueError(f"hydra.sweeper.engine={conf.engine!r}; use optuna or keras_tuner")
         pruner = build_pruner(conf.pruner)
         lock = st.AskLock(url, base_name)
-        with lock():  # also serializes table creation in a fresh database
-            storage = st.make_storage(
-                url, conf.heartbeat_interval, conf.grace_period, conf.max_retry
-            )
-            study, session = open_study(
-                storage, base_name, fingerprint, pruner, directions, conf.new_study
-            )
+        storage, study, session = open_under_lock(conf, lock, url, base_name, fingerprint,
+                                                  pruner, directions)
         if metric_names and study.metric_names != metric_names:
             set_metric_names(study, metric_names)
-        if engine is None:
-            study.sampler = build_sampler(conf.sampler, space, seed_offset=session)
-            sampler_name = type(study.sampler).__name__
-        else:  # every trial arrives enqueued with the oracle's values
-            import optuna
-
-            study.sampler = optuna.samplers.RandomSampler(seed=conf.keras_tuner.seed)
-            sampler_name = engine.label
+        sampler_name = set_sampler(study, conf, space, session, engine)
         os.environ[tc.ENV_STUDY] = study.study_name
         os.environ[tc.ENV_STORAGE] = url
         os.environ[tc.ENV_SAMPLER] = sampler_name
 
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(config, sweep_dir / "multirun.yaml")
+        executor = self._start_executor(conf, study, url, sampler_name, pruner, directions,
+                                        session, engine)
+        conf = dataclasses.replace(conf, n_jobs=getattr(executor, "slots", conf.n_jobs))
+        loop = SweepLoop(conf, study, storage, lock, resolver, executor, t0, config, custom,
+                         engine)
+        try:
+            stop_reason = loop.run()
+        finally:
+            lock.close()
+        return finish(loop, stop_reason, storage, url, sweep_dir, engine, t0)
 
+    def _metric_names(self, directions: list[str]) -> list[str]:
+        """``hydra.sweeper.metric_names``, refused unless one per direction."""
+        metric_names = [str(n) for n in self.conf.metric_names or ()]
+        if metric_names and len(metric_names) != len(directions):
+            raise ValueError(
+                f"hydra.sweeper.metric_names has {len(metric_names)} name(s) for "
+                f"{len(directions)} direction(s): {metric_names} vs {directions}"
+            )
+        return metric_names
+
+    def _capped_to_grid(self, space: SearchSpace) -> OptunaPruningSweeperConf:
+        """The config with the sampler's dependencies checked and, for the grid sampler,
+        ``n_trials`` capped at the grid size."""
+        target = target_of(self.conf.sampler)
+        check_sampler_dependencies(target)
+        n_trials = self.conf.n_trials
+        if target.endswith("GridSampler"):
+            size = grid_size(space)
+            if size < n_trials:
+                log.info("Grid sampler: n_trials %d -> %d (the grid size)", n_trials, size)
+                n_trials = size
+        return dataclasses.replace(self.conf, n_trials=n_trials)
+
+    def _start_executor(self, conf: OptunaPruningSweeperConf, study: Any, url: str,
+                        sampler_name: str, pruner: Any, directions: list[str], session: int,
+                        engine: Any) -> Any:
+        """Log the start banner and start the executor the trials run on."""
+        assert self.config is not None and self.hydra_context is not None
         gpus = detect_gpus()
         threads = conf.threads_per_worker or max(1, available_cores() // conf.n_jobs)
-        log.info(
-            "Optuna sweeper: study '%s' in %s | sampler %s | pruner %s | %s | n_trials %d | "
-            "%s | n_jobs %d | %d threads/worker | GPUs %s | session %d",
-            study.study_name,
-            st.redact(url),
-            sampler_name,
-            type(pruner).__name__,
-            "/".join(directions),
-            n_trials,
-            f"no new trial after {conf.timeout:.0f} s" if conf.timeout else "no timeout",
-            conf.n_jobs,
-            threads,
-            gpus or "none",
-            session,
-        )
-        if gpus and conf.n_jobs > len(gpus):
-            log.warning("%d slots share %d GPUs", conf.n_jobs, len(gpus))
-        elif not gpus and conf.n_jobs > available_cores() and conf.executor == "local":
-            log.warning(
-                "hydra.sweeper.n_jobs=%d is more than the %d CPU cores here: trials will run "
-                "slower each, not faster in total", conf.n_jobs, available_cores())
-
+        log_start(conf, study, url, sampler_name, pruner, directions, session, gpus, threads)
         setup_common = worker_setup_common(
             self.hydra_context,
             self.task_function,
-            config,
+            self.config,
             url=conf.trial_storage or url,
             study_name=study.study_name,
             sampler_name=sampler_name,
@@ -306,34 +302,88 @@ class OptunaPruningSweeper(Sweeper):
             max_retry=conf.max_retry,
             retry_json=json.dumps(retry_settings(conf)),
         )
-        executor = make_executor(conf, setup_common, gpus, self.task_function)
-        conf = dataclasses.replace(conf, n_jobs=getattr(executor, "slots", conf.n_jobs))
-        loop = SweepLoop(conf, study, storage, lock, resolver, executor, t0, config, custom,
-                         engine)
-        try:
-            stop_reason = loop.run()
-        finally:
-            lock.close()
-        summary = sweep_summary(
-            study, storage, url, n_trials, loop.outcomes, stop_reason, time.monotonic() - t0
+        return make_executor(conf, setup_common, gpus, self.task_function)
+
+
+def open_under_lock(conf: OptunaPruningSweeperConf, lock: st.AskLock, url: str,
+                    base_name: str, fingerprint: dict[str, Any], pruner: Any,
+                    directions: list[str]) -> tuple[Any, Any, int]:
+    """The storage and the study, created or resumed; returns (storage, study, session)."""
+    with lock():  # also serializes table creation in a fresh database
+        storage = st.make_storage(
+            url, conf.heartbeat_interval, conf.grace_period, conf.max_retry
         )
-        if engine is not None:
-            summary["sampler"] = engine.label
-            summary["keras_tuner"] = engine.summary()
-            log.info("keras-tuner %s: %s; best %s (trial %s); project %s", engine.algorithm,
-                     summary["keras_tuner"]["states"], summary["keras_tuner"]["best_score"],
-                     summary["keras_tuner"]["best_optuna_trial"], engine.project_dir)
-        write_summary(summary, sweep_dir)
-        write_official_results(study, sweep_dir)
-        if stop_reason == "failure_rate":
-            raise RuntimeError(loop.failure_message())
-        if stop_reason == "interrupted":  # no report, no promotion: the study is not done
-            saved = sum(1 for o in loop.outcomes if o.state == "INTERRUPTED")
-            log.warning("Sweep interrupted by SIGTERM: %d trial(s) stopped at a resumable "
-                        "state and were re-queued; re-run the same command to resume them "
-                        "in study '%s'.", saved, study.study_name)
-            raise SystemExit(preemption.EXIT_CODE)
-        return summary
+        study, session = open_study(
+            storage, base_name, fingerprint, pruner, directions, conf.new_study
+        )
+    return storage, study, session
+
+
+def set_sampler(study: Any, conf: OptunaPruningSweeperConf, space: SearchSpace, session: int,
+                engine: Any) -> str:
+    """Give the study its sampler (seed offset by the session); returns the name runs show."""
+    if engine is None:
+        study.sampler = build_sampler(conf.sampler, space, seed_offset=session)
+        return type(study.sampler).__name__
+    import optuna  # heavy: only once a sweep runs, never at the plugin scan
+
+    # every trial arrives enqueued with the oracle's values
+    study.sampler = optuna.samplers.RandomSampler(seed=conf.keras_tuner.seed)
+    return engine.label
+
+
+def log_start(conf: OptunaPruningSweeperConf, study: Any, url: str, sampler_name: str,
+              pruner: Any, directions: list[str], session: int, gpus: list[str],
+              threads: int) -> None:
+    """The start banner, and a warning when slots outnumber GPUs or cores."""
+    log.info(
+        "Optuna sweeper: study '%s' in %s | sampler %s | pruner %s | %s | n_trials %d | "
+        "%s | n_jobs %d | %d threads/worker | GPUs %s | session %d",
+        study.study_name,
+        st.redact(url),
+        sampler_name,
+        type(pruner).__name__,
+        "/".join(directions),
+        conf.n_trials,
+        f"no new trial after {conf.timeout:.0f} s" if conf.timeout else "no timeout",
+        conf.n_jobs,
+        threads,
+        gpus or "none",
+        session,
+    )
+    if gpus and conf.n_jobs > len(gpus):
+        log.warning("%d slots share %d GPUs", conf.n_jobs, len(gpus))
+    elif not gpus and conf.n_jobs > available_cores() and conf.executor == "local":
+        log.warning(
+            "hydra.sweeper.n_jobs=%d is more than the %d CPU cores here: trials will run "
+            "slower each, not faster in total", conf.n_jobs, available_cores())
+
+
+def finish(loop: SweepLoop, stop_reason: str, storage: Any, url: str, sweep_dir: Path,
+           engine: Any, t0: float) -> dict[str, Any]:
+    """Write the summaries; raise when the sweep stopped on failures or a SIGTERM."""
+    study = loop.study
+    summary = sweep_summary(
+        study, storage, url, loop.conf.n_trials, loop.outcomes, stop_reason,
+        time.monotonic() - t0,
+    )
+    if engine is not None:
+        summary["sampler"] = engine.label
+        summary["keras_tuner"] = engine.summary()
+        log.info("keras-tuner %s: %s; best %s (trial %s); project %s", engine.algorithm,
+                 summary["keras_tuner"]["states"], summary["keras_tuner"]["best_score"],
+                 summary["keras_tuner"]["best_optuna_trial"], engine.project_dir)
+    write_summary(summary, sweep_dir)
+    write_official_results(study, sweep_dir)
+    if stop_reason == "failure_rate":
+        raise RuntimeError(loop.failure_message())
+    if stop_reason == "interrupted":  # no report, no promotion: the study is not done
+        saved = sum(1 for o in loop.outcomes if o.state == "INTERRUPTED")
+        log.warning("Sweep interrupted by SIGTERM: %d trial(s) stopped at a resumable "
+                    "state and were re-queued; re-run the same command to resume them "
+                    "in study '%s'.", saved, study.study_name)
+        raise SystemExit(preemption.EXIT_CODE)
+    return summary
 
 
 def keras_tuner_engine(conf: OptunaPruningSweeperConf, resolver: ConditionResolver,
@@ -341,8 +391,6 @@ def keras_tuner_engine(conf: OptunaPruningSweeperConf, resolver: ConditionResolv
                        metric_names: list[str], base_name: str, sweep_dir: Path,
                        config: DictConfig) -> Any:
     """keras-tuner's oracle over this search space (``engine=keras_tuner``)."""
-    from .keras_tuner_engine import KerasTunerEngine
-
     if len(directions) != 1:
         raise ValueError("hydra.sweeper.engine=keras_tuner optimises one objective; this "
                          f"sweep has {len(directions)} directions")
@@ -360,9 +408,7 @@ def keras_tuner_engine(conf: OptunaPruningSweeperConf, resolver: ConditionResolv
 
 def set_metric_names(study: Any, names: list[str]) -> None:
     """Name the objective values in the study (optuna-dashboard and Optuna's plots)."""
-    import warnings
-
-    import optuna
+    import optuna  # heavy: only once a sweep runs, never at the plugin scan
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

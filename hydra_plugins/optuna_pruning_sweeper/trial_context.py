@@ -37,8 +37,8 @@ In the sweeper process itself (e.g. a Hydra callback at ``on_multirun_end``),
 ``OPTUNA_SWEEPER_STUDY`` / ``OPTUNA_SWEEPER_STORAGE`` name the study, but
 ``current_trial()`` is None there (no trial id).
 
-The study and storage are cached per process. Hydra re-executes plugin modules when it
-rescans plugins, so the cache is kept across re-execution.
+The storage, study and trial are cached per process, in the private ``_trial_cache``: Hydra's
+plugin scan re-executes this public module in place when it rescans, and skips that one.
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
-from .samplers import pruner_from_json, sampler_from_json
-from .storage import storage_kwargs
+from ._samplers import sampler_from_json
+from ._trial_cache import CACHE as _CACHE
+from ._trial_cache import get_storage, load_study
 
 if TYPE_CHECKING:
     import optuna
@@ -63,45 +64,6 @@ ENV_SAMPLER_CONFIG = "OPTUNA_SWEEPER_SAMPLER_CONFIG"
 ENV_THREADS = "SWEEPER_THREADS_PER_WORKER"
 ENV_RETRY = "OPTUNA_SWEEPER_RETRY"
 RESUME_DIR_ATTR = "resume_dir"  # user attr: the trial's resumable-state folder
-
-# Survives Hydra's plugin rescan, which re-executes this module in place.
-_CACHE: dict[Any, Any] = globals().get("_CACHE", {})
-
-
-def get_storage(storage_url: str) -> optuna.storages.BaseStorage:
-    """The process's storage for ``storage_url`` (created once): an RDBStorage, or for
-    ``grpc://host:port`` a client of Optuna's gRPC storage proxy."""
-    key = ("storage", storage_url)
-    if key not in _CACHE:
-        import optuna
-
-        if storage_url.startswith("grpc://"):
-            import warnings
-
-            host, _, port = storage_url[len("grpc://"):].rstrip("/").rpartition(":")
-            with warnings.catch_warnings():  # experimental in Optuna 5: chosen knowingly
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                _CACHE[key] = optuna.storages.GrpcStorageProxy(host=host or "localhost",
-                                                               port=int(port))
-        else:
-            _CACHE[key] = optuna.storages.RDBStorage(storage_url,
-                                                     **storage_kwargs(storage_url))
-    return _CACHE[key]
-
-
-def load_study(storage_url: str, study_name: str, pruner_json: str | None = None) -> optuna.Study:
-    """The study, loaded once per process (RandomSampler: the sweeper process samples)."""
-    key = ("study", storage_url, study_name, pruner_json)
-    if key not in _CACHE:
-        import optuna
-
-        _CACHE[key] = optuna.load_study(
-            study_name=study_name,
-            storage=get_storage(storage_url),
-            sampler=optuna.samplers.RandomSampler(),
-            pruner=pruner_from_json(pruner_json),
-        )
-    return _CACHE[key]
 
 
 def current_trial() -> optuna.trial.Trial | None:

@@ -27,6 +27,7 @@ from search.evaluation import calibration as cal
 from search.evaluation import metrics as ev
 from search.evaluation.external import ExternalSets, external_specs, score_sets
 from search.evaluation.intervals import BootstrapSpec
+from search.tracking import tags as tag_keys
 
 # its lines read as the trainer's, as before the split
 log = logging.getLogger("search.training.trainer")
@@ -139,7 +140,7 @@ def log_calibration(calibration: cal.Calibration, y_val: np.ndarray, before: np.
     the val reliability curves."""
     # A tag, not a metric: the run's metrics stay one per evaluated quantity (the map's
     # numbers and the before/after scores are in evaluation/calibration.json)
-    mlflow.set_tag("calibration", f"{calibration.method} T={calibration.temperature:.4f}"
+    mlflow.set_tag(tag_keys.CALIBRATION, f"{calibration.method} T={calibration.temperature:.4f}"
                    + (f" shift={calibration.shift:+.4f}" if calibration.shift else ""))
     record: dict[str, Any] = {**calibration.as_dict(), "fitted_on": "val",
                               "val": {"before": cal.quality(y_val, before),

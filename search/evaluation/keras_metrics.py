@@ -9,27 +9,12 @@ one-hot the labels; the arithmetic is Keras' own.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import keras
 from keras import ops
 
-
-def class_key(name: str) -> str:
-    """A class name as a metric-name part: `Bacterial pneumonia` -> `bacterial_pneumonia`."""
-    return re.sub(r"[^0-9a-z]+", "_", str(name).casefold()).strip("_") or "class"
-
-
-def class_keys(class_names: list[str]) -> list[str]:
-    """`class_key` of every class, made unique (`a b` and `a_b` -> `a_b`, `a_b_2`)."""
-    keys: list[str] = []
-    for name in class_names:
-        key, n = class_key(name), 2
-        while key in keys:
-            key, n = f"{class_key(name)}_{n}", n + 1
-        keys.append(key)
-    return keys
+from search.evaluation.metric_maths import class_keys
 
 
 def _one_hot(y_true: Any, num_classes: int) -> Any:

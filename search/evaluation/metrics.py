@@ -1,7 +1,9 @@
 """Evaluation on full predictions: threshold choice, metrics, confusion matrices and figures.
 
-ROC/PR AUC come from scikit-learn on the full predictions: Keras' 200-threshold AUC metric
-underestimates when scores bunch near 1, so the Keras metric is only a per-epoch indicator.
+The metrics' maths is search.evaluation.metric_maths (one implementation for the point values
+and the bootstrap). ROC/PR AUC are exact on the full predictions: Keras' 200-threshold AUC
+metric underestimates when scores bunch near 1, so the Keras metric is only a per-epoch
+indicator.
 """
 
 from __future__ import annotations
@@ -18,23 +20,21 @@ from sklearn.metrics import (  # noqa: E402
     ConfusionMatrixDisplay,
     PrecisionRecallDisplay,
     RocCurveDisplay,
-    accuracy_score,
-    average_precision_score,
     classification_report,
-    confusion_matrix,
-    f1_score,
     precision_recall_curve,
-    precision_score,
-    recall_score,
-    roc_auc_score,
     roc_curve,
 )
-from sklearn.preprocessing import label_binarize  # noqa: E402
 
-from search.config_checks import MACRO_NAMES, THRESHOLD_RULES  # noqa: E402
 from search.evaluation.intervals import BootstrapSpec  # noqa: E402
 from search.evaluation.intervals import intervals as bootstrap_intervals  # noqa: E402
-from search.evaluation.keras_metrics import class_keys  # noqa: E402
+from search.evaluation.metric_maths import (  # noqa: E402
+    DEFAULT_THRESHOLD,
+    THRESHOLD_RULES,
+    confusion_rows,
+    point_metrics,
+    predicted_classes,
+    task_metric,  # noqa: F401 - re-exported: the metric names' helpers read as ev.task_metric
+)
 
 
 @dataclass
@@ -134,6 +134,22 @@ def choose_threshold(
     return float(thresholds[hits[0]])
 
 
+def check_scores(y_true: np.ndarray, scores: np.ndarray, n_classes: int) -> None:
+    """Refuse the scores scikit-learn's AUCs refused (where the AUCs are defined).
+
+    Non-finite scores; K-class rows that are not probabilities (they must sum to 1).
+    """
+    if len(np.unique(y_true)) < (2 if scores.ndim == 1 else n_classes):
+        return  # the AUCs are NaN: the scores were never checked
+    if np.isnan(scores).any():
+        raise ValueError("Input contains NaN.")
+    if not np.isfinite(scores).all():
+        raise ValueError(f"Input contains infinity or a value too large for {scores.dtype!r}.")
+    if scores.ndim == 2 and not np.allclose(1, scores.sum(axis=1)):
+        raise ValueError("Target scores need to be probabilities for multiclass roc_auc, i.e. "
+                         "they should sum up to 1.0 over classes")
+
+
 def evaluate_split(
     split: str,
     y_true: np.ndarray,
@@ -145,30 +161,20 @@ def evaluate_split(
 ) -> SplitEvaluation:
     """All metrics of a split: binary at ``threshold``, multi-class by argmax (macro averages).
 
-    With ``bootstrap``, every metric also gets a stratified bootstrap interval at the same
-    (fixed) threshold, in ``intervals``.
+    The values are `metric_maths.point_metrics`, the bootstrap's own maths on the split
+    itself. With ``bootstrap``, every metric also gets a stratified bootstrap interval at the
+    same (fixed) threshold, in ``intervals``.
     """
     y_true = np.asarray(y_true).astype(int).ravel()
     labels = list(range(len(class_names)))
-    if scores.ndim == 1:
-        threshold = 0.5 if threshold is None else threshold
-        y_pred = (scores >= threshold).astype(int)
-        tn, fp, fn, tp = confusion_matrix(y_true, y_pred, labels=labels).ravel()
-        two_classes = len(np.unique(y_true)) == 2
-        metrics = {
-            "accuracy": accuracy_score(y_true, y_pred),
-            "precision": precision_score(y_true, y_pred, zero_division=0),
-            "recall": recall_score(y_true, y_pred, zero_division=0),
-            "sensitivity": tp / max(tp + fn, 1),
-            "specificity": tn / max(tn + fp, 1),
-            "f1": f1_score(y_true, y_pred, zero_division=0),
-            "roc_auc": roc_auc_score(y_true, scores) if two_classes else float("nan"),
-            "pr_auc": average_precision_score(y_true, scores) if two_classes else float("nan"),
-            "threshold": threshold,
-        }
-    else:
-        y_pred = scores.argmax(axis=1)
-        metrics = multiclass_metrics(y_true, y_pred, scores, class_names)
+    binary = scores.ndim == 1
+    if binary:
+        threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    check_scores(y_true, scores, len(class_names))
+    metrics = point_metrics(y_true, scores, class_names, threshold)
+    if binary:
+        metrics["threshold"] = threshold
+    y_pred = predicted_classes(scores, threshold if binary else None)
     if loss is not None:
         metrics["loss"] = loss
     report = classification_report(
@@ -177,58 +183,13 @@ def evaluate_split(
     return SplitEvaluation(
         split=split,
         metrics={k: float(v) for k, v in metrics.items()},
-        confusion=confusion_matrix(y_true, y_pred, labels=labels),
+        confusion=confusion_rows(y_true[None, :], y_pred[None, :], len(labels))[0],
         report=report,
         class_names=list(class_names),
         threshold=threshold,
         intervals=bootstrap_intervals(y_true, scores, list(class_names), threshold, bootstrap)
         if bootstrap is not None and bootstrap.resamples else {},
     )
-
-
-def multiclass_metrics(y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray,
-                       class_names: list[str]) -> dict[str, float]:
-    """K-class metrics under an argmax decision, named for what they are.
-
-    Averages say so (`macro_recall`, not `sensitivity`); `roc_auc` / `pr_auc` are one-vs-rest,
-    macro-averaged over classes; every class has `recall_<class>`, `precision_<class>` and
-    `f1_<class>`. A class missing from the split makes its recall and the AUCs NaN (named by
-    the caller, never dropped silently).
-    """
-    labels = list(range(len(class_names)))
-    cm = confusion_matrix(y_true, y_pred, labels=labels)
-    fp = cm.sum(axis=0) - np.diag(cm)
-    tn = cm.sum() - cm.sum(axis=1) - fp
-    present = np.isin(labels, y_true)
-    recall = np.where(present, recall_score(y_true, y_pred, labels=labels, average=None,
-                                            zero_division=0), np.nan)
-    precision = precision_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
-    f1 = f1_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
-    if present.all():
-        roc_auc = roc_auc_score(y_true, scores, multi_class="ovr", labels=labels)
-        pr_auc = average_precision_score(label_binarize(y_true, classes=labels), scores,
-                                         average="macro")
-    else:  # scikit-learn refuses one-vs-rest AUC for a class without positives
-        roc_auc = pr_auc = float("nan")
-    metrics = {
-        "accuracy": accuracy_score(y_true, y_pred),
-        MACRO_NAMES["precision"]: float(np.mean(precision)),
-        MACRO_NAMES["recall"]: float(np.mean(recall)),
-        MACRO_NAMES["specificity"]: float(np.mean(tn / np.maximum(tn + fp, 1))),
-        MACRO_NAMES["f1"]: float(np.mean(f1)),
-        "roc_auc": roc_auc,
-        "pr_auc": pr_auc,
-    }
-    for i, key in enumerate(class_keys(class_names)):
-        metrics[f"recall_{key}"] = recall[i]
-        metrics[f"precision_{key}"] = precision[i]
-        metrics[f"f1_{key}"] = f1[i]
-    return metrics
-
-
-def task_metric(name: str, n_classes: int) -> str:
-    """A ranking metric's name for a task: `sensitivity` is `macro_recall` for K classes."""
-    return MACRO_NAMES.get(name, name) if n_classes > 2 else name
 
 
 def headline(metrics: dict[str, float]) -> str:

@@ -47,6 +47,7 @@ from search.model_registry.heldout import (  # noqa: F401 - the gate's parts, re
     NoHeldOutSplit,
     beats,
 )
+from search.model_registry.registry_settings import DEFAULTS
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class PromotionDecision:
     champion_intervals: dict[str, list[float]] = field(default_factory=dict)
     new_external: dict[str, dict[str, Any]] = field(default_factory=dict)
     champion_external: dict[str, dict[str, Any]] = field(default_factory=dict)
-    gate: str = "paired_bootstrap"
+    gate: str = DEFAULTS.gate
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

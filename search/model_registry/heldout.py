@@ -22,12 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from search.config_checks import check_metric
 from search.model_registry import model_store
+from search.model_registry.registry_settings import DEFAULTS, GATES
 
 # its lines read as the gate's, as before the split
 log = logging.getLogger("search.model_registry.champion")
 
-DEFAULT_METRIC = "roc_auc"
-DEFAULT_TIE_BREAK = "sensitivity"
+DEFAULT_METRIC = DEFAULTS.metric
+DEFAULT_TIE_BREAK = DEFAULTS.tie_break
 TIE_TOLERANCE = 1e-9
 
 
@@ -51,24 +52,22 @@ class HeldOutScore:
     external: dict[str, dict[str, Any]] = field(default_factory=dict)  # name: metrics, intervals
 
 
-GATES = ("paired_bootstrap", "point")
-
 
 @dataclass(frozen=True)
 class GateSpec:
     """How a challenger must win (`registry.gate`, `registry.min_per_class`,
     `registry.compare_on`)."""
 
-    rule: str = "paired_bootstrap"
-    min_per_class: int = 10
-    compare_on: str = "test"
+    rule: str = DEFAULTS.gate
+    min_per_class: int = DEFAULTS.min_per_class
+    compare_on: str = DEFAULTS.compare_on
 
     @classmethod
     def from_config(cls, section: Any) -> GateSpec:
         section = section or {}
-        spec = cls(str(section.get("gate") or "paired_bootstrap"),
-                   int(section.get("min_per_class", 10)),
-                   str(section.get("compare_on") or "test"))
+        spec = cls(str(section.get("gate") or DEFAULTS.gate),
+                   int(section.get("min_per_class", DEFAULTS.min_per_class)),
+                   str(section.get("compare_on") or DEFAULTS.compare_on))
         if spec.rule not in GATES:
             raise ValueError(f"registry.gate={spec.rule!r} is not one of {', '.join(GATES)}")
         if spec.min_per_class < 1:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from search.tracking import tags as tag_keys
+
 
 def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
@@ -120,7 +122,7 @@ def model_card(info: dict[str, Any], has_config: bool = True) -> str:
                      f"{with_interval(metrics, f'eval_test_{metric}')} |")
     lines += operating_point(info)
     lines += external_tables(metrics)
-    promotion = {k: v for k, v in tags.items() if k.startswith("promotion.")}
+    promotion = {k: v for k, v in tags.items() if k.startswith(tag_keys.PROMOTION_PREFIX)}
     if promotion:
         lines += ["", "## Promotion", "", "| tag | value |", "| --- | --- |"]
         lines += [f"| {k} | {v} |" for k, v in sorted(promotion.items())]

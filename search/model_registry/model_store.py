@@ -35,6 +35,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from search.model_registry.model_card import model_card
+from search.model_registry.registry_settings import DEFAULTS
+from search.tracking import tags as tag_keys
 from search.tracking.mlflow_runs import redact_uri
 
 if TYPE_CHECKING:
@@ -42,7 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "pneumonia-cnn"
+DEFAULT_MODEL_NAME = DEFAULTS.model_name
 DEFAULT_ALIAS = "champion"
 INFO_FILE = "model_info.json"
 MODEL_DIR = "model"
@@ -186,8 +188,8 @@ def version_info(client: MlflowClient, mv: ModelVersion, model_dir: Path) -> dic
     info: dict[str, Any] = {key: metadata.get(key) for key in METADATA_KEYS}
     for key in METADATA_KEYS:
         if info[key] is None and key in tags:
-            info[key] = json.loads(tags[key]) if key in ("class_names", "preprocessing",
-                                                        "threshold", "calibration") else tags[key]
+            info[key] = (json.loads(tags[key]) if key in tag_keys.VERSION_JSON_TAGS
+                         else tags[key])
     if not info["class_names"] or not info["preprocessing"]:
         raise ValueError(
             f"model version {mv.name}/{mv.version} has no class_names/preprocessing metadata; "

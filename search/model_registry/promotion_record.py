@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from search.model_registry.champion import PromotionDecision
 from search.model_registry.model_store import run_model_metadata
 from search.tracking import descriptions
+from search.tracking import tags as tag_keys
 
 
 def _finite(value: float | None) -> bool:
@@ -26,35 +27,35 @@ def record_decision(client: MlflowClient, decision: PromotionDecision, target_ru
     """Decision → version tags, and params/metrics/tags + promotion/decision.json on a run."""
     name, version = decision.model_name, str(decision.version)
     version_tags = {
-        "promotion.decision": decision.alias,
-        "promotion.reason": decision.reason,
-        "promotion.metric": decision.metric,
-        "promotion.score": str(decision.new_score),
-        "promotion.compared_with": (
+        tag_keys.PROMOTION_DECISION: decision.alias,
+        tag_keys.PROMOTION_REASON: decision.reason,
+        tag_keys.PROMOTION_METRIC: decision.metric,
+        tag_keys.PROMOTION_SCORE: str(decision.new_score),
+        tag_keys.PROMOTION_COMPARED_WITH: (
             f"v{decision.champion_version}" if decision.champion_version is not None else "none"
         ),
-        "promotion.champion_score": str(decision.champion_score),
-        "promotion.eval_split": str(decision.evaluation.get("description", "none")),
+        tag_keys.PROMOTION_CHAMPION_SCORE: str(decision.champion_score),
+        tag_keys.PROMOTION_EVAL_SPLIT: str(decision.evaluation.get("description", "none")),
     }
     if decision.difference.get("text"):
-        version_tags["promotion.difference"] = decision.difference["text"]
+        version_tags[tag_keys.PROMOTION_DIFFERENCE] = decision.difference["text"]
     if decision.warnings:
-        version_tags["promotion.warning"] = " | ".join(decision.warnings)
+        version_tags[tag_keys.PROMOTION_WARNING] = " | ".join(decision.warnings)
     for key, value in version_tags.items():
         client.set_model_version_tag(name, version, key, value)
 
     run_tags = {
-        "promotion.model_name": name,
-        "promotion.version": version,
-        "promotion.alias": decision.alias,
-        "promotion.promoted": str(decision.promoted).lower(),
-        "promotion.reason": decision.reason,
-        "promotion.metric": decision.metric,
-        "promotion.compared_with": version_tags["promotion.compared_with"],
-        "promotion.model_uri": f"models:/{name}/{version}",
+        tag_keys.PROMOTION_MODEL_NAME: name,
+        tag_keys.PROMOTION_VERSION: version,
+        tag_keys.PROMOTION_ALIAS: decision.alias,
+        tag_keys.PROMOTION_PROMOTED: str(decision.promoted).lower(),
+        tag_keys.PROMOTION_REASON: decision.reason,
+        tag_keys.PROMOTION_METRIC: decision.metric,
+        tag_keys.PROMOTION_COMPARED_WITH: version_tags[tag_keys.PROMOTION_COMPARED_WITH],
+        tag_keys.PROMOTION_MODEL_URI: f"models:/{name}/{version}",
     }
     if decision.warnings:
-        run_tags["promotion.warning"] = " | ".join(decision.warnings)
+        run_tags[tag_keys.PROMOTION_WARNING] = " | ".join(decision.warnings)
     for key, value in run_tags.items():
         client.set_tag(target_run_id, key, value)
     metrics = {
@@ -82,7 +83,8 @@ def record_decision(client: MlflowClient, decision: PromotionDecision, target_ru
             client.log_metric(target_run_id, key, float(value))
     # Params are immutable: set them once; a later promotion into the same run keeps the first.
     existing = client.get_run(target_run_id).data.params
-    params = {"promotion.registered_model": name, "promotion.metric": decision.metric,
+    # promotion.metric is a param as well as a tag: one key for both.
+    params = {"promotion.registered_model": name, tag_keys.PROMOTION_METRIC: decision.metric,
               "promotion.tie_break": decision.tie_break, "promotion.gate": decision.gate}
     for key, value in params.items():
         if key not in existing:

@@ -29,6 +29,7 @@ import json
 import logging
 import sys
 import time
+from types import EllipsisType
 from typing import Any
 
 import mlflow
@@ -58,7 +59,9 @@ from search.model_registry.champion import (
 )
 from search.model_registry.model_store import run_model_metadata  # noqa: F401 - re-exported
 from search.model_registry.promotion_record import record_decision
+from search.model_registry.registry_settings import DEFAULTS
 from search.tracking import descriptions
+from search.tracking import tags as tag_keys
 
 log = logging.getLogger(__name__)
 
@@ -84,19 +87,19 @@ def run_config(client: MlflowClient, run_id: str) -> DictConfig:
 def version_tags(run_id: str, metadata: dict[str, Any]) -> dict[str, str]:
     """Model-version tags: what a version needs to be used and traced without its run."""
     tags = {
-        "class_names": json.dumps(list(metadata["class_names"])),
-        "preprocessing": json.dumps(metadata["preprocessing"], sort_keys=True),
-        "threshold": json.dumps(metadata.get("threshold")),
-        "threshold_rule": str(metadata.get("threshold_rule")),
-        "threshold_chosen_on": "val",
-        "data_fingerprint": str(metadata.get("data_fingerprint")),
-        "config_hash": str(metadata.get("config_hash")),
-        "calibration": json.dumps(metadata.get("calibration"), sort_keys=True),
+        tag_keys.VERSION_CLASS_NAMES: json.dumps(list(metadata["class_names"])),
+        tag_keys.VERSION_PREPROCESSING: json.dumps(metadata["preprocessing"], sort_keys=True),
+        tag_keys.VERSION_THRESHOLD: json.dumps(metadata.get("threshold")),
+        tag_keys.VERSION_THRESHOLD_RULE: str(metadata.get("threshold_rule")),
+        tag_keys.VERSION_THRESHOLD_CHOSEN_ON: "val",
+        tag_keys.VERSION_DATA_FINGERPRINT: str(metadata.get("data_fingerprint")),
+        tag_keys.VERSION_CONFIG_HASH: str(metadata.get("config_hash")),
+        tag_keys.VERSION_CALIBRATION: json.dumps(metadata.get("calibration"), sort_keys=True),
         # The whole YAML as a tag lost its newlines and flooded the tags table: the run's
         # artifact is the config, the tag points at it.
-        "config_uri": f"runs:/{run_id}/config/config.yaml",
-        "run_uri": f"runs:/{run_id}",
-        "run_id": run_id,
+        tag_keys.VERSION_CONFIG_URI: f"runs:/{run_id}/config/config.yaml",
+        tag_keys.VERSION_RUN_URI: f"runs:/{run_id}",
+        tag_keys.VERSION_RUN_ID: run_id,
     }
     return tags
 
@@ -115,7 +118,7 @@ def register_run_model(client: MlflowClient, run_id: str, model_name: str) -> Mo
     run = client.get_run(run_id)
     if run.info.status != "FINISHED":
         raise ValueError(f"run {run_id} is {run.info.status}, not FINISHED; nothing to register")
-    model_uri = run.data.tags.get("best_model_uri")
+    model_uri = run.data.tags.get(tag_keys.BEST_MODEL_URI)
     if not model_uri:
         raise ValueError(
             f"run {run_id} has no best_model_uri tag: it logged no model "
@@ -230,7 +233,7 @@ def register_and_promote(
         gate=gate.rule,
     )
     record_decision(client, decision, parent_run_id or client.get_run(run_id).data.tags.get(
-        "mlflow.parentRunId") or run_id)
+        tag_keys.PARENT_RUN_ID) or run_id)
     print(decision.summary())
     return decision
 
@@ -243,7 +246,7 @@ def registry_options(config: DictConfig | dict | None) -> dict[str, Any]:
     """`registry.*` keys of a composed config with their defaults."""
     section = (config or {}).get("registry") or {}
     return {
-        "enabled": bool(section.get("enabled", True)),
+        "enabled": bool(section.get("enabled", DEFAULTS.enabled)),
         "model_name": str(section.get("model_name") or DEFAULT_MODEL_NAME),
         "metric": str(section.get("metric") or DEFAULT_METRIC),
         "tie_break": str(section.get("tie_break") or DEFAULT_TIE_BREAK),
@@ -251,14 +254,16 @@ def registry_options(config: DictConfig | dict | None) -> dict[str, Any]:
 
 
 def promote_sweep_best(
-    config: DictConfig, parent_run_id: str, best_run_id: str | None = None
+    config: DictConfig, parent_run_id: str, best_run_id: str | None | EllipsisType = ...
 ) -> PromotionDecision | None:
-    """Hook for `on_multirun_end`: register and promote the sweep's best trial.
+    """Register and promote the sweep's best trial (the sweep's end: `search.sweep.pipeline`).
 
     Args:
         config: The composed sweep config (reads `registry.enabled/model_name/metric/tie_break`).
         parent_run_id: The sweep's parent run (receives the decision).
-        best_run_id: The best trial's run; default: the parent run's `best_run_id` tag.
+        best_run_id: The best trial's run, as the sweep's end found it (None: the sweep has
+            none). Left out: the parent run's `best_run_id` tag, for a caller that holds only
+            the parent run.
 
     Returns:
         The decision, or None when the registry is disabled, the sweep has no best run or the
@@ -273,7 +278,8 @@ def promote_sweep_best(
         log.info("registry.enabled=false: best trial not registered")
         return None
     client = MlflowClient()
-    best_run_id = best_run_id or client.get_run(parent_run_id).data.tags.get("best_run_id")
+    if best_run_id is ...:  # not given: the parent run's tag says which run was best
+        best_run_id = client.get_run(parent_run_id).data.tags.get("best_run_id")
     skipped = None
     if not best_run_id:
         skipped = "the sweep has no best_run_id (no finished trial?)"
@@ -308,12 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=DEFAULT_MODEL_NAME, help="registered model name")
     parser.add_argument("--metric", default=DEFAULT_METRIC, choices=RANKING_METRICS)
     parser.add_argument("--tie-break", default=DEFAULT_TIE_BREAK, choices=RANKING_METRICS)
-    parser.add_argument("--gate", default="paired_bootstrap", choices=GATES,
+    parser.add_argument("--gate", default=DEFAULTS.gate, choices=GATES,
                         help="paired_bootstrap: promote only when better beyond noise (default); "
                              "point: a higher point value is enough")
-    parser.add_argument("--min-per-class", type=int, default=10,
+    parser.add_argument("--min-per-class", type=int, default=DEFAULTS.min_per_class,
                         help="fewer images of a class in the compared split: too small to decide")
-    parser.add_argument("--compare-on", default="test",
+    parser.add_argument("--compare-on", default=DEFAULTS.compare_on,
                         help="test, or the name of one of the run's evaluation.external sets")
     parser.add_argument("--tracking-uri", default=None,
                         help="default: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlruns/mlflow.db")
@@ -323,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     run_id, parent = args.run_id, None
     if args.sweep_run_id:
         parent = args.sweep_run_id
-        run_id = client.get_run(parent).data.tags.get("best_run_id")
+        run_id = client.get_run(parent).data.tags.get(tag_keys.BEST_RUN_ID)
         if not run_id:
             print(f"error: sweep run {parent} has no best_run_id tag (did the sweep finish a "
                   "trial?)", file=sys.stderr)

@@ -23,6 +23,10 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from search import sweep_context
+from search.model_registry.champion import current_champion
+from search.model_registry.model_store import run_config_text
+from search.model_registry.registry_settings import DEFAULTS
+from search.sweep.final_stage import metrics_of, run_single
 
 log = logging.getLogger(__name__)
 METRICS = ("val_roc_auc", "val_accuracy", "val_sensitivity", "val_specificity", "val_loss",
@@ -31,8 +35,8 @@ METRICS = ("val_roc_auc", "val_accuracy", "val_sensitivity", "val_specificity", 
 
 def cv_folds(config: DictConfig | dict | None) -> int:
     """`registry.cv_folds` (0 = off; otherwise >= 2)."""
-    k = int(OmegaConf.select(OmegaConf.create(config or {}), "registry.cv_folds", default=0)
-            or 0)
+    k = OmegaConf.select(OmegaConf.create(config or {}), "registry.cv_folds")
+    k = int(DEFAULTS.cv_folds if k is None else k)  # absent or null: the YAML's default
     if k == 1 or k < 0:
         raise ValueError(f"registry.cv_folds={k} must be 0 (off) or >= 2")
     return k
@@ -41,10 +45,6 @@ def cv_folds(config: DictConfig | dict | None) -> int:
 def run_cross_validation(config: DictConfig, parent_run_id: str, decision: Any
                          ) -> dict[str, Any] | None:
     """Train the champion's config on k folds; mean ± std on the parent and the version."""
-    from search.model_registry.champion import current_champion
-    from search.model_registry.model_store import run_config_text
-    from search.sweep.final_stage import metrics_of, run_single
-
     k = cv_folds(config)
     if k < 2 or decision is None:
         return None

@@ -16,7 +16,6 @@ single-run rank against the mean rank (`final_stage_rank_changed`, Kendall's tau
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -27,24 +26,26 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import yaml
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from search import sweep_context
+from search.model_registry.model_store import run_config_text
+from search.model_registry.registry_settings import DEFAULTS
+from search.sweep.top_k_ensemble import top_runs
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
-# The sweeper's per-trial variables: a repeat must not attach itself to an Optuna trial.
-TRIAL_ENV = ("OPTUNA_SWEEPER_STORAGE", "OPTUNA_SWEEPER_STUDY", "OPTUNA_SWEEPER_TRIAL_ID",
-             "OPTUNA_SWEEPER_TRIAL_NUMBER", "OPTUNA_SWEEPER_SAMPLER", "OPTUNA_SWEEPER_PRUNER",
-             "OPTUNA_SWEEPER_SAMPLER_CONFIG")
 
 
 def options(config: DictConfig | dict | None) -> tuple[int, int]:
     """(top_k, repeats) from `registry.final_stage` (0: no final stage)."""
     section = OmegaConf.select(OmegaConf.create(config or {}), "registry.final_stage",
                                default=None) or {}
-    top_k, repeats = int(section.get("top_k") or 0), int(section.get("repeats") or 0)
+    top_k = section.get("top_k")
+    top_k = int(DEFAULTS.final_stage.top_k if top_k is None else top_k)  # absent or null
+    repeats = int(section.get("repeats") or 0)  # absent: no repeats (not the YAML's 2)
     if top_k < 0 or repeats < 0:
         raise ValueError(f"registry.final_stage.top_k={top_k} and .repeats={repeats} must be "
                          ">= 0 (0 = no final stage)")
@@ -57,9 +58,9 @@ def run_single(config_text: str, overrides: list[str], workdir: Path, parent_run
     a subprocess, as a trial is, so its TF state and memory end with it."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.yaml").write_text(config_text)
-    env = {k: v for k, v in os.environ.items() if k not in TRIAL_ENV}
-    env.update({"MLFLOW_PARENT_RUN_ID": parent_run_id, "SWEEPER_THREADS_PER_WORKER": str(threads),
-                "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
+    # not attached to an Optuna trial; nested under the sweep's parent run, with its threads
+    env = sweep_context.single_run_env(parent_run_id, threads)
+    env.update({"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
                 "TF_CPP_MIN_LOG_LEVEL": env.get("TF_CPP_MIN_LOG_LEVEL", "2")})
     cmd = [sys.executable, str(REPO / "search" / "run.py"), "--config-path", str(workdir),
            "--config-name", "config", f"hydra.run.dir={workdir / 'run'}", *overrides]
@@ -68,6 +69,8 @@ def run_single(config_text: str, overrides: list[str], workdir: Path, parent_run
 
 def kendall_tau(a: list[str], b: list[str]) -> float:
     """Kendall's tau between two rankings of the same items (scipy's, on their positions)."""
+    # inside: scipy.stats takes ~0.5 s to import and only a final stage needs it, while this
+    # module is imported whenever a sweep starts (the Hydra callback's pipeline)
     from scipy.stats import kendalltau
 
     if len(a) < 2:
@@ -75,11 +78,13 @@ def kendall_tau(a: list[str], b: list[str]) -> float:
     return float(kendalltau([a.index(x) for x in a], [b.index(x) for x in a]).statistic)
 
 
-def run_final_stage(config: DictConfig, parent_run_id: str) -> dict[str, Any] | None:
-    """Re-train the top-k trials, pick the best mean, record it; the ranking, or None."""
-    from search.model_registry.model_store import run_config_text
-    from search.sweep.top_k_ensemble import top_runs
+def run_final_stage(config: DictConfig, parent_run_id: str) -> str | None:
+    """Re-train the top-k trials, pick the best mean, record it.
 
+    Returns:
+        The run id of the trial with the best mean objective (the parent run's new
+        `best_run_id`), or None when no final stage ran (off, or fewer than two trials).
+    """
     top_k, repeats = options(config)
     if top_k < 1 or repeats < 1:
         return None
@@ -94,33 +99,10 @@ def run_final_stage(config: DictConfig, parent_run_id: str) -> dict[str, Any] | 
     jobs, threads = sweep_context.sweep_jobs(config)
     log.info("Final stage: re-training the top %d trials %d time(s) each (%d at a time)",
              len(runs), repeats, jobs)
-    tasks = []
     work = Path(tempfile.mkdtemp(prefix="final-stage-"))
-    for run in runs:
-        text = run_config_text(client, run.info.run_id)
-        seed = int(OmegaConf.create(text).seed)
-        trial = run.data.tags.get("optuna.trial_number", "?")
-        for r in range(1, repeats + 1):
-            name = f"final · t{int(trial):03d}" if trial.isdigit() else "final"
-            # ++: configs logged before trainer.seed / tracking.tags existed lack the keys;
-            # tracking.uri=null: the logged config masks a password, the environment has it
-            overrides = [f"++trainer.seed={seed + r}", "tracking.uri=null",
-                         f"tracking.run_name='{name} · seed {seed + r}'",
-                         f"++tracking.tags={{final_stage.origin_trial: '{trial}', "
-                         f"final_stage.origin_run: {run.info.run_id}, final_stage.repeat: '{r}'}}"]
-            tasks.append((run, r, text, overrides, work / f"{run.info.run_id}-{r}"))
-    def one(task: tuple) -> tuple:
-        run, r, text, overrides, folder = task
-        proc = run_single(text, overrides, folder, parent_run_id, threads)
-        log.info("final stage: trial %s repeat %d -> %s %s", run.data.tags.get(
-            "optuna.trial_number"), r, OmegaConf.create(text).objective,
-            _objective(folder, OmegaConf.create(text).objective) if proc.returncode == 0
-            else f"failed (exit {proc.returncode})")
-        return task, proc, _objective(folder, OmegaConf.create(text).objective)
-
+    tasks = repeat_tasks(client, runs, repeats, work)
     try:
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            done = list(pool.map(one, tasks))
+        done = run_repeats(tasks, parent_run_id, jobs, threads)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # the repeats' runs are in MLflow
     values: dict[str, list[float]] = {r.info.run_id: [r.data.metrics["objective"]] for r in runs}
@@ -135,10 +117,42 @@ def run_final_stage(config: DictConfig, parent_run_id: str) -> dict[str, Any] | 
     return record(client, parent_run_id, runs, values, maximize, repeats, failed)
 
 
+def repeat_tasks(client: MlflowClient, runs: list[Any], repeats: int, work: Path) -> list[tuple]:
+    """(run, repeat, config text, overrides, folder) for each repeat of each top run."""
+    tasks = []
+    for run in runs:
+        text = run_config_text(client, run.info.run_id)
+        seed = int(OmegaConf.create(text).seed)
+        trial = run.data.tags.get("optuna.trial_number", "?")
+        for r in range(1, repeats + 1):
+            name = f"final · t{int(trial):03d}" if trial.isdigit() else "final"
+            # ++: configs logged before trainer.seed / tracking.tags existed lack the keys;
+            # tracking.uri=null: the logged config masks a password, the environment has it
+            overrides = [f"++trainer.seed={seed + r}", "tracking.uri=null",
+                         f"tracking.run_name='{name} · seed {seed + r}'",
+                         f"++tracking.tags={{final_stage.origin_trial: '{trial}', "
+                         f"final_stage.origin_run: {run.info.run_id}, final_stage.repeat: '{r}'}}"]
+            tasks.append((run, r, text, overrides, work / f"{run.info.run_id}-{r}"))
+    return tasks
+
+
+def run_repeats(tasks: list[tuple], parent_run_id: str, jobs: int, threads: int) -> list[tuple]:
+    """Run the repeats, `jobs` at a time; (task, finished process, objective) for each."""
+    def one(task: tuple) -> tuple:
+        run, r, text, overrides, folder = task
+        proc = run_single(text, overrides, folder, parent_run_id, threads)
+        log.info("final stage: trial %s repeat %d -> %s %s", run.data.tags.get(
+            "optuna.trial_number"), r, OmegaConf.create(text).objective,
+            _objective(folder, OmegaConf.create(text).objective) if proc.returncode == 0
+            else f"failed (exit {proc.returncode})")
+        return task, proc, _objective(folder, OmegaConf.create(text).objective)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(one, tasks))
+
+
 def metrics_of(folder: Path) -> dict[str, float]:
     """The metrics.yaml a `run_single` run wrote ({} when it wrote none)."""
-    import yaml
-
     metrics = folder / "run" / "metrics.yaml"
     return (yaml.safe_load(metrics.read_text()) or {}) if metrics.is_file() else {}
 
@@ -152,8 +166,9 @@ def _objective(folder: Path, objective: Any) -> float | None:
 
 def record(client: MlflowClient, parent_run_id: str, runs: list[Any],
            values: dict[str, list[float]], maximize: bool, repeats: int,
-           failed: list[str]) -> dict[str, Any]:
-    """Ranking table, tags and metrics on the parent; `best_run_id` moves to the best mean."""
+           failed: list[str]) -> str:
+    """Ranking table, tags and metrics on the parent; `best_run_id` moves to the best mean,
+    whose run id is returned."""
     sign = -1.0 if maximize else 1.0
     single = [r.info.run_id for r in runs]  # already in single-run order
     mean_rank = sorted(single, key=lambda i: sign * float(np.mean(values[i])))
@@ -180,4 +195,4 @@ def record(client: MlflowClient, parent_run_id: str, runs: list[Any],
     client.set_tag(parent_run_id, "best_run_id", mean_rank[0])
     log.info("Final stage: %s\n%s", "the best mean is another trial than the best single run"
              if changed else "the best single run also has the best mean", "\n".join(md))
-    return table
+    return mean_rank[0]

@@ -1,7 +1,9 @@
-"""Sweep report from a finished Optuna study, made with Optuna's own visualisations.
+"""The sweep's report: Optuna's own visualisations on disk, and the parent run's record.
 
 Each plot is written twice: into one interactive HTML page (plotly) and as a PNG (Optuna's
-matplotlib backend, because plotly's PNG export needs kaleido plus a Chrome install).
+matplotlib backend, because plotly's PNG export needs kaleido plus a Chrome install). On the
+sweep's MLflow parent run: the best trial (params, objective, its run id and eval metrics),
+every trial's val_loss curve in one figure, and the runs a killed sweep left RUNNING closed.
 """
 
 from __future__ import annotations
@@ -16,11 +18,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
 import optuna  # noqa: E402
 import optuna.visualization as vis  # noqa: E402
 import optuna.visualization.matplotlib as vis_mpl  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
 
 from search import sweep_context  # noqa: E402
+from search.model_registry.model_card import with_interval  # noqa: E402
+from search.sweep.figures import curves_figure, run_curves, study_curves  # noqa: E402
+from search.tracking import mlflow_runs  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +77,6 @@ def top_params(study: optuna.Study, k: int = TOP_PARAMS) -> list[str] | None:
 
 def held_out_rows(metrics: dict[str, float] | None) -> list[tuple[str, str]]:
     """The best trial's held-out and external figures with their 95 % intervals."""
-    from search.model_registry.model_card import with_interval
-
     metrics = metrics or {}
     rows = []
     prefixes = [("held-out test", "eval_test_")] + [
@@ -110,8 +115,6 @@ def header_table(study: optuna.Study, summary: dict[str, Any],
 
 def _curves_png(study: optuna.Study, summary: dict[str, Any], path: Path) -> None:
     """The intermediate values as one readable figure (Optuna's cuts its legend at ~25)."""
-    from search.sweep.figures import curves_figure, study_curves
-
     curves, states = study_curves(study.get_trials(deepcopy=False))
     best = summary.get("best") or {}
     names = study.metric_names or ["intermediate value"]
@@ -173,3 +176,79 @@ def write_report(study: optuna.Study, folder: Path,
     )
     written.append(page)
     return written
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent run's record of the sweep
+
+
+def child_runs(client: MlflowClient, study: str, extra: str = "") -> list:
+    """Trial runs of a study, in every experiment of the store."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    query = f"tags.`optuna.study` = '{study}'" + (f" and {extra}" if extra else "")
+    return client.search_runs(experiments, filter_string=query, max_results=5000)
+
+
+def close_stale_runs(client: MlflowClient, study: optuna.Study, keep: str) -> int:
+    """End runs left RUNNING by a killed sweep: trial runs whose trial has finished, and
+    other parent runs of this study once no trial is running any more."""
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    alive = any(t.state == optuna.trial.TrialState.RUNNING for t in trials.values())
+    closed = 0
+    for run in child_runs(client, study.study_name, "attributes.status = 'RUNNING'"):
+        if run.info.run_id == keep:
+            continue
+        number = run.data.tags.get("optuna.trial_number")
+        if number is None:
+            # Between two trials no trial runs, yet the sweep may well be alive: a parent
+            # whose process on this host still runs is never closed.
+            if (run.data.tags.get("sweep.parent") == "true" and not alive
+                    and mlflow_runs.owner_alive(run.data.tags) is not True):
+                client.set_terminated(run.info.run_id, "KILLED")
+                closed += 1
+            continue
+        trial = trials.get(int(number))
+        if trial is not None and trial.state.is_finished():
+            client.set_tag(run.info.run_id, "optuna.trial_state", trial.state.name)
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed += 1
+    if closed:
+        log.info("closed %d MLflow run(s) left RUNNING by an interrupted sweep", closed)
+    return closed
+
+
+def log_best_trial(client: MlflowClient, study: optuna.Study, summary: dict) -> str | None:
+    """Best params and value on the (active) parent run, plus the best trial's run id and eval
+    metrics; that run's id, or None when the best trial has no FINISHED run."""
+    best = summary.get("best")
+    if not best:
+        return None
+    # The names the trials' runs use, so the parent's row reads like its best trial's.
+    mlflow.log_params(dict(best["params"]))
+    mlflow.log_metric("objective", best["value"])
+    runs = child_runs(client, study.study_name, f"tags.`optuna.trial_number` = '{best['number']}'")
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    if not finished:
+        return None
+    run = finished[0]
+    mlflow.set_tag("best_run_id", run.info.run_id)
+    mlflow.log_metrics({
+        k: v for k, v in run.data.metrics.items() if k.startswith(("eval_", "ext_"))
+    })
+    return run.info.run_id
+
+
+def log_sweep_curves(client: MlflowClient, study: optuna.Study, summary: dict) -> None:
+    """Every trial's val_loss per epoch, from the tracked series, as one PNG on the parent."""
+    runs = child_runs(client, study.study_name)
+    curves = run_curves(client, runs, "val_loss")
+    if not curves:
+        return
+    states = {int(r.data.tags["optuna.trial_number"]): r.data.tags.get("optuna.trial_state", "")
+              for r in runs if "optuna.trial_number" in r.data.tags}
+    best = summary.get("best") or {}
+    figure = curves_figure(curves, states, best.get("number"), "val_loss",
+                           title=f"val_loss per epoch: {len(curves)} trials of {study.study_name}",
+                           best_value=best.get("value"))
+    mlflow.log_figure(figure, "sweep/val_loss_all_trials.png")
+    plt.close(figure)

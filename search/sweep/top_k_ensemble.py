@@ -3,11 +3,11 @@
 At the end of a sweep (after its best trial was registered), the k COMPLETE trials with the
 best objective and distinct configs (`config_hash`) are loaded from their logged models and
 averaged (`models.ensemble.build_ensemble`). The ensemble gets its own MLflow run under the
-sweep's parent, evaluated exactly like a trial (`evaluation_logging.evaluate_and_log`:
-threshold chosen on val, held-out test and external sets with intervals), logged as an MLflow
-Keras model,
-registered as its own version and put through the same champion gate. Its gain over the
-best single trial, on the same held-out images, is logged on the parent run.
+sweep's parent, evaluated exactly like a trial
+(`search.evaluation.evaluate_run.evaluate_and_log`: threshold chosen on val, held-out test and
+external sets with intervals), logged as an MLflow Keras model, registered as its own version
+and put through the same champion gate. Its gain over the best single trial, on the same
+held-out images, is logged on the parent run.
 """
 
 from __future__ import annotations
@@ -19,19 +19,29 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from search import sweep_context
+from search.model_registry import model_store
+from search.model_registry.champion import GateSpec
+from search.model_registry.registration import (
+    register_and_promote,
+    registry_options,
+    run_config,
+    run_model_metadata,
+)
+from search.model_registry.registry_settings import DEFAULTS
+from search.tracking import descriptions, mlflow_runs
 
 log = logging.getLogger(__name__)
 
 
 def ensemble_top_k(config: DictConfig | dict | None) -> int:
     """`registry.ensemble.top_k` (0 or 1: no ensemble)."""
-    value = OmegaConf.select(OmegaConf.create(config or {}), "registry.ensemble.top_k",
-                             default=0)
-    k = int(value or 0)
+    value = OmegaConf.select(OmegaConf.create(config or {}), "registry.ensemble.top_k")
+    k = int(DEFAULTS.ensemble.top_k if value is None else value)  # absent or null: default
     if k < 0:
         raise ValueError(f"registry.ensemble.top_k={k} must be >= 0 (0 = no ensemble)")
     return k
@@ -70,22 +80,17 @@ def _check_compatible(metadata: list[dict[str, Any]]) -> None:
 def build_ensemble_run(config: DictConfig, parent_run_id: str, k: int) -> str | None:
     """Build, evaluate and log the ensemble of the sweep's top-k trials; its run id, or None
     when fewer than two distinct COMPLETE trials logged a model."""
+    # inside: Keras and TensorFlow (which these import) load only when an ensemble is built;
+    # the sweeper process imports this module at start-up and otherwise never loads them
     import keras
-    from hydra.utils import instantiate
 
     from models.ensemble import build_ensemble
     from search.evaluation.evaluate_run import evaluate_and_log
-    from search.model_registry import model_store
-    from search.model_registry.registration import run_config, run_model_metadata
-    from search.tracking import descriptions, mlflow_runs
     from search.tracking.model_logging import log_keras_model
 
     client = MlflowClient()
-    runs = top_runs(client, parent_run_id, k, sweep_context.maximizes(config))
-    if len(runs) < 2:
-        reason = f"registry.ensemble.top_k={k}: only {len(runs)} distinct COMPLETE trial(s)"
-        log.info("no ensemble: %s", reason)
-        client.set_tag(parent_run_id, "ensemble.skipped", reason)
+    runs = _members_or_none(client, config, parent_run_id, k)
+    if runs is None:
         return None
     ids = [r.info.run_id for r in runs]
     metadata = [run_model_metadata(client, run_id) for run_id in ids]
@@ -95,28 +100,19 @@ def build_ensemble_run(config: DictConfig, parent_run_id: str, k: int) -> str | 
              ", ".join(f"trial {r.data.tags.get('optuna.trial_number')}" for r in runs))
     data = instantiate(cfg.data, seed=int(cfg.seed), _convert_="all")
     binary = len(data.class_names) == 2
-    with tempfile.TemporaryDirectory() as tmp:
-        members = []
-        for i, run in enumerate(runs):
-            folder = mlflow.artifacts.download_artifacts(run.data.tags["best_model_uri"],
-                                                         dst_path=str(Path(tmp) / str(i)))
-            members.append(model_store.load_keras_safely(folder))
+    members = _load_members(runs)
     keras.utils.set_random_seed(int(cfg.seed))
     model = build_ensemble(members, name=f"ensemble_top{len(members)}")
     model.compile(loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy")
     members_hash = hashlib.sha256(" ".join(m.get("config_hash") or "" for m in metadata)
                                   .encode()).hexdigest()[:16]
     study = runs[0].data.tags.get("optuna.study", "sweep")
-    tags = {"ensemble.members": ",".join(ids), "ensemble.k": str(len(ids)),
-            "ensemble.trials": ",".join(r.data.tags.get("optuna.trial_number", "?")
-                                        for r in runs),
-            "model.builder": "build_ensemble", **mlflow_runs.process_tags()}
     params = {k_: v for k_, v in runs[0].data.params.items()
               if k_ == "data" or k_.startswith("data.") or k_ in ("seed",)}
     with mlflow.start_run(run_name=f"ensemble · top {len(ids)} of {study}",
                           parent_run_id=parent_run_id, nested=True,  # the sweep's is active
                           experiment_id=client.get_run(parent_run_id).info.experiment_id,
-                          tags=tags) as run:
+                          tags=_run_tags(runs)) as run:
         mlflow_runs.log_run_context(cfg, params={**params, "ensemble.k": len(ids),
                                               "model.n_params": model.count_params(),
                                               "config_hash": members_hash})
@@ -133,11 +129,41 @@ def build_ensemble_run(config: DictConfig, parent_run_id: str, k: int) -> str | 
     return run.info.run_id
 
 
+def _members_or_none(client: MlflowClient, config: DictConfig, parent_run_id: str,
+                     k: int) -> list[Any] | None:
+    """The ensemble's member runs; None (with an `ensemble.skipped` tag on the parent) when
+    fewer than two distinct COMPLETE trials logged a model."""
+    runs = top_runs(client, parent_run_id, k, sweep_context.maximizes(config))
+    if len(runs) < 2:
+        reason = f"registry.ensemble.top_k={k}: only {len(runs)} distinct COMPLETE trial(s)"
+        log.info("no ensemble: %s", reason)
+        client.set_tag(parent_run_id, "ensemble.skipped", reason)
+        return None
+    return runs
+
+
+def _load_members(runs: list[Any]) -> list[Any]:
+    """The members' Keras models, from their runs' logged models."""
+    with tempfile.TemporaryDirectory() as tmp:
+        members = []
+        for i, run in enumerate(runs):
+            folder = mlflow.artifacts.download_artifacts(run.data.tags["best_model_uri"],
+                                                         dst_path=str(Path(tmp) / str(i)))
+            members.append(model_store.load_keras_safely(folder))
+    return members
+
+
+def _run_tags(runs: list[Any]) -> dict[str, str]:
+    """The ensemble run's tags: its members (run ids, trial numbers) and the process."""
+    ids = [r.info.run_id for r in runs]
+    return {"ensemble.members": ",".join(ids), "ensemble.k": str(len(ids)),
+            "ensemble.trials": ",".join(r.data.tags.get("optuna.trial_number", "?")
+                                        for r in runs),
+            "model.builder": "build_ensemble", **mlflow_runs.process_tags()}
+
+
 def promote_ensemble(config: DictConfig, parent_run_id: str, best_decision: Any) -> Any:
     """Build the ensemble run, register it and put it through the gate; tags on the parent."""
-    from search.model_registry.champion import GateSpec
-    from search.model_registry.registration import register_and_promote, registry_options
-
     k = ensemble_top_k(config)
     if k < 2 or not registry_options(config)["enabled"]:
         return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
+from search.tracking import tags as tag_keys
 from search.tracking.mlflow_runs import DEFAULT_STORE, ML_VIEW, public_uri
 
 LOCAL_UI = "http://127.0.0.1:5000"
@@ -117,8 +118,8 @@ def version_description(run: Any, metadata: dict[str, Any],
     """A model version's description: what it was trained on, what it won on, where it
     operates, and where its full config is (the run's `config/config.yaml` artifact)."""
     tags, params = run.data.tags, run.data.params
-    trial = tags.get("optuna.trial_number")
-    origin = (f"trial {trial} of study `{tags.get('optuna.study')}`" if trial is not None
+    trial = tags.get(tag_keys.OPTUNA_TRIAL_NUMBER)
+    origin = (f"trial {trial} of study `{tags.get(tag_keys.OPTUNA_STUDY)}`" if trial is not None
               else "a single run")
     data = params.get("data", "?")
     lines = [

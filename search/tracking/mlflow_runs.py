@@ -19,7 +19,9 @@ from typing import Any
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
+from search.tracking import tags as tag_keys
 from search.tracking.store_move import follow_move
+from search.tracking.tags import EXPERIMENT_KIND
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +173,7 @@ def host_id() -> str:
 
 def process_tags() -> dict[str, str]:
     """Which process owns a run: lets a later command close runs of processes that died."""
-    return {"process.host": host_id(), "process.pid": str(os.getpid())}
+    return {tag_keys.PROCESS_HOST: host_id(), tag_keys.PROCESS_PID: str(os.getpid())}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -191,8 +193,8 @@ def _pid_alive(pid: int) -> bool:
 def owner_alive(tags: dict[str, str]) -> bool | None:
     """Whether the process that owns a run (its process.* tags) still runs; None when it
     ran on another host, which this one cannot see."""
-    pid = tags.get("process.pid", "")
-    if tags.get("process.host") != host_id() or not pid.isdigit():
+    pid = tags.get(tag_keys.PROCESS_PID, "")
+    if tags.get(tag_keys.PROCESS_HOST) != host_id() or not pid.isdigit():
         return None
     return _pid_alive(int(pid))
 
@@ -207,16 +209,16 @@ def close_dead_runs(experiment_id: str) -> int:
     host = host_id()
     runs = client.search_runs(
         [experiment_id],
-        f"attributes.status = 'RUNNING' and tags.`process.host` = '{host}'",
+        f"attributes.status = 'RUNNING' and tags.`{tag_keys.PROCESS_HOST}` = '{host}'",
         max_results=1000,
     )
     closed = 0
     for run in runs:
-        pid = run.data.tags.get("process.pid", "")
+        pid = run.data.tags.get(tag_keys.PROCESS_PID, "")
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            client.set_tag(run.info.run_id, "process.ended", "killed: its process died")
-            if "optuna.trial_state" in run.data.tags:
-                client.set_tag(run.info.run_id, "optuna.trial_state", "FAIL")
+            client.set_tag(run.info.run_id, tag_keys.PROCESS_ENDED, "killed: its process died")
+            if tag_keys.OPTUNA_TRIAL_STATE in run.data.tags:
+                client.set_tag(run.info.run_id, tag_keys.OPTUNA_TRIAL_STATE, "FAIL")
             client.set_terminated(run.info.run_id, "KILLED")
             closed += 1
     if closed:
@@ -224,8 +226,8 @@ def close_dead_runs(experiment_id: str) -> int:
     return closed
 
 
-# The experiment tag MLflow 3's UI reads to choose between its GenAI and model-training views.
-EXPERIMENT_KIND = "mlflow.experimentKind"
+# The value of the experiment-kind tag (EXPERIMENT_KIND, re-exported from tags) that opens
+# MLflow 3's UI on its model-training view.
 TRAINING_KIND = "custom_model_development"
 
 
@@ -370,8 +372,8 @@ def log_run_context(cfg: DictConfig, params: dict[str, Any] | None = None) -> No
     mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
     versions = package_versions()
     mlflow.log_dict(versions, "environment/versions.json")
-    tags = {f"version.{k}": v for k, v in versions.items()}
+    tags = {f"{tag_keys.PACKAGE_VERSION_PREFIX}{k}": v for k, v in versions.items()}
     commit = git_commit()
     if commit:
-        tags["mlflow.source.git.commit"] = commit
+        tags[tag_keys.GIT_COMMIT] = commit
     mlflow.set_tags(tags)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from search.faults import fault_point
 from search.tracking import mlflow_runs, serving
+from search.tracking import tags as tag_keys
 
 MODEL_PACKAGES = ("tensorflow", "keras", "numpy")
 
@@ -76,7 +77,7 @@ def log_keras_model(cfg: DictConfig, model: keras.Model, data: Any, results: dic
     with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
         info = _log_model(model, signature, example, metadata)
     mlflow.log_dict(metadata, "model_metadata.json")
-    mlflow.set_tag("best_model_uri", info.model_uri)
+    mlflow.set_tag(tag_keys.BEST_MODEL_URI, info.model_uri)
 
 
 def _log_model(model: keras.Model, signature: Any, example: np.ndarray,

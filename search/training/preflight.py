@@ -43,7 +43,8 @@ def check_trial(cfg: DictConfig) -> None:
     with quiet_native_start():  # TF's native start-up lines, once per dry run
         import keras
 
-        from search.training.trainer import bootstrap_spec, check_label_smoothing, compile_model
+        from search.evaluation.evaluate_run import bootstrap_spec
+        from search.training.model_setup import check_label_smoothing, compile_model
 
     check_run_config(cfg)
     bootstrap_spec(cfg)

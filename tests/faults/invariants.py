@@ -8,7 +8,7 @@ import optuna
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from hydra_plugins.optuna_pruning_sweeper.study import count_toward_budget
+from hydra_plugins.optuna_pruning_sweeper._study import count_toward_budget
 
 
 def completed(storage: str, study: str) -> dict[int, float]:

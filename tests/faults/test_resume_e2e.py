@@ -23,7 +23,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from hydra_plugins.optuna_pruning_sweeper.study import count_toward_budget
+from hydra_plugins.optuna_pruning_sweeper._study import count_toward_budget
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from hydra_plugins.optuna_pruning_sweeper.storage import redact
+from hydra_plugins.optuna_pruning_sweeper._storage import redact
 from search.sweep.hydra_callbacks import redacted_sweeper_yaml
 from search.tracking import mlflow_runs as tracking
 

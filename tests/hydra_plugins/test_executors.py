@@ -8,7 +8,7 @@ import pytest
 def test_executor_ray_without_ray_says_how_to_install_it(monkeypatch):
     import sys
 
-    from hydra_plugins.optuna_pruning_sweeper.executors.ray_cluster import import_ray
+    from hydra_plugins.optuna_pruning_sweeper._executors._ray_cluster import import_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)  # as where Ray is not installed
     with pytest.raises(RuntimeError, match=r'executor=ray needs Ray: pip install -e "\.\[ray\]"'):

@@ -13,12 +13,12 @@ from hydra._internal.utils import create_config_search_path
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from hydra_plugins.optuna_pruning_sweeper.conditions import ConditionResolver, sample_trial
-from hydra_plugins.optuna_pruning_sweeper.distributions import (
+from hydra_plugins.optuna_pruning_sweeper._conditions import ConditionResolver, sample_trial
+from hydra_plugins.optuna_pruning_sweeper._distributions import (
     params_to_overrides,
     parse_search_space,
 )
-from hydra_plugins.optuna_pruning_sweeper.keras_tuner_engine import (
+from hydra_plugins.optuna_pruning_sweeper._keras_tuner_engine import (
     KerasTunerEngine,
     build_hyperparameters,
 )

@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from hydra_plugins.optuna_pruning_sweeper import preemption
-from hydra_plugins.optuna_pruning_sweeper.study import count_toward_budget
+from hydra_plugins.optuna_pruning_sweeper import _preemption as preemption
+from hydra_plugins.optuna_pruning_sweeper._study import count_toward_budget
 
 CHILD = """
 import os, signal, sys, time
-from hydra_plugins.optuna_pruning_sweeper import preemption
+from hydra_plugins.optuna_pruning_sweeper import _preemption as preemption
 preemption.install({grace})
 print("ready", flush=True)
 sys.stdin.readline()

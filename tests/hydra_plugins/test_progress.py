@@ -13,7 +13,8 @@ import termios
 
 import optuna
 
-from hydra_plugins.optuna_pruning_sweeper import console, progress
+from hydra_plugins.optuna_pruning_sweeper import _console as console
+from hydra_plugins.optuna_pruning_sweeper import _progress as progress
 
 
 def study_with(states: list[str]) -> optuna.Study:

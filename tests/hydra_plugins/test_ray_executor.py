@@ -22,7 +22,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from hydra_plugins.optuna_pruning_sweeper.study import count_toward_budget
+from hydra_plugins.optuna_pruning_sweeper._study import count_toward_budget
 from tests.faults import invariants
 
 ray = pytest.importorskip("ray")

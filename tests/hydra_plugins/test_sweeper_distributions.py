@@ -4,7 +4,7 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from hydra_plugins.optuna_pruning_sweeper.distributions import (
+from hydra_plugins.optuna_pruning_sweeper._distributions import (
     Param,
     condition_parent,
     config_key,

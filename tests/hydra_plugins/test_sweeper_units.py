@@ -12,11 +12,13 @@ from hydra.core.config_store import ConfigStore
 from optuna.trial import TrialState, create_trial
 
 import hydra_plugins.optuna_pruning_sweeper.config  # noqa: F401 - registers the configs
-from hydra_plugins.optuna_pruning_sweeper import samplers, storage, trial_context
-from hydra_plugins.optuna_pruning_sweeper import study as sweep_study
-from hydra_plugins.optuna_pruning_sweeper.distributions import parse_search_space
-from hydra_plugins.optuna_pruning_sweeper.executors import local
-from hydra_plugins.optuna_pruning_sweeper.worker import resolve_task_function, values_from_return
+from hydra_plugins.optuna_pruning_sweeper import _samplers as samplers
+from hydra_plugins.optuna_pruning_sweeper import _storage as storage
+from hydra_plugins.optuna_pruning_sweeper import _study as sweep_study
+from hydra_plugins.optuna_pruning_sweeper import trial_context
+from hydra_plugins.optuna_pruning_sweeper._distributions import parse_search_space
+from hydra_plugins.optuna_pruning_sweeper._executors import _local as local
+from hydra_plugins.optuna_pruning_sweeper._worker import resolve_task_function, values_from_return
 
 APP_DIR = Path(__file__).parent / "app"
 
@@ -266,7 +268,7 @@ def test_plugin_scan_stays_light():
 
 
 def test_custom_search_space_hook_adds_params_and_refuses_overlap(monkeypatch):
-    from hydra_plugins.optuna_pruning_sweeper import hooks
+    from hydra_plugins.optuna_pruning_sweeper import _hooks as hooks
 
     def configure(cfg, trial):
         trial.suggest_float("z", trial.params["x"] - cfg["d"], trial.params["x"] + cfg["d"])
@@ -292,7 +294,7 @@ def test_relative_hook_path_resolves_beside_the_main_script(tmp_path, monkeypatc
     import sys
     import types
 
-    from hydra_plugins.optuna_pruning_sweeper import hooks
+    from hydra_plugins.optuna_pruning_sweeper import _hooks as hooks
 
     (tmp_path / "my-objective.py").write_text("def configure(cfg, trial):\n    return 42\n")
     main = types.ModuleType("__main__")
@@ -304,7 +306,7 @@ def test_relative_hook_path_resolves_beside_the_main_script(tmp_path, monkeypatc
 
 
 def test_official_results_single_and_multi_objective():
-    from hydra_plugins.optuna_pruning_sweeper.summary import official_results
+    from hydra_plugins.optuna_pruning_sweeper._summary import official_results
 
     study = optuna.create_study()
     assert official_results(study) is None  # nothing complete yet: nothing to report

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from search.training.trainer import check_label_smoothing, smooth_labels
+from search.training.fit import smooth_labels
+from search.training.model_setup import check_label_smoothing
 
 
 def test_smoothing_moves_train_targets_as_keras_loss_would():

@@ -8,9 +8,9 @@ from sklearn.metrics import recall_score, roc_auc_score
 from search.evaluation.keras_metrics import (
     SparseClassRecall,
     SparseMacroAUC,
-    class_keys,
     multiclass_metrics,
 )
+from search.evaluation.metric_maths import class_keys
 
 
 def test_per_epoch_macro_auc_and_class_recall_match_scikit_learn():

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from hydra.utils import instantiate
 
-from hydra_plugins.optuna_pruning_sweeper import preemption
+from hydra_plugins.optuna_pruning_sweeper import _preemption as preemption
 from search import sweep_context
 from search.tracking.model_logging import config_hash
 from search.training import resume
 from search.training.keras_callbacks import AtomicModelCheckpoint
-from search.training.trainer import compile_model
+from search.training.model_setup import compile_model
 
 OVERRIDES = ("data.subset_fraction=0.1", "model.depth=2", "model.base_filters=8",
              "model.dense_units=16", "data.augment.flip=true", "data.augment.noise=0.05",

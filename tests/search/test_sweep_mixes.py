@@ -1,9 +1,9 @@
 """Sweeps as people type them: command-line mixes of `search/run.py -m` as real tiny sweeps.
 
 Every mix either completes its trials or stops before any trial with a named error; none
-ends with every trial FAIL. The dry run proves the shipped sweeps and the README's example
-sweeps, and catches the failing mixes in seconds. The mixes run two at a time (one per
-core), each on its own Optuna and MLflow SQLite store, once per module.
+ends with every trial FAIL. The dry run proves the shipped sweeps and the example sweeps of
+the README and of docs/*.md, and catches the failing mixes in seconds. The mixes run two at
+a time (one per core), each on its own Optuna and MLflow SQLite store, once per module.
 """
 
 from __future__ import annotations
@@ -108,14 +108,25 @@ def run(root: Path, *args: str) -> Outcome:
     return outcome
 
 
-def readme_sweeps() -> list[list[str]]:
-    """The override lists of the README's `python search/run.py -m ...` examples."""
-    text = re.sub(r"\\\n\s*", " ", (REPO / "README.md").read_text())  # join `\` lines
+DOC_PAGES = ("README.md", *sorted(p.relative_to(REPO).as_posix()
+                                   for p in (REPO / "docs").glob("*.md")))
+
+
+def doc_sweeps() -> list[tuple[str, list[str]]]:
+    """(page, override list) of every `python search/run.py -m ...` example in the docs.
+
+    The README first, then docs/*.md. Commands that need a cluster or a database (Ray,
+    PostgreSQL) begin with their environment (`OPTUNA_STORAGE=... python ...`) and are not
+    matched: only lines that start with the command are.
+    """
     found = []
-    for line in re.findall(r"^python search/run\.py -m(.*)$", text, flags=re.MULTILINE):
-        # Only this command's words: not a comment, nor what follows a shell operator.
-        words = re.split(r"\s(?:&&?|\|\|?|;)(?:\s|$)", line.split("#", 1)[0] + " ", maxsplit=1)[0]
-        found.append(shlex.split(words))
+    for page in DOC_PAGES:
+        text = re.sub(r"\\\n\s*", " ", (REPO / page).read_text())  # join `\` lines
+        for line in re.findall(r"^python search/run\.py -m(.*)$", text, flags=re.MULTILINE):
+            # Only this command's words: not a comment, nor what follows a shell operator.
+            words = re.split(r"\s(?:&&?|\|\|?|;)(?:\s|$)", line.split("#", 1)[0] + " ",
+                             maxsplit=1)[0]
+            found.append((page, shlex.split(words)))
     return found
 
 
@@ -131,20 +142,22 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory,
         "data.root=/path/to/folders": write_digits_tree(root / "digits", 4),
     }
     jobs = {m.name: (root / f"mix{i}", (*TINY, *m.args)) for i, m in enumerate(MIXES)}
-    dry = {  # the shipped spaces, the failing mixes of the issue, then the README's sweeps
+    dry = {  # the shipped spaces, the failing mixes of the issue, then the docs' sweeps
         "dry: default": (),
         "dry: transfer, weights none": ("search_space=transfer", "model.weights=none"),
         "dry: model=transfer": ("model=transfer",),
         "dry: search_space=transfer": ("search_space=transfer", "model.allow_download=false"),
         "dry: nightly recipe": ("+experiment=nightly",),
     }
-    for args in readme_sweeps():
-        if "data.root=/data/chest_xray" in args:  # a placeholder path: the built-in data
+    for page, args in doc_sweeps():
+        args = [f"data.root={placeholders[a]}" if a in placeholders else a for a in args]
+        if any(a.startswith("data.root=/") and not a.startswith(f"data.root={root}")
+               for a in args):  # a placeholder path without a stand-in: the built-in data
             args = [a for a in args if not a.startswith(("data=", "data.root="))]
             args.append("model.weights=none")  # tests never download
-        args = [f"data.root={placeholders[a]}" if a in placeholders else a for a in args]
         if tuple(args) not in dry.values():
-            dry[f"dry: README {' '.join(args)}"] = tuple(args)
+            source = "README" if page == "README.md" else page
+            dry[f"dry: {source} {' '.join(args)}"] = tuple(args)
     for i, (name, args) in enumerate(dry.items()):
         jobs[name] = (root / f"dry{i}", ("hydra.sweeper.dry_run=3", *args))
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -179,7 +192,7 @@ def test_mix_completes_or_stops_before_any_trial(mix: Mix, outcomes: dict[str, O
         assert "Fixed on the command line" in full or "Searched as the command line" in full
 
 
-def test_dry_run_passes_shipped_and_readme_sweeps(outcomes: dict[str, Outcome]) -> None:
+def test_dry_run_passes_shipped_and_docs_sweeps(outcomes: dict[str, Outcome]) -> None:
     dry = {n: o for n, o in outcomes.items() if n.startswith("dry:")}
     assert sum(n.startswith("dry: README") for n in dry) >= 6  # the README's examples
     for name, out in dry.items():

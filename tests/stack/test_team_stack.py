@@ -19,7 +19,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from hydra_plugins.optuna_pruning_sweeper.study import count_toward_budget
+from hydra_plugins.optuna_pruning_sweeper._study import count_toward_budget
 from tests.faults import invariants
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,8 +1,8 @@
 """The slot loop: keeps every slot busy, watches the limits, finds stale trials, reports.
 
-Decides (Optuna, in this process) and runs (an executor's slots, see ``executors``) stay
+Decides (Optuna, in this process) and runs (an executor's slots, see ``_executors``) stay
 apart: the loop asks a trial under the ask lock and samples its params here; the executor
-runs the job and the worker tells the final state (see ``worker``).
+runs the job and the worker tells the final state (see ``_worker``).
 
 Stale trials: at start and every ``heartbeat_interval`` seconds the loop runs
 ``optuna.storages.fail_stale_trials``: a RUNNING trial whose heartbeat stopped for
@@ -18,13 +18,13 @@ Own trials beat from a thread of their own (as Optuna's ``optimize`` does), not 
 a loop blocked behind another sweeper's ask lock, or replacing a worker process, must not
 let the trial it just asked (whose worker is still starting) turn stale under a short grace.
 
-Hydra imports this module in every Hydra process (plugin scan): Optuna is imported inside
-the functions. No ``from __future__ import annotations`` here: the scan executes the module
-before it is in ``sys.modules``, where dataclasses cannot resolve string annotations.
+Optuna is imported inside the functions: the public ``sweeper`` imports this module at
+Hydra's plugin scan, in every Hydra process, and a plain run should not pay for Optuna.
 """
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -38,36 +38,36 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import preemption, progress, worker
+from omegaconf import DictConfig, OmegaConf
+
+from . import _preemption as preemption
+from . import _progress as progress
+from . import _worker as worker
 from . import trial_context as tc
-from .conditions import ConditionResolver, sample_trial
+from ._conditions import ConditionResolver, sample_trial
+from ._distributions import config_key, format_override
+from ._executors import TrialExecutor
+from ._hooks import extend_trial
+from ._storage import AskLock
+from ._study import OVERRIDES_ATTR, ask_within_budget, count_toward_budget
 from .config import OptunaPruningSweeperConf
-from .distributions import config_key, format_override
-from .executors import TrialExecutor
-from .hooks import extend_trial
-from .storage import AskLock
-from .study import OVERRIDES_ATTR, ask_within_budget, count_toward_budget
 
 if TYPE_CHECKING:
     import optuna
-    from omegaconf import DictConfig
 
-    from .keras_tuner_engine import KerasTunerEngine, Proposal
+    from ._keras_tuner_engine import KerasTunerEngine, Proposal
 
-log = logging.getLogger(__name__)
+# Named as before the module went private, so its log lines read as they did.
+log = logging.getLogger(__name__.replace("._", "."))
 
 
 def retry_settings(conf: OptunaPruningSweeperConf) -> dict[str, Any]:
     """``hydra.sweeper.retry`` as a plain dict (a dataclass, or a DictConfig from Hydra)."""
-    import dataclasses
-
     retry = getattr(conf, "retry", None)
     if retry is None:
         return {}
     if dataclasses.is_dataclass(retry):
         return dataclasses.asdict(retry)
-    from omegaconf import OmegaConf
-
     return dict(OmegaConf.to_container(retry, resolve=True))
 
 
@@ -279,7 +279,6 @@ class SweepLoop:
             self._tell_fail(info, f"sampling failed: {type(e).__name__}: {e}")
             raise
         trial.set_user_attr(OVERRIDES_ATTR, lines)
-        # worker.TrialTask, looked up now: the task is pickled (see executors.local).
         task = worker.TrialTask(trial_id=trial._trial_id, number=trial.number, overrides=lines)
         fut = self.executor.submit(slot, task)
         self.in_flight[fut] = _InFlight(trial._trial_id, trial.number, slot, time.monotonic())

@@ -28,10 +28,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .conditions import ConditionResolver
-from .distributions import Param, format_value
+from ._conditions import ConditionResolver
+from ._distributions import Param, format_value
 
-log = logging.getLogger(__name__)
+# Named as before the module went private, so its log lines read as they did.
+log = logging.getLogger(__name__.replace("._", "."))
 
 ALGORITHMS = ("hyperband", "bayesian", "random")
 PROJECT_FILE = "sweep_project.json"  # our record of the project: study name and space

@@ -5,8 +5,9 @@ processes. SQLite -> ``fcntl.flock`` on ``<db>.ask.lock`` (same host or a filesy
 working flock); PostgreSQL -> ``pg_advisory_lock``; MySQL -> ``GET_LOCK``; other URLs -> a
 process-local lock only (best effort: concurrent sweepers may overshoot ``n_trials``).
 
-Hydra imports this module in every Hydra process (plugin scan): Optuna and SQLAlchemy are
-imported inside the functions.
+Optuna and SQLAlchemy are imported inside the functions: the public ``sweeper`` and
+``trial_context`` import this module at Hydra's plugin scan, in every Hydra process, and a
+plain run should not pay for them.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import optuna
 
-log = logging.getLogger(__name__)
+# Named as before the module went private, so its log lines read as they did.
+log = logging.getLogger(__name__.replace("._", "."))
 
 
 def storage_kwargs(url: str) -> dict[str, Any]:

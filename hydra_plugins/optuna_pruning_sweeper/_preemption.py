@@ -4,15 +4,14 @@
 The first SIGTERM (or SIGUSR1, which the sweeper forwards when only it was signalled) only
 records the time: the training loop asks ``requested()`` at every batch boundary and decides
 (``search.training.resume``). A second SIGTERM, or the end of ``retry.preempt_grace``, exits at
-once;
-the last resumable state on disk is then what the retry starts from.
+once; the last resumable state on disk is then what the retry starts from.
 
 Optuna has no "interrupted" state: an interrupted trial is stored FAIL with the user attr
 ``interrupted`` (the reason) and re-queued; the sweeper's failure rate does not count it.
 
-Imported by Hydra's plugin scan in every Hydra process: standard library only here. Hydra
-re-executes plugin modules when it rescans, so the state dict survives re-execution, and
-exceptions are recognised by their ``trial_interrupted`` attribute rather than their class.
+Standard library only: the public ``sweeper`` imports this module at Hydra's plugin scan, and
+``search.sweep_context`` in every trial. A preemption's stop is recognised by its
+``trial_interrupted`` attribute, so the task may raise any exception that carries it.
 """
 
 import logging
@@ -22,10 +21,12 @@ import sys
 import threading
 import time
 
-log = logging.getLogger(__name__)
+# Named as before the module went private, so its log lines read as they did.
+log = logging.getLogger(__name__.replace("._", "."))
 
-# Survives Hydra's plugin rescan, which re-executes this module in place.
-_STATE: dict = globals().get("_STATE", {})
+# This process's preemption: grace, first-signal time, timer. A private module, so Hydra's
+# plugin scan never re-executes it and the state lives as long as the process.
+_STATE: dict = {}
 EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
 FORWARDED = signal.SIGUSR1  # the sweeper's "preempt" to its workers (never a second SIGTERM)
 

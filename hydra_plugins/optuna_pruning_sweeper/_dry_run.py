@@ -7,8 +7,8 @@ touched. For each trial it composes the trial's full config exactly as a worker 
 validation, e.g. building the model and optimizer without training). One line per trial,
 then a verdict; a trial that would fail makes the sweep exit non-zero with its reason.
 
-Hydra imports this module in every Hydra process (plugin scan): Optuna is imported inside
-the functions.
+Optuna is imported inside the functions: the public ``sweeper`` imports this module at
+Hydra's plugin scan, in every Hydra process, and a plain run should not pay for Optuna.
 """
 
 from __future__ import annotations
@@ -18,14 +18,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from .conditions import ConditionResolver, sample_trial
-from .distributions import format_override
-from .hooks import extend_trial
-from .samplers import build_sampler
+from ._conditions import ConditionResolver, sample_trial
+from ._distributions import format_override
+from ._hooks import extend_trial
+from ._samplers import build_sampler
 
-log = logging.getLogger(__name__)
+# Named as before the module went private, so its log lines read as they did.
+log = logging.getLogger(__name__.replace("._", "."))
 
 
 class DryRunFailed(RuntimeError):
@@ -34,8 +36,6 @@ class DryRunFailed(RuntimeError):
 
 def compose_trial(config_loader: Any, master: DictConfig, lines: list[str], number: int) -> Any:
     """The trial's composed config, as the worker builds it (Hydra's ``load_sweep_config``)."""
-    from hydra.core.hydra_config import HydraConfig
-
     cfg = config_loader.load_sweep_config(master, list(lines))
     with open_dict(cfg):
         cfg.hydra.job.id = f"{cfg.hydra.job.name}_{number}"
@@ -56,7 +56,6 @@ def dry_run(
 ) -> dict[str, Any]:
     """Sample, compose and check ``n`` trials; returns the verdict or raises DryRunFailed."""
     import optuna
-    from hydra.core.hydra_config import HydraConfig
 
     sampler = build_sampler(sampler_conf, resolver.space, seed_offset=0)
     optuna.logging.set_verbosity(optuna.logging.WARNING)

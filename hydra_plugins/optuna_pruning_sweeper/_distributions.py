@@ -15,7 +15,7 @@ Mapping (``hydra.sweeper.params`` values and sweep overrides on the command line
 anything else (``key=value``)      a fixed override passed unchanged to every trial
 =================================  =================================================
 
-Conditional parameters (the rule; the sampling itself lives in ``conditions``):
+Conditional parameters (the rule; the sampling itself lives in ``_conditions``):
 
 * A *swept group* is a ``choice(...)`` param whose key is a config group
   (``lr_schedule: choice(constant, exponential, cosine, plateau)``).
@@ -33,8 +33,9 @@ Conditional parameters (the rule; the sampling itself lives in ``conditions``):
   is sampled only when ``model.dropout`` was sampled with one of the listed values
   (compared as override text). An explicit ``when`` replaces the automatic rule.
 
-Optuna is imported inside the functions: Hydra imports this module in every Hydra process
-(plugin scan), and a plain ``python search/run.py`` should not pay for Optuna.
+Optuna is imported inside the functions: the public ``sweeper`` imports this module at
+Hydra's plugin scan, in every Hydra process, and a plain ``python search/run.py`` should not
+pay for Optuna.
 """
 
 import math
@@ -42,8 +43,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import (
+    ChoiceSweep,
+    IntervalSweep,
+    Override,
+    RangeSweep,
+    Transformer,
+)
+
 if TYPE_CHECKING:
-    from hydra.core.override_parser.types import Override
     from optuna.distributions import BaseDistribution
     from optuna.trial import Trial
 
@@ -96,29 +105,17 @@ def config_key(override_key: str) -> str:
     return key.replace("/", ".")
 
 
-def _range_values(override: "Override") -> list[Any]:
-    from hydra.core.override_parser.types import Transformer
-
+def _range_values(override: Override) -> list[Any]:
     return list(override.sweep_iterator(transformer=Transformer.encode))
 
 
-def distribution_from_override(override: "Override") -> "BaseDistribution | None":
+def distribution_from_override(override: Override) -> "BaseDistribution | None":
     """Distribution of a sweep override; None for a plain (fixed) override.
 
     Raises:
         ValueError: for sweeps Optuna cannot represent (glob, empty range, log with step).
     """
-    from hydra.core.override_parser.types import (
-        ChoiceSweep,
-        IntervalSweep,
-        RangeSweep,
-        Transformer,
-    )
-    from optuna.distributions import (
-        CategoricalDistribution,
-        FloatDistribution,
-        IntDistribution,
-    )
+    from optuna.distributions import CategoricalDistribution
 
     if not override.is_sweep_override():
         return None
@@ -138,45 +135,66 @@ def distribution_from_override(override: "Override") -> "BaseDistribution | None
         if log:
             raise ValueError(f"{name}: tag(log, ...) needs an interval or a range, not choice()")
         return CategoricalDistribution(choices)
-
     if isinstance(value, RangeSweep):
-        values = _range_values(override)
-        if not values:
-            raise ValueError(f"{name}: {override.input_line!r} is an empty range")
-        if shuffled:
-            return CategoricalDistribution(values)
-        step = abs(value.step) if value.step is not None else 1
-        low = min(values)
-        # The last value the range yields, rebuilt from the step to avoid float drift.
-        high = low + (len(values) - 1) * step
-        is_float = any(isinstance(v, float) for v in (value.start, value.stop, value.step))
-        if log and step != 1:
-            raise ValueError(f"{name}: tag(log, range(...)) cannot have a step (got {step})")
-        if is_float:
-            return FloatDistribution(
-                float(low), float(high), log=log, step=None if log else float(step)
-            )
-        return IntDistribution(int(low), int(high), log=log, step=int(step))
-
+        return _range_distribution(override, value, log, shuffled)
     if isinstance(value, IntervalSweep):
-        assert value.start is not None and value.end is not None
-        if value.start > value.end:
-            raise ValueError(
-                f"{name}: {override.input_line!r} has its low bound {value.start} above its "
-                f"high bound {value.end}; write interval(low, high)"
-            )
-        if log and value.start <= 0:
-            raise ValueError(
-                f"{name}: tag(log, ...) needs a low bound > 0, got {value.start}"
-            )
-        if isinstance(value.start, int) and isinstance(value.end, int):
-            return IntDistribution(value.start, value.end, log=log)
-        return FloatDistribution(float(value.start), float(value.end), log=log)
-
+        return _interval_distribution(override, value, log)
     raise ValueError(
         f"{name}: {override.input_line!r} is not supported by the Optuna sweeper "
         "(use choice, range, interval, int(interval), tag(log, ...))"
     )
+
+
+def _range_distribution(
+    override: Override, value: RangeSweep, log: bool, shuffled: bool
+) -> "BaseDistribution":
+    """``range(a, b[, step])``: ints or floats up to the last value the range yields."""
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+
+    name = override.get_key_element()
+    values = _range_values(override)
+    if not values:
+        raise ValueError(f"{name}: {override.input_line!r} is an empty range")
+    if shuffled:
+        return CategoricalDistribution(values)
+    step = abs(value.step) if value.step is not None else 1
+    low = min(values)
+    # The last value the range yields, rebuilt from the step to avoid float drift.
+    high = low + (len(values) - 1) * step
+    is_float = any(isinstance(v, float) for v in (value.start, value.stop, value.step))
+    if log and step != 1:
+        raise ValueError(f"{name}: tag(log, range(...)) cannot have a step (got {step})")
+    if is_float:
+        return FloatDistribution(
+            float(low), float(high), log=log, step=None if log else float(step)
+        )
+    return IntDistribution(int(low), int(high), log=log, step=int(step))
+
+
+def _interval_distribution(
+    override: Override, value: IntervalSweep, log: bool
+) -> "BaseDistribution":
+    """``interval(a, b)`` (int bounds: ``int(interval(...))``), optionally log-scaled."""
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    name = override.get_key_element()
+    assert value.start is not None and value.end is not None
+    if value.start > value.end:
+        raise ValueError(
+            f"{name}: {override.input_line!r} has its low bound {value.start} above its "
+            f"high bound {value.end}; write interval(low, high)"
+        )
+    if log and value.start <= 0:
+        raise ValueError(
+            f"{name}: tag(log, ...) needs a low bound > 0, got {value.start}"
+        )
+    if isinstance(value.start, int) and isinstance(value.end, int):
+        return IntDistribution(value.start, value.end, log=log)
+    return FloatDistribution(float(value.start), float(value.end), log=log)
 
 
 def _normalize_when(name: str, when: Any) -> dict[str, list[str]]:
@@ -220,8 +238,6 @@ def parse_search_space(
     conditions: Mapping[str, dict[str, list[str]]] | None = None,
 ) -> SearchSpace:
     """Parse override lines (``params`` first, then the command line; later wins)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parser = OverridesParser.create()
     params: dict[str, Param] = {}
     fixed: dict[str, FixedOverride] = {}

@@ -3,12 +3,9 @@
 Each slot has its own single-process ``ProcessPoolExecutor(mp_context=spawn)``, replaced
 after ``trials_per_worker`` trials, and spawned under the slot's environment (threads,
 ``CUDA_VISIBLE_DEVICES``), so the worker has them before the main script imports numpy or
-TF. What runs inside the worker is ``worker.init_worker`` (once) and ``worker.run_trial``
-(per trial).
-
-Pickled objects (``worker.WorkerSetup``, ``init_worker``, ``run_trial``) are looked up on the
-``worker`` module when used, not bound at import: Hydra's plugin scan re-executes plugin
-modules in place, and pickle refuses a function or class that is no longer the module's own.
+TF. What runs inside the worker is ``_worker.init_worker`` (once) and ``_worker.run_trial``
+(per trial). They travel pickled by reference, which holds because ``_worker`` is private:
+Hydra's plugin scan never re-executes it, so they stay the module's own objects.
 """
 
 from __future__ import annotations
@@ -24,15 +21,15 @@ import subprocess
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from hydra.core.singleton import Singleton
 
 from .. import trial_context as tc
-from .. import worker
+from .._worker import TrialTask, WorkerSetup, init_worker, run_trial
 
-if TYPE_CHECKING:
-    from ..worker import TrialTask
-
-log = logging.getLogger(__name__)
+# Named as before the module went private, so its log lines read as they did.
+log = logging.getLogger(__name__.replace("._", "."))
 
 
 def detect_gpus() -> list[str]:
@@ -83,8 +80,6 @@ def worker_setup_common(
     retry_json: str | None = None,
 ) -> dict[str, Any]:
     """The ``WorkerSetup`` fields every slot shares (the slot adds its GPU to ``env``)."""
-    from hydra.core.singleton import Singleton
-
     payload = _pickle_payload(
         hydra_context.config_loader, hydra_context.callbacks, config, Singleton.get_state()
     )
@@ -151,11 +146,11 @@ class LocalProcessExecutor:
         if slot in self.executors and limit is not None and self.slot_tasks[slot] >= limit:
             self.executors.pop(slot).shutdown(wait=True)  # idle: the slot is free
         if slot not in self.executors:
-            setup = worker.WorkerSetup(**{**self.setup_common, "env": self._slot_env(slot)})
+            setup = WorkerSetup(**{**self.setup_common, "env": self._slot_env(slot)})
             self.executors[slot] = ProcessPoolExecutor(
                 max_workers=1,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=worker.init_worker,
+                initializer=init_worker,
                 initargs=(setup,),
             )
             self.slot_tasks[slot] = 0
@@ -168,7 +163,7 @@ class LocalProcessExecutor:
             executor = self._executor(slot)
             try:
                 with _environ(self._slot_env(slot)):
-                    fut = executor.submit(worker.run_trial, task)
+                    fut = executor.submit(run_trial, task)
             except BrokenProcessPool:
                 self.executors.pop(slot, None)
                 if attempt == 2:
@@ -245,7 +240,7 @@ def _environ(env: dict[str, str]) -> Iterator[None]:
 
 def _pickle_payload(config_loader: Any, callbacks: Any, config: Any, state: Any) -> bytes:
     """Pickle Hydra's state for spawned workers (cloudpickle: resolvers are lambdas)."""
-    try:
+    try:  # optional at import: without it, plain pickle
         import cloudpickle as cp
     except ImportError:  # plain pickle: workers keep their own OmegaConf resolvers
         cp = None

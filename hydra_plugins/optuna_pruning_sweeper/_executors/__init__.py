@@ -1,11 +1,17 @@
 """What runs a trial where: the sweep loop hands each trial to an executor's slot.
 
-An executor (``TrialExecutor``) owns ``n_jobs`` slots and runs one ``worker.TrialTask`` per
-slot at a time, returning a ``concurrent.futures.Future`` of the ``worker.TrialOutcome``.
+An executor (``TrialExecutor``) owns ``n_jobs`` slots and runs one ``_worker.TrialTask`` per
+slot at a time, returning a ``concurrent.futures.Future`` of the ``_worker.TrialOutcome``.
 The loop decides (asks Optuna, samples, counts, stops); the executor only runs.
+``hydra.sweeper.executor`` picks one of two:
 
-``local.LocalProcessExecutor`` (today's only one): a spawned worker process per slot,
-recycled every ``trials_per_worker`` trials, each with its thread budget and GPU.
+- ``_local.LocalProcessExecutor`` (``local``, the default): a spawned worker process per slot,
+  recycled every ``trials_per_worker`` trials, each with its thread budget and GPU;
+- ``_ray_cluster.RayExecutor`` (``ray``): each trial a Ray task with its own CPUs and GPUs,
+  on whichever node of the cluster has them free.
+
+A private package: its modules start with ``_`` too, since Hydra's plugin scan skips a module
+by its own name, not by its package's.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from ..worker import TrialTask
+    from .._worker import TrialTask
 
 
 class TrialExecutor(Protocol):

@@ -5,8 +5,6 @@ Every trial's job logs ~8 INFO lines (data, run id, metrics...) and repeats the 
 (a data note, a library's deprecation) in each worker process; with 40 trials that buried the
 sweep's own progress. Python's `warnings` "once" filter is per process and cannot span the
 sweep's worker processes, so the warnings seen are recorded in a file of the sweep folder.
-
-Hydra imports this module in every Hydra process (plugin scan): nothing heavy here.
 """
 
 from __future__ import annotations

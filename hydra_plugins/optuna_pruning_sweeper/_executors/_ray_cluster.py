@@ -4,17 +4,15 @@
 counts and stops in the sweeper process); this executor only places each trial: Ray picks a
 node with the trial's resources free (``num_cpus``, ``num_gpus``; one GPU per trial where the
 cluster has GPUs, and Ray sets ``CUDA_VISIBLE_DEVICES`` to it), and the loop submits the next
-trial as soon as one finishes. Inside the task the same ``worker.init_worker`` and
-``worker.run_trial`` run as in a local worker process, so trials report per-epoch values to
+trial as soon as one finishes. Inside the task the same ``_worker.init_worker`` and
+``_worker.run_trial`` run as in a local worker process, so trials report per-epoch values to
 the shared Optuna storage, tell their own final state and log to MLflow exactly as locally.
 
 What Ray does not decide: retries. Tasks run with ``max_retries=0``, and a task whose node or
 worker died comes back as a failed future: the loop records the trial FAIL with the reason
 and re-queues it under the sweeper's own policy (``max_retry``, resume from its last state),
-so the study total stays exact. Ray is an optional extra (``pip install -e ".[ray]"``).
-
-No ``from __future__ import annotations``: Hydra's plugin scan executes this module before it
-is in ``sys.modules``, where a dataclass cannot resolve string annotations.
+so the study total stays exact. Ray is an optional extra (``pip install -e ".[ray]"``): it is
+imported inside the functions (``import_ray``), never at Hydra's plugin scan.
 """
 
 import logging
@@ -22,14 +20,15 @@ import math
 import os
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
+from urllib.parse import urlsplit
 
-from .. import worker
+from .. import _worker as worker
+from .. import trial_context as tc
+from .._worker import TrialOutcome, TrialTask, WorkerSetup
 
-if TYPE_CHECKING:
-    from ..worker import TrialOutcome, TrialTask
-
-log = logging.getLogger(__name__)
+# Named as before the module went private, so its log lines read as they did.
+log = logging.getLogger(__name__.replace("._", "."))
 
 INSTALL = 'pip install -e ".[ray]"'
 NODE_ATTR = "ray_node"  # the trial's user attr: the Ray node that ran it
@@ -53,7 +52,7 @@ def import_ray() -> Any:
     return ray
 
 
-def run_in_ray(setup: "worker.WorkerSetup", task: "TrialTask", cwd: str) -> "TrialOutcome":
+def run_in_ray(setup: WorkerSetup, task: TrialTask, cwd: str) -> TrialOutcome:
     """The Ray task: set the worker up once per process, then run the trial there."""
     import ray
 
@@ -63,8 +62,6 @@ def run_in_ray(setup: "worker.WorkerSetup", task: "TrialTask", cwd: str) -> "Tri
     if state.get("setup_payload") != setup.payload:  # a process Ray reuses: set up once
         worker.init_worker(setup)
         state["setup_payload"] = setup.payload
-    from .. import trial_context as tc
-
     node = ray.get_runtime_context().get_node_id()
     tc.get_storage(setup.storage_url).set_trial_user_attr(task.trial_id, NODE_ATTR, node)
     return worker.run_trial(task)
@@ -79,8 +76,6 @@ def forwarded_env() -> dict[str, str]:
     are never sent this way: each node must have those in its own environment, as Ray's
     documentation asks for credentials anyway.
     """
-    from urllib.parse import urlsplit
-
     env = {k: v for k, v in os.environ.items() if k.startswith("XRAY_")}
     # MLFLOW_PARENT_RUN_ID: the sweep's parent run, which each trial's run nests under
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "OPTUNA_STORAGE",
@@ -122,7 +117,7 @@ class RayExecutor:
                     str(threads)})
         # parent_pid 0: a Ray worker is not the sweeper's child (no die-with-parent);
         # the task function travels pickled by value (the script's __main__ is not Ray's).
-        self.setup = worker.WorkerSetup(**{**setup_common, "env": env, "parent_pid": 0,
+        self.setup = WorkerSetup(**{**setup_common, "env": env, "parent_pid": 0,
                                            "task_pickle": task_pickle})
         self.remote = ray.remote(
             num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=0,
@@ -134,7 +129,7 @@ class RayExecutor:
         log.info("Ray executor: cluster %s | %d slots of %g CPU, %g GPU per trial",
                  settings.address or "local", self.slots, self.num_cpus, self.num_gpus)
 
-    def submit(self, slot: int, task: "TrialTask") -> Future:
+    def submit(self, slot: int, task: TrialTask) -> Future:
         ref = self.remote.remote(self.setup_ref, task, self.cwd)
         self.running[slot] = ref
         return ref.future()

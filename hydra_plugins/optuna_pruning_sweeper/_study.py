@@ -4,15 +4,15 @@ Counting rule for ``n_trials`` (``count_toward_budget``): COMPLETE + PRUNED + FA
 minus each FAIL trial that was re-queued as a retry (Optuna's
 ``RetryHeartbeatStaleTrialCallback`` system attrs name it). WAITING trials (queued retries)
 do not count: the next ask runs them. The count and the ask happen under one ask lock
-(``storage.AskLock``), so several sweeper processes on one storage hold exactly ``n_trials``
+(``_storage.AskLock``), so several sweeper processes on one storage hold exactly ``n_trials``
 counted trials in total.
 
 The study is opened with a RandomSampler (the sweeper sets the configured sampler once the
 session index is known, see ``open_study``); its search-space fingerprint and the list of
 sweeper sessions are kept as study user attrs.
 
-Hydra imports this module in every Hydra process (plugin scan): Optuna is imported inside
-the functions.
+Optuna is imported inside the functions: the public ``sweeper`` imports this module at
+Hydra's plugin scan, in every Hydra process, and a plain run should not pay for Optuna.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .storage import AskLock, redact
+from ._storage import AskLock, redact
 
 if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
-log = logging.getLogger(__name__)
+# Named as before the module went private, so its log lines read as they did.
+log = logging.getLogger(__name__.replace("._", "."))
 
 SPACE_ATTR = "sweeper_search_space"
 SESSIONS_ATTR = "sweeper_sessions"

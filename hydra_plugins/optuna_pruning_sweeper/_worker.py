@@ -1,6 +1,6 @@
 """What runs inside a sweeper worker process: one Hydra job per trial, then the tell.
 
-The local executor (``executors.local``) gives each concurrent slot its own single-process
+The local executor (``_executors._local``) gives each concurrent slot its own single-process
 ``ProcessPoolExecutor(mp_context=spawn)``, replaced after ``trials_per_worker`` trials, and
 spawns it under the slot's environment (threads, ``CUDA_VISIBLE_DEVICES``), so the worker has
 them before the main script imports numpy or TF. ``init_worker`` runs once per process: it
@@ -16,31 +16,46 @@ per trial:
    FAIL with user attr ``fail_reason`` for any other exception or a NaN/inf/non-numeric
    result. A KeyboardInterrupt fails the trial and queues a retry with the same params.
 
-This module is imported by Hydra's plugin scan in every Hydra process: imports of Optuna
-and friends stay inside the functions. Hydra re-executes plugin modules when it rescans
-(``Singleton.set_state``), so the process state is kept across re-execution.
+Optuna is imported inside the functions: the public ``sweeper`` imports this module at
+Hydra's plugin scan, in every Hydra process. ``Singleton.set_state`` rescans the plugins in
+the worker; this module is private, so the scan skips it and ``_STATE`` stays.
 """
 
 import contextlib
+import copy
 import ctypes
 import importlib
 import inspect
 import logging
 import math
 import os
+import pickle
+import resource
 import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import console, preemption  # noqa: E402 - light (the plugin scan imports this module)
+from hydra._internal.callbacks import Callbacks
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobStatus, run_job, setup_globals
+from hydra.types import HydraContext
+from omegaconf import open_dict
+from omegaconf.basecontainer import BaseContainer
 
-log = logging.getLogger(__name__)
+from . import _console as console
+from . import _preemption as preemption
+from . import trial_context as tc
 
-# Survives Hydra's plugin rescan, which re-executes this module in place.
-_STATE: dict[str, Any] = globals().get("_STATE", {})
+# Named as before the module went private, so its log lines read as they did.
+log = logging.getLogger(__name__.replace("._", "."))
+
+# This process's Hydra context, config, task function and setup (set once by init_worker).
+_STATE: dict[str, Any] = {}
 
 PR_SET_PDEATHSIG = 1
 FAIL_REASON_MAX_CHARS = 2000
@@ -105,33 +120,19 @@ def init_worker(setup: WorkerSetup) -> None:
     """Executor initializer: never raises (an error is reported by each trial instead)."""
     os.environ.update(setup.env)
     die_with_parent(setup.parent_pid)
-    from . import trial_context as tc
-
     try:
         preemption.install(float((tc.retry_policy() or {}).get("preempt_grace", 60.0)))
     except ValueError:  # not the main thread (a Ray task may run elsewhere): no grace path
         log.info("SIGTERM grace period not installed: not the main thread")
     try:
-        import pickle
-
-        from hydra.core.singleton import Singleton
-        from hydra.core.utils import setup_globals
-
         setup_globals()
         config_loader, callbacks, config, singleton_state = pickle.loads(setup.payload)
         if singleton_state.get("omegaconf_resolvers") is None:
             # Payload pickled without cloudpickle: keep this process's resolvers.
-            from omegaconf.basecontainer import BaseContainer
-
             singleton_state["omegaconf_resolvers"] = dict(BaseContainer._resolvers)
-        # Rescans plugins: this module is re-executed here, _STATE survives.
-        Singleton.set_state(singleton_state)
+        Singleton.set_state(singleton_state)  # rescans the plugins (the public modules only)
         if callbacks is None:
-            from hydra._internal.callbacks import Callbacks
-
             callbacks = Callbacks(config)
-        from hydra.types import HydraContext
-
         _STATE["hydra_context"] = HydraContext(config_loader=config_loader, callbacks=callbacks)
         _STATE["config"] = config
         _STATE["task_function"] = (
@@ -216,8 +217,6 @@ def _heartbeat(storage: Any, trial_id: int, interval: float, stop: threading.Eve
 
 
 def _export_trial_env(setup: WorkerSetup, task: TrialTask) -> None:
-    from . import trial_context as tc
-
     os.environ[tc.ENV_STORAGE] = setup.storage_url
     os.environ[tc.ENV_STUDY] = setup.study_name
     os.environ[tc.ENV_TRIAL_ID] = str(task.trial_id)
@@ -228,10 +227,6 @@ def _export_trial_env(setup: WorkerSetup, task: TrialTask) -> None:
 
 def _execute_job(task: TrialTask) -> Any:
     """Run the Hydra job of a trial (mirrors hydra_joblib_launcher's execute_job)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.core.utils import run_job, setup_globals
-    from omegaconf import open_dict
-
     setup_globals()
     hydra_context = _STATE["hydra_context"]
     sweep_config = hydra_context.config_loader.load_sweep_config(
@@ -261,7 +256,6 @@ def _execute_job(task: TrialTask) -> Any:
 def _outcome_of_job(ret: Any, n_objectives: int) -> tuple[str, list[float] | None, str | None]:
     """(state, values, fail reason) of a finished JobReturn."""
     import optuna
-    from hydra.core.utils import JobStatus
 
     if ret.status == JobStatus.COMPLETED:
         try:
@@ -280,10 +274,6 @@ def _outcome_of_job(ret: Any, n_objectives: int) -> tuple[str, list[float] | Non
 
 def run_trial(task: TrialTask) -> TrialOutcome:
     """Run one trial and tell its final state to the storage."""
-    import optuna
-
-    from . import trial_context as tc
-
     setup: WorkerSetup = _STATE["setup"]
     start = time.monotonic()
     _export_trial_env(setup, task)
@@ -292,15 +282,7 @@ def run_trial(task: TrialTask) -> TrialOutcome:
     storage.set_trial_user_attr(task.trial_id, "worker_pid", os.getpid())
 
     stop = threading.Event()
-    beat = None
-    if setup.heartbeat_interval:
-        beat = threading.Thread(
-            target=_heartbeat,
-            args=(storage, task.trial_id, setup.heartbeat_interval, stop),
-            name=f"heartbeat-{task.number}",
-            daemon=True,
-        )
-        beat.start()
+    beat = _start_heartbeat(storage, task, setup.heartbeat_interval, stop)
     retry = False
     try:
         if "init_error" in _STATE:
@@ -319,6 +301,38 @@ def run_trial(task: TrialTask) -> TrialOutcome:
         os.environ.pop(tc.ENV_TRIAL_ID, None)
         os.environ.pop(tc.ENV_TRIAL_NUMBER, None)
 
+    reason = _tell(study, storage, setup, task, state, values, reason, retry)
+    return TrialOutcome(
+        number=task.number,
+        state=state,
+        values=values,
+        reason=reason,
+        duration_s=time.monotonic() - start,
+        pid=os.getpid(),
+    )
+
+
+def _start_heartbeat(storage: Any, task: TrialTask, interval: int | None,
+                     stop: threading.Event) -> threading.Thread | None:
+    """The trial's heartbeat thread, beating until ``stop`` (None: heartbeats are off)."""
+    if not interval:
+        return None
+    beat = threading.Thread(
+        target=_heartbeat,
+        args=(storage, task.trial_id, interval, stop),
+        name=f"heartbeat-{task.number}",
+        daemon=True,
+    )
+    beat.start()
+    return beat
+
+
+def _tell(study: Any, storage: Any, setup: WorkerSetup, task: TrialTask, state: str,
+          values: list[float] | None, reason: str | None, retry: bool) -> str | None:
+    """Record the worker's memory and the fail reason, tell the final state, re-queue a retry
+    when one is due; returns the reason as stored (cut to ``FAIL_REASON_MAX_CHARS``)."""
+    import optuna
+
     _STATE["trials_run"] = _STATE.get("trials_run", 0) + 1
     with contextlib.suppress(Exception):  # memory per trial: growth across trials shows
         storage.set_trial_user_attr(task.trial_id, "worker_rss_mb", round(rss_mb(), 1))
@@ -333,14 +347,7 @@ def run_trial(task: TrialTask) -> TrialOutcome:
     if retry or state == "INTERRUPTED":  # a preemption never uses up a restart
         requeue_trial(study, storage.get_trial(task.trial_id),
                       None if state == "INTERRUPTED" else setup.max_retry)
-    return TrialOutcome(
-        number=task.number,
-        state=state,
-        values=values,
-        reason=reason,
-        duration_s=time.monotonic() - start,
-        pid=os.getpid(),
-    )
+    return reason
 
 
 def rss_mb() -> float:
@@ -352,8 +359,6 @@ def rss_mb() -> float:
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -361,12 +366,9 @@ def requeue_trial(study: Any, failed_trial: Any, max_retry: int | None) -> bool:
     """Queue a WAITING copy of a failed trial, as Optuna does for stale trials.
 
     The copy carries Optuna's retry system attrs, so the failed trial stops counting
-    toward ``n_trials`` (see ``study.count_toward_budget``). Returns whether a copy was
+    toward ``n_trials`` (see ``_study.count_toward_budget``). Returns whether a copy was
     queued (False once the trial was retried ``max_retry`` times).
     """
-    import copy
-    import warnings
-
     import optuna
 
     failed_trial = copy.deepcopy(failed_trial)

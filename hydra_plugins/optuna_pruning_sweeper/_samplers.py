@@ -1,7 +1,7 @@
 """Samplers and pruners from their ``_target_`` configs: builders, dependency checks, grid size.
 
-Hydra imports this module in every Hydra process (plugin scan): Optuna is imported inside
-the functions.
+Optuna is imported inside the functions: the public ``sweeper`` imports this module at
+Hydra's plugin scan, in every Hydra process, and a plain run should not pay for Optuna.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import math
 import warnings
 from typing import TYPE_CHECKING, Any
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .distributions import SearchSpace, grid_values
+from ._distributions import SearchSpace, grid_values
 
 if TYPE_CHECKING:
     import optuna
@@ -55,7 +56,6 @@ def build_sampler(
 ) -> optuna.samplers.BaseSampler:
     """Sampler from its ``_target_`` config; the grid sampler gets the grid of ``space``."""
     import optuna
-    from hydra.utils import instantiate
 
     spec = to_dict(sampler_cfg)
     target = spec.get("_target_", "")
@@ -79,7 +79,6 @@ def sampler_from_json(text: str | None, seed_offset: int = 0) -> optuna.samplers
     """The configured sampler rebuilt in a worker, its seed offset by the trial number (so
     workers do not replay each other's draws); RandomSampler when there is none."""
     import optuna
-    from hydra.utils import instantiate
 
     spec = json.loads(text) if text else None
     if not spec:
@@ -99,7 +98,6 @@ def pruner_json(pruner_cfg: Any) -> str | None:
 def pruner_from_json(text: str | None) -> optuna.pruners.BasePruner:
     """Pruner from its JSON config (``{"_target_": ...}``); NopPruner when absent."""
     import optuna
-    from hydra.utils import instantiate
 
     spec = json.loads(text) if text else None
     if not spec:

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import get_method
+
 
 def _main_script() -> Path | None:
     main = sys.modules.get("__main__")
@@ -57,8 +59,6 @@ def locate(path: str | None, key: str) -> Callable[..., Any] | None:
         return None
     if path.startswith(".") or path.startswith("__main__."):
         return _relative(path, key)
-    from hydra.utils import get_method
-
     try:
         return get_method(path)
     except Exception as e:  # noqa: BLE001 - Hydra raises several types; name the key

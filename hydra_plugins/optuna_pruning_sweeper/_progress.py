@@ -2,8 +2,6 @@
 and one live status (done/total, running, pruned, failed, best so far, elapsed, ETA, time
 left before the timeout): a tqdm bar under the log lines on a terminal, and at the end of
 each trial's line (CI logs, files).
-
-Hydra imports this module in every Hydra process (plugin scan): nothing heavy here.
 """
 
 from __future__ import annotations
@@ -15,15 +13,16 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .study import count_toward_budget
+from ._study import count_toward_budget
 
 if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
-    from .worker import TrialOutcome
+    from ._worker import TrialOutcome
 
-log = logging.getLogger(__name__)
+# Named as before the module went private, so its log lines read as they did.
+log = logging.getLogger(__name__.replace("._", "."))
 
 PARAMS_SHOWN = 140  # characters of params on a trial's start line
 
@@ -113,6 +112,7 @@ class LiveView:
         self.bar = None
         self._redirect: contextlib.AbstractContextManager | None = None
         if sys.stderr.isatty() and not os.environ.get("XRAY_PLAIN_PROGRESS"):
+            # only on a terminal; tqdm comes with Optuna (not a dependency of ours)
             from tqdm import tqdm
             from tqdm.contrib.logging import logging_redirect_tqdm
 

@@ -1,12 +1,12 @@
 """The conditional-space resolver: which params and fixed overrides apply to a trial.
 
-The rule itself is documented in ``distributions``: a param under a swept config group is
+The rule itself is documented in ``_distributions``: a param under a swept config group is
 sampled only when the option chosen in that trial has the key (checked on the option's
 composed config); an explicit ``when:`` replaces the automatic rule. ``sample_trial`` asks
 the trial for the active params in dependency order and returns the trial's overrides.
 
-Hydra imports this module in every Hydra process (plugin scan): Optuna is imported inside
-the functions.
+Optuna is imported inside the functions: the public ``sweeper`` imports this module at
+Hydra's plugin scan, in every Hydra process, and a plain run should not pay for Optuna.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .distributions import (
+from ._distributions import (
     Param,
     SearchSpace,
     condition_parent,
@@ -28,7 +28,8 @@ from .distributions import (
 if TYPE_CHECKING:
     import optuna
 
-log = logging.getLogger(__name__)
+# Named as before the module went private, so its log lines read as they did.
+log = logging.getLogger(__name__.replace("._", "."))
 
 
 class ConditionResolver:

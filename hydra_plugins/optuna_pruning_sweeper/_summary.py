@@ -5,8 +5,8 @@ Pareto front). ``sweep_summary`` adds what the sweeper knows about this session 
 sampler, pruner, budget, stop reason) and is written to
 ``<hydra.sweep.dir>/optuna_summary.yaml`` before Hydra's ``on_multirun_end``.
 
-Hydra imports this module in every Hydra process (plugin scan): Optuna is imported inside
-the functions.
+Optuna is imported inside the functions: the public ``sweeper`` imports this module at
+Hydra's plugin scan, in every Hydra process, and a plain run should not pay for Optuna.
 """
 
 from __future__ import annotations
@@ -19,16 +19,17 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .storage import redact
-from .study import OVERRIDES_ATTR, count_toward_budget, retried_numbers
+from ._storage import redact
+from ._study import OVERRIDES_ATTR, count_toward_budget, retried_numbers
 
 if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
-    from .worker import TrialOutcome
+    from ._worker import TrialOutcome
 
-log = logging.getLogger(__name__)
+# Named as before the module went private, so its log lines read as they did.
+log = logging.getLogger(__name__.replace("._", "."))
 
 SUMMARY_FILE = "optuna_summary.yaml"
 OFFICIAL_FILE = "optimization_results.yaml"  # hydra-optuna-sweeper's result file

@@ -1,0 +1,72 @@
+"""After the fit: the best checkpoint evaluated and logged, and the objective read from it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import mlflow
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from models.precision import as_float32
+from search.evaluation.evaluate_run import evaluate_and_log
+from search.tracking.model_logging import log_keras_model
+from search.training.fit import FitResult
+from search.training.model_setup import BuiltModel
+from search.training.run_plan import RunPlan
+
+
+def evaluate_best(cfg: DictConfig, plan: RunPlan, data: Any, built: BuiltModel,
+                  fitted: FitResult, describe: Callable[..., str]) -> dict[str, float]:
+    """Evaluate the best checkpoint, log it as the run's model and write `metrics.yaml`.
+
+    Returns:
+        The evaluated metrics, with `n_params`, `epochs_trained` and `best_epoch`.
+    """
+    # Without its training metrics: evaluation needs only the loss, and the logged model
+    # then loads anywhere without this package's metric classes.
+    best = keras.models.load_model(fitted.checkpoint, safe_mode=True, compile=False)
+    best = as_float32(best)  # evaluated, logged and served in float32
+    best.compile(loss=built.model.loss)
+    results = evaluate_and_log(cfg, best, data, built.binary)
+    mlflow.set_tag("mlflow.note.content", describe(results))
+    history, losses, monitor = fitted.history, fitted.losses, plan.monitor
+    results["n_params"] = float(best.count_params())
+    results["epochs_trained"] = float(len(losses))
+    results["best_epoch"] = float(plan.initial_epoch + (int(np.argmin(history[monitor])) + 1
+                                                        if monitor in history else len(losses)))
+    mlflow.log_metrics({k: results[k] for k in ("epochs_trained", "best_epoch")})
+    if cfg.tracking.get("log_model", True):
+        try:
+            log_keras_model(cfg, best, data, results)
+        except Exception as error:
+            raise RuntimeError(
+                f"logging the model to MLflow failed ({type(error).__name__}: {error}); "
+                f"the trained best checkpoint is kept at {fitted.checkpoint}"
+            ) from error
+    (plan.output_dir / "metrics.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(results)))
+    return results
+
+
+def objective_values(objectives: list[str], results: dict[str, float]) -> list[float]:
+    """The objective values among `results` (a run whose objective cannot be read fails)."""
+    missing = [name for name in objectives if name not in results]
+    if missing:  # a run whose objective cannot be read is not FINISHED
+        raise KeyError(f"objective {missing} not among the evaluated metrics: "
+                       f"{sorted(results)}")
+    return [float(results[name]) for name in objectives]
+
+
+def record_objective(objectives: list[str], values: list[float], n_val: int) -> None:
+    """Refuse a non-finite objective, else log it under one stable name."""
+    bad = [n for n, v in zip(objectives, values, strict=True) if not math.isfinite(v)]
+    if bad:  # a NaN told to the sampler would rank as nothing; fail with the reason
+        raise FloatingPointError(
+            f"objective {bad} is not finite on the val split (e.g. ROC AUC needs both "
+            f"classes in val: n_val={n_val}); choose another objective, or more data")
+    # One stable name for the value the sweeper optimises, whatever `objective` is.
+    mlflow.log_metrics({"objective" if len(values) == 1 else f"objective_{i}": v
+                        for i, v in enumerate(values) if math.isfinite(v)})

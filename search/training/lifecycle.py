@@ -1,0 +1,171 @@
+"""The MLflow run's lifecycle: started (or resumed) with its name and tags, ended with its status.
+
+`tracked_run` opens the run of one training job and always closes it: the trial's state tag,
+the resumable state removed unless the trial was killed, the run renamed after how it ended,
+and `mlflow.end_run` with FINISHED, FAILED or KILLED.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import mlflow
+from omegaconf import DictConfig
+
+from search import sweep_context
+from search.tracking import descriptions, mlflow_runs, run_names
+from search.tracking.model_logging import config_hash
+from search.training import resume
+from search.training.run_plan import RunPlan
+
+# train()'s own logger: its lines keep the name the terminal and the sweep's console show.
+log = logging.getLogger("search.training.trainer")
+
+
+@dataclass
+class TrackedRun:
+    """The open MLflow run of a training job and how it is ending.
+
+    `start_epoch` is where the fit starts (`trainer.initial_epoch`, or the epoch a retried
+    trial resumes after). `status` (MLflow) and `state` (the Optuna trial's tag) start as a
+    failure and change only when the job reaches an end that is not one; `values` and
+    `epochs_run` go into the run's final name.
+    """
+
+    run: mlflow.ActiveRun
+    run_name: str
+    user_named: bool
+    trial: sweep_context.SweepTrial | None
+    info: dict[str, Any] | None
+    resume_plan: resume.ResumePlan | None
+    config_hash: str
+    start_epoch: int
+    status: str = "FAILED"
+    state: str = "FAIL"
+    values: list[float] | None = None
+    epochs_run: int | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+    @property
+    def point(self) -> resume.ResumePoint | None:
+        """The state a retried trial resumes from (None: none to resume)."""
+        return self.resume_plan.point if self.resume_plan is not None else None
+
+    def end_as_pruned(self, epochs_run: int) -> None:
+        """The pruner stopped it: a normal end, not a failure (FINISHED, tagged PRUNED)."""
+        self.state, self.status = "PRUNED", "FINISHED"
+        self.epochs_run = epochs_run
+
+
+def run_tags(cfg: DictConfig, info: dict[str, Any] | None) -> dict[str, str]:
+    """Tags that let the MLflow UI filter and group runs."""
+    tags = {"model.builder": str(cfg.model.get("_target_", "?")).rsplit(".", 1)[-1]}
+    tags.update({str(k): str(v) for k, v in (cfg.tracking.get("tags") or {}).items()})
+    if info:
+        tags.update({
+            "optuna.study": str(info["study"]),
+            "optuna.trial_number": str(info["trial_number"]),
+            "optuna.sampler": str(info["sampler"]),
+            "optuna.pruner": str(info["pruner"]),
+            "optuna.trial_state": "RUNNING",
+        })
+    return tags
+
+
+def start_run(cfg: DictConfig, plan: RunPlan, precision: str) -> TrackedRun:
+    """Start the job's MLflow run (a retried trial's new run links to the one it resumes)."""
+    trial = sweep_context.current_trial()
+    info = trial.info if trial is not None else None
+    hashed = config_hash(cfg)  # once: the resumable state, the params and the state's meta
+    # A retried trial continues from its last resumable state (search/training/resume.py).
+    resume_plan = resume.plan_for_trial(trial, plan.output_dir, hashed)
+    point = resume_plan.point if resume_plan is not None else None
+    parent = sweep_context.parent_run_id()
+    run_name = run_names.initial_name(cfg, info["trial_number"] if info else None)
+    tags = {**run_tags(cfg, info), **mlflow_runs.process_tags(), "precision": precision,
+            **(trial.engine_tags() if trial is not None else {})}
+    run = mlflow.start_run(run_name=run_name, parent_run_id=parent,
+                           tags={**tags, **resume.run_tags(point)})
+    tracked = TrackedRun(run, run_name, bool(cfg.tracking.get("run_name")), trial, info,
+                         resume_plan, hashed, plan.initial_epoch)
+    if point is not None:
+        tracked.start_epoch = point.epoch
+        log.info("Resuming after epoch %d of %d in MLflow run %s", point.epoch,
+                 plan.max_epochs, run.info.run_id)
+        if trial is not None:
+            trial.trial.set_user_attr("resumed_from_epoch", point.epoch)
+    log.info("MLflow run %s (%s)", run.info.run_id, mlflow.get_tracking_uri())
+    if trial is not None:  # optuna-dashboard shows user attrs: the trial links to its run
+        trial.trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        url = mlflow_runs.run_url(run.info.experiment_id, run.info.run_id)
+        if url:
+            trial.trial.set_user_attr("mlflow_run_url", url)
+    return tracked
+
+
+def end_run(tracked: TrackedRun, objective: str) -> None:
+    """Close the run for good or for a retry: state tag, name, status (never raises on rename)."""
+    if tracked.status != "KILLED":  # ended for good: its resumable state is not needed
+        resume.remove_state(tracked.resume_plan)
+    # No flush here: end_run drains MLflow's async queue itself, and each drain waits for
+    # its logging thread's 1 s poll to lapse (benchmarks/trial_overhead.py measures it).
+    if tracked.info:
+        mlflow.set_tag("optuna.trial_state", tracked.state)
+    if not tracked.user_named:  # a name the user gave stays as given
+        values = tracked.values
+        try:  # the name says how it ended; never let a rename hide the trial's outcome
+            mlflow.MlflowClient().update_run(tracked.run_id, name=run_names.final_name(
+                tracked.run_name, tracked.state, objective, values[0] if values else None,
+                tracked.epochs_run))
+        except Exception:  # noqa: BLE001
+            log.warning("could not rename run %s", tracked.run_id, exc_info=True)
+    mlflow.end_run(status=tracked.status)
+
+
+@contextmanager
+def tracked_run(cfg: DictConfig, plan: RunPlan, precision: str) -> Iterator[TrackedRun]:
+    """The job's MLflow run around the `with` body: FINISHED when the body returns, KILLED
+    when it is interrupted (the retry resumes from the saved state), else FAILED."""
+    tracked = start_run(cfg, plan, precision)
+    try:
+        yield tracked
+        tracked.status, tracked.state = "FINISHED", "COMPLETE"
+    except (KeyboardInterrupt, sweep_context.TrialInterrupted):
+        tracked.status, tracked.state = "KILLED", "INTERRUPTED"
+        raise
+    finally:
+        end_run(tracked, plan.objectives[0])
+
+
+def log_run_inputs(cfg: DictConfig, tracked: TrackedRun, data: Any,
+                   model: keras.Model) -> Callable[..., str]:
+    """Log what the run starts from (config, data, model size) and its first description.
+
+    Returns:
+        The run's description maker; called again with the results once evaluated.
+    """
+    mlflow_runs.log_run_context(cfg)
+    mlflow.log_params({
+        "data.fingerprint": data.fingerprint,
+        "data.n_train": data.n_train,
+        "data.n_val": data.n_val,
+        "data.n_test": data.n_test,
+        "model.n_params": model.count_params(),
+        "config_hash": tracked.config_hash,
+    })
+    mlflow.log_dict(data.source_info, "data/source_info.json")
+    describe = functools.partial(
+        descriptions.run_description, list(data.class_names), data.source_info,
+        tuple(data.input_shape), data.fingerprint,
+        threshold_rule=str(cfg.evaluation.threshold_rule))
+    mlflow.set_tag("mlflow.note.content", describe())
+    return describe
