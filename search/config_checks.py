@@ -19,6 +19,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from search import REPO_ROOT
+
 # The evaluation and registry defaults: conf/<group>/default.yaml read onto their typed schemas
 # by two leaf modules that import only OmegaConf (below this one, like metric_maths).
 from search.evaluation.evaluation_settings import DEFAULTS as EVALUATION_DEFAULTS
@@ -31,9 +33,10 @@ from search.evaluation.metric_maths import (
     EPOCH_COUNTERPART,
     EPOCH_METRICS,
     MACRO_NAMES,
-    RANKING_METRICS,
+    RANKING_METRICS,  # noqa: F401 - re-exported for the checks' users
     THRESHOLD_RULES,
     VAL_METRICS,
+    check_metric,
 )
 from search.model_registry.registry_settings import DEFAULTS as REGISTRY_DEFAULTS
 
@@ -110,7 +113,7 @@ def pruning_metric(cfg: DictConfig) -> str | None:
 def repo_root() -> str:
     """The checkout this code runs from: the search spaces anchor the Optuna study here, next
     to MLflow's store, so a resume from another folder finds the same study."""
-    return str(Path(__file__).resolve().parents[1])
+    return str(REPO_ROOT)
 
 
 def register_resolvers() -> None:
@@ -130,19 +133,6 @@ def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
-
-
-def check_metric(metric: str) -> str:
-    """Accept `roc_auc` (also `test_roc_auc`/`eval_test_roc_auc`); refuse unrankable names."""
-    name = str(metric)
-    for prefix in ("eval_test_", "test_"):
-        name = name.removeprefix(prefix)
-    if name not in RANKING_METRICS:
-        raise ValueError(
-            f"registry.metric={metric!r} cannot rank models; use one of "
-            f"{', '.join(RANKING_METRICS)}"
-        )
-    return name
 
 
 def check_run_config(cfg: DictConfig) -> list[str]:

@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     if result.skipped:
         print(f"{len(result.skipped)} input(s) skipped -> {result.files['skipped']}")
     if result.metrics:
-        from search.evaluation.metrics import headline
+        from search.tracking.descriptions import headline
 
         m = result.metrics["metrics"]
         print(f"metrics on {result.metrics['n']} labelled image(s) at threshold "

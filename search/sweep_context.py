@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from hydra_plugins.optuna_pruning_sweeper import _preemption, _summary
+from hydra_plugins.optuna_pruning_sweeper import _keras_tuner_engine, _preemption, _summary
 from hydra_plugins.optuna_pruning_sweeper import trial_context as _tc
 
 if TYPE_CHECKING:
@@ -35,6 +35,9 @@ RESUME_DIR_ATTR = _tc.RESUME_DIR_ATTR
 STUDY_ENV_NAMES = (_tc.ENV_STUDY, _tc.ENV_STORAGE)
 # The sweeper's summary file in the sweep folder (the nightly table reads it).
 SUMMARY_FILE = _summary.SUMMARY_FILE
+# Prefix of keras-tuner's facts in a trial's user attrs, copied to its run tags (the same
+# prefix as search.tracking.tags.KERAS_TUNER_PREFIX, which this module sits below).
+KERAS_TUNER_ATTR_PREFIX = _keras_tuner_engine.TAG
 # The sweeper's per-trial variables: a run started after the sweep (a final-stage repeat, a
 # cross-validation fold) drops them, so that it never attaches itself to an Optuna trial.
 TRIAL_ENV_NAMES = (_tc.ENV_STORAGE, _tc.ENV_STUDY, _tc.ENV_TRIAL_ID, _tc.ENV_TRIAL_NUMBER,
@@ -65,7 +68,7 @@ class SweepTrial:
         """keras-tuner's facts about the trial when its oracle chose it (bracket, round,
         epochs, the trial it continues), as run tags."""
         return {k: str(v) for k, v in self.trial.user_attrs.items()
-                if k.startswith("keras_tuner.")}
+                if k.startswith(KERAS_TUNER_ATTR_PREFIX)}
 
     def report(self, value: float, step: int) -> None:
         """Report an intermediate objective value (the pruner decides on these)."""

@@ -36,7 +36,7 @@ from sklearn.calibration import CalibrationDisplay  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.metrics import brier_score_loss, log_loss  # noqa: E402
 
-from search.config_checks import CALIBRATION_METHODS as METHODS  # noqa: E402
+from search.evaluation.metric_maths import CALIBRATION_METHODS as METHODS  # noqa: E402
 
 EPS = 1e-7  # float32 sigmoid/softmax saturate: logits beyond ±16 carry no information
 ECE_BINS = 15

@@ -12,15 +12,16 @@ and scikit-learn.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from search import REPO_ROOT
+
 # The checkout's conf/ (search/config_checks.repo_root() is the same folder's parent; that
 # module imports this one, so this one cannot import it back).
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = REPO_ROOT / "conf"
 
 Schema = TypeVar("Schema")
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from search.config_checks import repo_root
+from search import REPO_ROOT
 
 NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,39}$")  # no "_": ext_<name>_<metric> must split
 
@@ -71,7 +71,7 @@ def external_specs(section: Any) -> list[ExternalSpec]:
         if not entry.get("path"):
             raise ValueError(f"{where}.path is missing (a class-folder tree or an .npz)")
         path = Path(str(entry["path"])).expanduser()
-        path = path if path.is_absolute() else Path(repo_root()) / path
+        path = path if path.is_absolute() else REPO_ROOT / path
         if not path.exists():
             raise FileNotFoundError(f"{where}.path={path} does not exist")
         if path.is_file() and path.suffix.lower() != ".npz":

@@ -64,6 +64,19 @@ def class_keys(class_names: list[str]) -> list[str]:
     return keys
 
 
+def check_metric(metric: str) -> str:
+    """Accept `roc_auc` (also `test_roc_auc`/`eval_test_roc_auc`); refuse unrankable names."""
+    name = str(metric)
+    for prefix in ("eval_test_", "test_"):
+        name = name.removeprefix(prefix)
+    if name not in RANKING_METRICS:
+        raise ValueError(
+            f"registry.metric={metric!r} cannot rank models; use one of "
+            f"{', '.join(RANKING_METRICS)}"
+        )
+    return name
+
+
 def task_metric(name: str, n_classes: int) -> str:
     """A ranking metric's name for a task: `sensitivity` is `macro_recall` for K classes."""
     return MACRO_NAMES.get(name, name) if n_classes > 2 else name

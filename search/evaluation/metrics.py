@@ -35,6 +35,7 @@ from search.evaluation.metric_maths import (  # noqa: E402
     predicted_classes,
     task_metric,  # noqa: F401 - re-exported: the metric names' helpers read as ev.task_metric
 )
+from search.tracking.descriptions import headline  # noqa: E402,F401 - re-exported as ev.headline
 
 
 @dataclass
@@ -190,16 +191,6 @@ def evaluate_split(
         intervals=bootstrap_intervals(y_true, scores, list(class_names), threshold, bootstrap)
         if bootstrap is not None and bootstrap.resamples else {},
     )
-
-
-def headline(metrics: dict[str, float]) -> str:
-    """`acc 0.91  ROC AUC 0.97  sensitivity 0.93  specificity 0.88` (macro_* for K classes)."""
-    parts = [("acc", "accuracy"), ("ROC AUC", "roc_auc")]
-    if "sensitivity" in metrics:
-        parts += [("sensitivity", "sensitivity"), ("specificity", "specificity")]
-    else:
-        parts += [("macro recall", "macro_recall"), ("macro specificity", "macro_specificity")]
-    return "  ".join(f"{label} {metrics[key]:.4f}" for label, key in parts if key in metrics)
 
 
 def confusion_figure(evaluation: SplitEvaluation) -> plt.Figure:

@@ -35,7 +35,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from search.config_checks import RANKING_METRICS, check_metric  # noqa: F401 - re-exported
+from search.evaluation.metric_maths import RANKING_METRICS, check_metric  # noqa: F401 - re-exported
 from search.model_registry.heldout import (  # noqa: F401 - the gate's parts, re-exported
     DEFAULT_METRIC,
     DEFAULT_TIE_BREAK,

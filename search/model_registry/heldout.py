@@ -20,7 +20,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from search.config_checks import check_metric
+from search.evaluation.metric_maths import MACRO_NAMES, check_metric
 from search.model_registry import model_store
 from search.model_registry.registry_settings import DEFAULTS, GATES
 
@@ -133,7 +133,6 @@ class HeldOutEvaluator:
     def metric_name(self, name: str | None = None) -> str:
         """The metric as this task names it: `sensitivity` is `macro_recall` for K classes,
         and `macro_recall` is `sensitivity` for two."""
-        from search.config_checks import MACRO_NAMES
 
         name = name or self.metric
         if self.class_names is None:

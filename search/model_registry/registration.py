@@ -279,15 +279,15 @@ def promote_sweep_best(
         return None
     client = MlflowClient()
     if best_run_id is ...:  # not given: the parent run's tag says which run was best
-        best_run_id = client.get_run(parent_run_id).data.tags.get("best_run_id")
+        best_run_id = client.get_run(parent_run_id).data.tags.get(tag_keys.BEST_RUN_ID)
     skipped = None
     if not best_run_id:
         skipped = "the sweep has no best_run_id (no finished trial?)"
-    elif not client.get_run(best_run_id).data.tags.get("best_model_uri"):
+    elif not client.get_run(best_run_id).data.tags.get(tag_keys.BEST_MODEL_URI):
         skipped = f"best run {best_run_id} logged no model (tracking.log_model=false?)"
     if skipped:
         log.warning("nothing registered: %s", skipped)
-        client.set_tag(parent_run_id, "promotion.skipped", skipped)
+        client.set_tag(parent_run_id, tag_keys.PROMOTION_SKIPPED, skipped)
         return None
     gate = GateSpec.from_config((config or {}).get("registry"))
     try:
@@ -296,7 +296,8 @@ def promote_sweep_best(
             parent_run_id=parent_run_id, tie_break=options["tie_break"], gate=gate,
         )
     except Exception as error:
-        client.set_tag(parent_run_id, "promotion.error", f"{type(error).__name__}: {error}"[:5000])
+        client.set_tag(parent_run_id, tag_keys.PROMOTION_ERROR,
+                       f"{type(error).__name__}: {error}"[:5000])
         raise
     return decision
 

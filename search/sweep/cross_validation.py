@@ -27,6 +27,7 @@ from search.model_registry.champion import current_champion
 from search.model_registry.model_store import run_config_text
 from search.model_registry.registry_settings import DEFAULTS
 from search.sweep.final_stage import metrics_of, run_single
+from search.tracking import tags as tag_keys
 
 log = logging.getLogger(__name__)
 METRICS = ("val_roc_auc", "val_accuracy", "val_sensitivity", "val_specificity", "val_loss",
@@ -61,7 +62,8 @@ def run_cross_validation(config: DictConfig, parent_run_id: str, decision: Any
     work = Path(tempfile.mkdtemp(prefix="cv-"))
     tasks = [(i, [f"++data.cv_folds={k}", f"++data.cv_fold={i}", "tracking.uri=null",
                   "tracking.log_model=false", f"tracking.run_name='cv · fold {i + 1}/{k}'",
-                  f"++tracking.tags={{cv.fold: '{i}', cv.of_run: {champion.run_id}}}"],
+                  f"++tracking.tags={{{tag_keys.CV_FOLD}: '{i}', "
+                  f"{tag_keys.CV_OF_RUN}: {champion.run_id}}}"],
               work / f"fold{i}") for i in range(k)]
     def one(task: tuple) -> tuple[Any, dict[str, float]]:
         i, overrides, folder = task
@@ -90,7 +92,8 @@ def run_cross_validation(config: DictConfig, parent_run_id: str, decision: Any
         summary[name] = {"mean": mean, "std": std, "values": values}
         client.log_metric(parent_run_id, f"cv_{name}_mean", mean)
         client.log_metric(parent_run_id, f"cv_{name}_std", std)
-        client.set_model_version_tag(decision.model_name, champion.version, f"cv.{name}",
+        client.set_model_version_tag(decision.model_name, champion.version,
+                                     f"{tag_keys.CV_METRIC_PREFIX}{name}",
                                      f"{mean:.4f} ± {std:.4f} over {len(values)} folds")
         log.info("cv %s: %.4f ± %.4f over %d folds", name, mean, std, len(values))
     client.log_dict(parent_run_id, summary, "cross_validation/summary.json")

@@ -16,6 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from search.tracking import tags as tag_keys  # noqa: E402
+
 # state -> (colour, line style, alpha, width)
 STYLE = {
     "COMPLETE": ("tab:blue", "-", 0.55, 1.2),
@@ -76,7 +78,7 @@ def run_curves(client, runs: Sequence, metric: str = "val_loss") -> dict[int, li
     """`metric` per epoch of each trial's MLflow run (the tracked series, pruned included)."""
     curves: dict[int, list[float]] = {}
     for run in runs:
-        number = run.data.tags.get("optuna.trial_number")
+        number = run.data.tags.get(tag_keys.OPTUNA_TRIAL_NUMBER)
         if number is None or metric not in run.data.metrics:
             continue
         history = sorted(client.get_metric_history(run.info.run_id, metric),

@@ -34,6 +34,7 @@ from search import sweep_context
 from search.model_registry.model_store import run_config_text
 from search.model_registry.registry_settings import DEFAULTS
 from search.sweep.top_k_ensemble import top_runs
+from search.tracking import tags as tag_keys
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
@@ -93,7 +94,7 @@ def run_final_stage(config: DictConfig, parent_run_id: str) -> str | None:
     runs = top_runs(client, parent_run_id, top_k, maximize)
     if len(runs) < 2:
         log.info("final stage skipped: %d distinct COMPLETE trial(s)", len(runs))
-        client.set_tag(parent_run_id, "final_stage.skipped",
+        client.set_tag(parent_run_id, tag_keys.FINAL_STAGE_SKIPPED,
                        f"{len(runs)} distinct COMPLETE trial(s), nothing to re-rank")
         return None
     jobs, threads = sweep_context.sweep_jobs(config)
@@ -123,15 +124,16 @@ def repeat_tasks(client: MlflowClient, runs: list[Any], repeats: int, work: Path
     for run in runs:
         text = run_config_text(client, run.info.run_id)
         seed = int(OmegaConf.create(text).seed)
-        trial = run.data.tags.get("optuna.trial_number", "?")
+        trial = run.data.tags.get(tag_keys.OPTUNA_TRIAL_NUMBER, "?")
         for r in range(1, repeats + 1):
             name = f"final · t{int(trial):03d}" if trial.isdigit() else "final"
             # ++: configs logged before trainer.seed / tracking.tags existed lack the keys;
             # tracking.uri=null: the logged config masks a password, the environment has it
             overrides = [f"++trainer.seed={seed + r}", "tracking.uri=null",
                          f"tracking.run_name='{name} · seed {seed + r}'",
-                         f"++tracking.tags={{final_stage.origin_trial: '{trial}', "
-                         f"final_stage.origin_run: {run.info.run_id}, final_stage.repeat: '{r}'}}"]
+                         f"++tracking.tags={{{tag_keys.FINAL_STAGE_ORIGIN_TRIAL}: '{trial}', "
+                         f"{tag_keys.FINAL_STAGE_ORIGIN_RUN}: {run.info.run_id}, "
+                         f"{tag_keys.FINAL_STAGE_REPEAT}: '{r}'}}"]
             tasks.append((run, r, text, overrides, work / f"{run.info.run_id}-{r}"))
     return tasks
 
@@ -142,7 +144,7 @@ def run_repeats(tasks: list[tuple], parent_run_id: str, jobs: int, threads: int)
         run, r, text, overrides, folder = task
         proc = run_single(text, overrides, folder, parent_run_id, threads)
         log.info("final stage: trial %s repeat %d -> %s %s", run.data.tags.get(
-            "optuna.trial_number"), r, OmegaConf.create(text).objective,
+            tag_keys.OPTUNA_TRIAL_NUMBER), r, OmegaConf.create(text).objective,
             _objective(folder, OmegaConf.create(text).objective) if proc.returncode == 0
             else f"failed (exit {proc.returncode})")
         return task, proc, _objective(folder, OmegaConf.create(text).objective)
@@ -175,7 +177,8 @@ def record(client: MlflowClient, parent_run_id: str, runs: list[Any],
     rows = []
     for run in runs:
         v = values[run.info.run_id]
-        rows.append({"trial": run.data.tags.get("optuna.trial_number"), "run_id": run.info.run_id,
+        rows.append({"trial": run.data.tags.get(tag_keys.OPTUNA_TRIAL_NUMBER),
+                     "run_id": run.info.run_id,
                      "single_value": v[0], "mean": float(np.mean(v)),
                      "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v),
                      "single_rank": single.index(run.info.run_id) + 1,
@@ -191,8 +194,8 @@ def record(client: MlflowClient, parent_run_id: str, runs: list[Any],
     client.log_text(parent_run_id, "\n".join(md) + "\n", "final_stage/ranking.md")
     client.log_metric(parent_run_id, "final_stage_rank_changed", float(changed))
     client.log_metric(parent_run_id, "final_stage_kendall_tau", table["kendall_tau"])
-    client.set_tag(parent_run_id, "final_stage.search_best_run_id", single[0])
-    client.set_tag(parent_run_id, "best_run_id", mean_rank[0])
+    client.set_tag(parent_run_id, tag_keys.FINAL_STAGE_SEARCH_BEST_RUN_ID, single[0])
+    client.set_tag(parent_run_id, tag_keys.BEST_RUN_ID, mean_rank[0])
     log.info("Final stage: %s\n%s", "the best mean is another trial than the best single run"
              if changed else "the best single run also has the best mean", "\n".join(md))
     return mean_rank[0]

@@ -24,6 +24,7 @@ from search import sweep_context
 from search.config_checks import ConfigError, check_sweep_config
 from search.sweep import pipeline
 from search.tracking import mlflow_runs
+from search.tracking import tags as tag_keys
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,10 @@ class MlflowSweepCallback(Callback):
                              f"({error})") from None
         sweeper = config.hydra.sweeper
         study = sweeper.get("study_name")
-        tags = {"sweep.parent": "true", "sweep.dir": str(config.hydra.sweep.dir),
+        tags = {tag_keys.SWEEP_PARENT: "true", tag_keys.SWEEP_DIR: str(config.hydra.sweep.dir),
                 **mlflow_runs.process_tags()}
         if study:
-            tags["optuna.study"] = str(study)
+            tags[tag_keys.OPTUNA_STUDY] = str(study)
         try:
             run = mlflow.start_run(run_name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
         except Exception as error:  # noqa: BLE001 - Hydra would sweep on without a parent run
@@ -92,7 +93,7 @@ class MlflowSweepCallback(Callback):
             return
         self.ended = True
         try:
-            MlflowClient().set_tag(self.run_id, "sweep.ended",
+            MlflowClient().set_tag(self.run_id, tag_keys.SWEEP_ENDED,
                                    "early: the sweep stopped before its end (see its log)")
             active = mlflow.active_run()
             if active is not None and active.info.run_id == self.run_id:

@@ -44,6 +44,7 @@ from search.sweep.cross_validation import run_cross_validation
 from search.sweep.final_stage import run_final_stage
 from search.sweep.top_k_ensemble import promote_ensemble
 from search.tracking import descriptions
+from search.tracking import tags as tag_keys
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def _report(end: SweepEnd, study: optuna.Study) -> str | None:
     """Close stale runs, log the best trial, the summary, the report and the curves; the best
     trial's run id (None when it has no FINISHED run)."""
     client = end.client
-    mlflow.set_tag("optuna.study", study.study_name)
+    mlflow.set_tag(tag_keys.OPTUNA_STUDY, study.study_name)
     report.close_stale_runs(client, study, keep=end.parent_run_id)
     summary = report.summarize(study)
     best_run_id = report.log_best_trial(client, study, summary)
@@ -163,7 +164,7 @@ def final_stage_step(end: SweepEnd, outcome: SweepOutcome) -> SweepOutcome:
         best_mean = run_final_stage(end.config, end.parent_run_id)
     except Exception as error:  # noqa: BLE001 - the search's results stand
         log.exception("the final stage failed; the search's best trial is registered")
-        end.client.set_tag(end.parent_run_id, "final_stage.error",
+        end.client.set_tag(end.parent_run_id, tag_keys.FINAL_STAGE_ERROR,
                            f"{type(error).__name__}: {error}"[:5000])
         return outcome
     return outcome if best_mean is None else replace(outcome, best_run_id=best_mean)
@@ -192,7 +193,7 @@ def cross_validation_step(end: SweepEnd, outcome: SweepOutcome) -> None:
         run_cross_validation(end.config, end.parent_run_id, outcome.decision)
     except Exception as error:  # noqa: BLE001
         log.exception("cross-validating the champion failed")
-        end.client.set_tag(end.parent_run_id, "cv.error",
+        end.client.set_tag(end.parent_run_id, tag_keys.CV_ERROR,
                            f"{type(error).__name__}: {error}"[:5000])
 
 
@@ -220,7 +221,7 @@ def next_steps_step(end: SweepEnd, outcome: SweepOutcome) -> list[str]:
             note = descriptions.parent_description(
                 end.study.study_name, summary, ", ".join(end.study.metric_names or ["value"]),
                 (run.info.experiment_id, best) if best else None, decided, uri, model_name)
-            mlflow.set_tag("mlflow.note.content", note)
+            mlflow.set_tag(tag_keys.MLFLOW_NOTE, note)
         return descriptions.next_steps(uri, run.info.experiment_id, end.parent_run_id,
                                        model_name, decided)
     except Exception:  # noqa: BLE001 - a description never fails the sweep's end

@@ -28,6 +28,7 @@ from search import sweep_context  # noqa: E402
 from search.model_registry.model_card import with_interval  # noqa: E402
 from search.sweep.figures import curves_figure, run_curves, study_curves  # noqa: E402
 from search.tracking import mlflow_runs  # noqa: E402
+from search.tracking import tags as tag_keys  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ def write_report(study: optuna.Study, folder: Path,
 def child_runs(client: MlflowClient, study: str, extra: str = "") -> list:
     """Trial runs of a study, in every experiment of the store."""
     experiments = [e.experiment_id for e in client.search_experiments()]
-    query = f"tags.`optuna.study` = '{study}'" + (f" and {extra}" if extra else "")
+    query = f"tags.`{tag_keys.OPTUNA_STUDY}` = '{study}'" + (f" and {extra}" if extra else "")
     return client.search_runs(experiments, filter_string=query, max_results=5000)
 
 
@@ -198,18 +199,18 @@ def close_stale_runs(client: MlflowClient, study: optuna.Study, keep: str) -> in
     for run in child_runs(client, study.study_name, "attributes.status = 'RUNNING'"):
         if run.info.run_id == keep:
             continue
-        number = run.data.tags.get("optuna.trial_number")
+        number = run.data.tags.get(tag_keys.OPTUNA_TRIAL_NUMBER)
         if number is None:
             # Between two trials no trial runs, yet the sweep may well be alive: a parent
             # whose process on this host still runs is never closed.
-            if (run.data.tags.get("sweep.parent") == "true" and not alive
+            if (run.data.tags.get(tag_keys.SWEEP_PARENT) == "true" and not alive
                     and mlflow_runs.owner_alive(run.data.tags) is not True):
                 client.set_terminated(run.info.run_id, "KILLED")
                 closed += 1
             continue
         trial = trials.get(int(number))
         if trial is not None and trial.state.is_finished():
-            client.set_tag(run.info.run_id, "optuna.trial_state", trial.state.name)
+            client.set_tag(run.info.run_id, tag_keys.OPTUNA_TRIAL_STATE, trial.state.name)
             client.set_terminated(run.info.run_id, "KILLED")
             closed += 1
     if closed:
@@ -226,12 +227,13 @@ def log_best_trial(client: MlflowClient, study: optuna.Study, summary: dict) -> 
     # The names the trials' runs use, so the parent's row reads like its best trial's.
     mlflow.log_params(dict(best["params"]))
     mlflow.log_metric("objective", best["value"])
-    runs = child_runs(client, study.study_name, f"tags.`optuna.trial_number` = '{best['number']}'")
+    runs = child_runs(client, study.study_name,
+                      f"tags.`{tag_keys.OPTUNA_TRIAL_NUMBER}` = '{best['number']}'")
     finished = [r for r in runs if r.info.status == "FINISHED"]
     if not finished:
         return None
     run = finished[0]
-    mlflow.set_tag("best_run_id", run.info.run_id)
+    mlflow.set_tag(tag_keys.BEST_RUN_ID, run.info.run_id)
     mlflow.log_metrics({
         k: v for k, v in run.data.metrics.items() if k.startswith(("eval_", "ext_"))
     })
@@ -244,8 +246,9 @@ def log_sweep_curves(client: MlflowClient, study: optuna.Study, summary: dict) -
     curves = run_curves(client, runs, "val_loss")
     if not curves:
         return
-    states = {int(r.data.tags["optuna.trial_number"]): r.data.tags.get("optuna.trial_state", "")
-              for r in runs if "optuna.trial_number" in r.data.tags}
+    states = {int(r.data.tags[tag_keys.OPTUNA_TRIAL_NUMBER]):
+              r.data.tags.get(tag_keys.OPTUNA_TRIAL_STATE, "")
+              for r in runs if tag_keys.OPTUNA_TRIAL_NUMBER in r.data.tags}
     best = summary.get("best") or {}
     figure = curves_figure(curves, states, best.get("number"), "val_loss",
                            title=f"val_loss per epoch: {len(curves)} trials of {study.study_name}",

@@ -34,6 +34,7 @@ from search.model_registry.registration import (
 )
 from search.model_registry.registry_settings import DEFAULTS
 from search.tracking import descriptions, mlflow_runs
+from search.tracking import tags as tag_keys
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,11 @@ def top_runs(client: MlflowClient, parent_run_id: str, k: int, maximize: bool) -
     parent = client.get_run(parent_run_id)
     runs = client.search_runs(
         [parent.info.experiment_id],
-        f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'",
+        f"tags.{tag_keys.PARENT_RUN_ID} = '{parent_run_id}' and attributes.status = 'FINISHED'",
         max_results=5000,
     )
-    runs = [r for r in runs if r.data.tags.get("optuna.trial_state") == "COMPLETE"
-            and r.data.tags.get("best_model_uri") and "objective" in r.data.metrics]
+    runs = [r for r in runs if r.data.tags.get(tag_keys.OPTUNA_TRIAL_STATE) == "COMPLETE"
+            and r.data.tags.get(tag_keys.BEST_MODEL_URI) and "objective" in r.data.metrics]
     runs.sort(key=lambda r: r.data.metrics["objective"], reverse=maximize)
     chosen, seen = [], set()
     for run in runs:
@@ -97,7 +98,7 @@ def build_ensemble_run(config: DictConfig, parent_run_id: str, k: int) -> str | 
     _check_compatible(metadata)
     cfg = run_config(client, ids[0])  # the best member's: same data, split and evaluation
     log.info("Ensemble of the top %d trials (%s)", len(runs),
-             ", ".join(f"trial {r.data.tags.get('optuna.trial_number')}" for r in runs))
+             ", ".join(f"trial {r.data.tags.get(tag_keys.OPTUNA_TRIAL_NUMBER)}" for r in runs))
     data = instantiate(cfg.data, seed=int(cfg.seed), _convert_="all")
     binary = len(data.class_names) == 2
     members = _load_members(runs)
@@ -106,14 +107,14 @@ def build_ensemble_run(config: DictConfig, parent_run_id: str, k: int) -> str | 
     model.compile(loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy")
     members_hash = hashlib.sha256(" ".join(m.get("config_hash") or "" for m in metadata)
                                   .encode()).hexdigest()[:16]
-    study = runs[0].data.tags.get("optuna.study", "sweep")
+    study = runs[0].data.tags.get(tag_keys.OPTUNA_STUDY, "sweep")
     params = {k_: v for k_, v in runs[0].data.params.items()
               if k_ == "data" or k_.startswith("data.") or k_ in ("seed",)}
     with mlflow.start_run(run_name=f"ensemble · top {len(ids)} of {study}",
                           parent_run_id=parent_run_id, nested=True,  # the sweep's is active
                           experiment_id=client.get_run(parent_run_id).info.experiment_id,
                           tags=_run_tags(runs)) as run:
-        mlflow_runs.log_run_context(cfg, params={**params, "ensemble.k": len(ids),
+        mlflow_runs.log_run_context(cfg, params={**params, tag_keys.ENSEMBLE_K: len(ids),
                                               "model.n_params": model.count_params(),
                                               "config_hash": members_hash})
         results = evaluate_and_log(cfg, model, data, binary)
@@ -121,7 +122,7 @@ def build_ensemble_run(config: DictConfig, parent_run_id: str, k: int) -> str | 
         log_keras_model(cfg, model, data, results, extra_metadata={
             "config_hash": members_hash, "ensemble_members": ids,
             "calibration": {"method": "members"} if calibrated else None})
-        mlflow.set_tag("mlflow.note.content", descriptions.run_description(
+        mlflow.set_tag(tag_keys.MLFLOW_NOTE, descriptions.run_description(
             list(data.class_names), data.source_info, tuple(data.input_shape), data.fingerprint,
             results, threshold_rule=str(cfg.evaluation.threshold_rule))
             + f"\n\n**Ensemble** of runs {', '.join(f'`{i}`' for i in ids)} (averaged "
@@ -137,7 +138,7 @@ def _members_or_none(client: MlflowClient, config: DictConfig, parent_run_id: st
     if len(runs) < 2:
         reason = f"registry.ensemble.top_k={k}: only {len(runs)} distinct COMPLETE trial(s)"
         log.info("no ensemble: %s", reason)
-        client.set_tag(parent_run_id, "ensemble.skipped", reason)
+        client.set_tag(parent_run_id, tag_keys.ENSEMBLE_SKIPPED, reason)
         return None
     return runs
 
@@ -147,7 +148,7 @@ def _load_members(runs: list[Any]) -> list[Any]:
     with tempfile.TemporaryDirectory() as tmp:
         members = []
         for i, run in enumerate(runs):
-            folder = mlflow.artifacts.download_artifacts(run.data.tags["best_model_uri"],
+            folder = mlflow.artifacts.download_artifacts(run.data.tags[tag_keys.BEST_MODEL_URI],
                                                          dst_path=str(Path(tmp) / str(i)))
             members.append(model_store.load_keras_safely(folder))
     return members
@@ -156,10 +157,10 @@ def _load_members(runs: list[Any]) -> list[Any]:
 def _run_tags(runs: list[Any]) -> dict[str, str]:
     """The ensemble run's tags: its members (run ids, trial numbers) and the process."""
     ids = [r.info.run_id for r in runs]
-    return {"ensemble.members": ",".join(ids), "ensemble.k": str(len(ids)),
-            "ensemble.trials": ",".join(r.data.tags.get("optuna.trial_number", "?")
+    return {tag_keys.ENSEMBLE_MEMBERS: ",".join(ids), tag_keys.ENSEMBLE_K: str(len(ids)),
+            tag_keys.ENSEMBLE_TRIALS: ",".join(r.data.tags.get(tag_keys.OPTUNA_TRIAL_NUMBER, "?")
                                         for r in runs),
-            "model.builder": "build_ensemble", **mlflow_runs.process_tags()}
+            tag_keys.MODEL_BUILDER: "build_ensemble", **mlflow_runs.process_tags()}
 
 
 def promote_ensemble(config: DictConfig, parent_run_id: str, best_decision: Any) -> Any:
@@ -180,12 +181,13 @@ def promote_ensemble(config: DictConfig, parent_run_id: str, best_decision: Any)
     except Exception as error:  # noqa: BLE001 - the best trial is registered already
         log.warning("the ensemble failed (%s: %s); the best trial's registration stands",
                     type(error).__name__, error)
-        client.set_tag(parent_run_id, "ensemble.error", f"{type(error).__name__}: {error}"[:5000])
+        client.set_tag(parent_run_id, tag_keys.ENSEMBLE_ERROR,
+                       f"{type(error).__name__}: {error}"[:5000])
         return None
-    client.set_tag(parent_run_id, "ensemble.run_id", run_id)
-    client.set_tag(parent_run_id, "ensemble.version", str(decision.version))
-    client.set_tag(parent_run_id, "ensemble.alias", decision.alias)
-    client.set_tag(parent_run_id, "ensemble.reason", decision.reason)
+    client.set_tag(parent_run_id, tag_keys.ENSEMBLE_RUN_ID, run_id)
+    client.set_tag(parent_run_id, tag_keys.ENSEMBLE_VERSION, str(decision.version))
+    client.set_tag(parent_run_id, tag_keys.ENSEMBLE_ALIAS, decision.alias)
+    client.set_tag(parent_run_id, tag_keys.ENSEMBLE_REASON, decision.reason)
     metric = decision.metric
     new = decision.new_metrics.get(metric)
     best = (best_decision.new_metrics or {}).get(metric) if best_decision else None

@@ -18,6 +18,16 @@ LOCAL_UI = "http://127.0.0.1:5000"
 CHART_QUERY = f"runs?{ML_VIEW}&compareRunsMode=CHART"
 
 
+def headline(metrics: dict[str, float]) -> str:
+    """`acc 0.91  ROC AUC 0.97  sensitivity 0.93  specificity 0.88` (macro_* for K classes)."""
+    parts = [("acc", "accuracy"), ("ROC AUC", "roc_auc")]
+    if "sensitivity" in metrics:
+        parts += [("sensitivity", "sensitivity"), ("specificity", "specificity")]
+    else:
+        parts += [("macro recall", "macro_recall"), ("macro specificity", "macro_specificity")]
+    return "  ".join(f"{label} {metrics[key]:.4f}" for label, key in parts if key in metrics)
+
+
 def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
@@ -249,7 +259,6 @@ def run_description(class_names: list[str], source_info: dict[str, Any],
     lines = [task_line(class_names, threshold, threshold_rule), "",
              *data_lines(source_info, input_shape, fingerprint)]
     if results:
-        from search.evaluation.metrics import headline  # sklearn: only once there are results
 
         lines += ["", "**Best checkpoint** (95 % intervals on held-out images):"]
         splits = ["val", "test"] + sorted({k.split("_")[1] for k in results

@@ -19,13 +19,13 @@ from typing import Any
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
+from search import REPO_ROOT
 from search.tracking import tags as tag_keys
 from search.tracking.store_move import follow_move
 from search.tracking.tags import EXPERIMENT_KIND
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_STORE = REPO_ROOT / "mlruns"
 PACKAGES = ("tensorflow", "keras", "mlflow", "optuna", "hydra-core", "scikit-learn", "numpy")
 

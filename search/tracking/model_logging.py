@@ -45,9 +45,11 @@ def config_hash(cfg: DictConfig) -> str:
 
 
 def log_keras_model(cfg: DictConfig, model: keras.Model, data: Any, results: dict,
-                    extra_metadata: dict[str, Any] | None = None) -> None:
+                    extra_metadata: dict[str, Any] | None = None,
+                    hashed: str | None = None) -> None:
     """Log the best checkpoint as an MLflow Keras model with signature, example and metadata
-    (`extra_metadata` adds or replaces fields, e.g. an ensemble's members)."""
+    (`extra_metadata` adds or replaces fields, e.g. an ensemble's members; `hashed` is
+    `config_hash(cfg)` where the caller has it already)."""
     # The served contract (search/tracking/serving.py): raw 0–255 pixels, named outputs. The example
     # is a val image as a client would send it, and MLflow's validation serves it.
     example = np.round(next(iter(data.val.take(1)))[0][:1].numpy() * 255.0).astype(np.float32)
@@ -66,7 +68,7 @@ def log_keras_model(cfg: DictConfig, model: keras.Model, data: Any, results: dic
                         "shift": results.get("calibration_shift")}
         if "calibration_temperature" in results else None,
         "data_fingerprint": data.fingerprint,
-        "config_hash": config_hash(cfg),
+        "config_hash": hashed or config_hash(cfg),
         **(extra_metadata or {}),
     }
     fault_point("model_logging")

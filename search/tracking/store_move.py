@@ -20,6 +20,8 @@ import logging
 import sqlite3
 from pathlib import Path
 
+from search import REPO_ROOT
+
 log = logging.getLogger(__name__)
 
 # Every column of MLflow 3's schema that holds an artifact location.
@@ -86,7 +88,7 @@ def follow_move(tracking_uri: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("db", nargs="?", default=str(Path(__file__).resolve().parents[2]
+    parser.add_argument("db", nargs="?", default=str(REPO_ROOT
                                                      / "mlruns" / "mlflow.db"))
     args = parser.parse_args(argv)
     db = Path(args.db)

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from models.precision import as_float32
 from search.evaluation.evaluate_run import evaluate_and_log
+from search.tracking import tags as tag_keys
 from search.tracking.model_logging import log_keras_model
 from search.training.fit import FitResult
 from search.training.model_setup import BuiltModel
@@ -32,7 +33,7 @@ def evaluate_best(cfg: DictConfig, plan: RunPlan, data: Any, built: BuiltModel,
     best = as_float32(best)  # evaluated, logged and served in float32
     best.compile(loss=built.model.loss)
     results = evaluate_and_log(cfg, best, data, built.binary)
-    mlflow.set_tag("mlflow.note.content", describe(results))
+    mlflow.set_tag(tag_keys.MLFLOW_NOTE, describe(results))
     history, losses, monitor = fitted.history, fitted.losses, plan.monitor
     results["n_params"] = float(best.count_params())
     results["epochs_trained"] = float(len(losses))

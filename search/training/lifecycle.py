@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from search import sweep_context
 from search.tracking import descriptions, mlflow_runs, run_names
+from search.tracking import tags as tag_keys
 from search.tracking.model_logging import config_hash
 from search.training import resume
 from search.training.run_plan import RunPlan
@@ -68,15 +69,15 @@ class TrackedRun:
 
 def run_tags(cfg: DictConfig, info: dict[str, Any] | None) -> dict[str, str]:
     """Tags that let the MLflow UI filter and group runs."""
-    tags = {"model.builder": str(cfg.model.get("_target_", "?")).rsplit(".", 1)[-1]}
+    tags = {tag_keys.MODEL_BUILDER: str(cfg.model.get("_target_", "?")).rsplit(".", 1)[-1]}
     tags.update({str(k): str(v) for k, v in (cfg.tracking.get("tags") or {}).items()})
     if info:
         tags.update({
-            "optuna.study": str(info["study"]),
-            "optuna.trial_number": str(info["trial_number"]),
-            "optuna.sampler": str(info["sampler"]),
-            "optuna.pruner": str(info["pruner"]),
-            "optuna.trial_state": "RUNNING",
+            tag_keys.OPTUNA_STUDY: str(info["study"]),
+            tag_keys.OPTUNA_TRIAL_NUMBER: str(info["trial_number"]),
+            tag_keys.OPTUNA_SAMPLER: str(info["sampler"]),
+            tag_keys.OPTUNA_PRUNER: str(info["pruner"]),
+            tag_keys.OPTUNA_TRIAL_STATE: "RUNNING",
         })
     return tags
 
@@ -119,7 +120,7 @@ def end_run(tracked: TrackedRun, objective: str) -> None:
     # No flush here: end_run drains MLflow's async queue itself, and each drain waits for
     # its logging thread's 1 s poll to lapse (benchmarks/trial_overhead.py measures it).
     if tracked.info:
-        mlflow.set_tag("optuna.trial_state", tracked.state)
+        mlflow.set_tag(tag_keys.OPTUNA_TRIAL_STATE, tracked.state)
     if not tracked.user_named:  # a name the user gave stays as given
         values = tracked.values
         try:  # the name says how it ended; never let a rename hide the trial's outcome
@@ -167,5 +168,5 @@ def log_run_inputs(cfg: DictConfig, tracked: TrackedRun, data: Any,
         descriptions.run_description, list(data.class_names), data.source_info,
         tuple(data.input_shape), data.fingerprint,
         threshold_rule=str(cfg.evaluation.threshold_rule))
-    mlflow.set_tag("mlflow.note.content", describe())
+    mlflow.set_tag(tag_keys.MLFLOW_NOTE, describe())
     return describe

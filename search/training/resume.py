@@ -37,6 +37,7 @@ import keras
 import numpy as np
 
 from search import sweep_context
+from search.tracking import tags as tag_keys
 
 log = logging.getLogger(__name__)
 
@@ -343,8 +344,8 @@ def run_tags(point: ResumePoint | None) -> dict[str, str]:
     curve, the earlier epochs copied from the state (``carry_over``)."""
     if point is None:
         return {}
-    return {"resume.from_epoch": str(point.epoch),
-            **({"resume.previous_run_id": point.run_id} if point.run_id else {})}
+    return {tag_keys.RESUME_FROM_EPOCH: str(point.epoch),
+            **({tag_keys.RESUME_PREVIOUS_RUN_ID: point.run_id} if point.run_id else {})}
 
 
 def carry_over(point: ResumePoint, checkpoint: Path, run_id: str,

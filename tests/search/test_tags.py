@@ -10,32 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from search import sweep_context
 from search.tracking import tags as tag_keys
 
 ROOT = Path(__file__).resolve().parents[2]
 OWNER = "search/tracking/tags.py"
-
-# Files (or folders, ending in /) not converted yet, with the keys they still spell. TO EMPTY
-# as they are converted: a listed key no longer found there fails too, so the list only shrinks.
-NOT_YET_CONVERTED: dict[str, set[str]] = {
-    # promote_sweep_best only (the rest of the module is converted)
-    "search/model_registry/registration.py": {
-        "best_model_uri", "best_run_id", "promotion.error", "promotion.skipped"},
-    # sits below tracking/: may name the plugin's keras_tuner_engine.TAG instead
-    "search/sweep_context.py": {"keras_tuner."},
-    "search/training/": {
-        "mlflow.note.content", "model.builder", "optuna.pruner", "optuna.sampler",
-        "optuna.study", "optuna.trial_number", "optuna.trial_state", "resume.from_epoch",
-        "resume.previous_run_id"},
-    "search/sweep/": {
-        "best_model_uri", "best_run_id", "cv.", "cv.error", "cv.fold", "cv.of_run",
-        "ensemble.alias", "ensemble.error", "ensemble.k", "ensemble.members", "ensemble.reason",
-        "ensemble.run_id", "ensemble.skipped", "ensemble.trials", "ensemble.version",
-        "final_stage.error", "final_stage.origin_run", "final_stage.origin_trial",
-        "final_stage.repeat", "final_stage.search_best_run_id", "final_stage.skipped",
-        "mlflow.note.content", "mlflow.parentRunId", "model.builder", "optuna.study",
-        "optuna.trial_number", "optuna.trial_state", "sweep.dir", "sweep.ended", "sweep.parent"},
-}
 
 # Every key and prefix tags.py defines.
 KEYS = {value for name, value in vars(tag_keys).items()
@@ -184,25 +163,15 @@ def test_other_strings_are_not_keys(source: str) -> None:
     assert not literal_keys(source), source
 
 
-def _allowed(rel: str) -> set[str]:
-    return set().union(*(keys for where, keys in NOT_YET_CONVERTED.items()
-                         if rel == where or where.endswith("/") and rel.startswith(where)))
-
-
 def test_tag_keys_are_literals_only_in_their_owner() -> None:
-    found = scan()
-    extra = {f"{rel}:{line} {key!r}" for rel, hits in found.items() for line, key in hits
-             if key not in _allowed(rel)}
-    assert not extra, ("tag keys spelt outside search/tracking/tags.py (use its constants): "
-                       + ", ".join(sorted(extra)))
-    seen: dict[str, set[str]] = {}
-    for rel, hits in found.items():
-        for where in NOT_YET_CONVERTED:
-            if rel == where or where.endswith("/") and rel.startswith(where):
-                seen.setdefault(where, set()).update(key for _, key in hits)
-    stale = {f"{where} {key!r}" for where, keys in NOT_YET_CONVERTED.items() for key in keys
-             if key not in seen.get(where, set())}
-    assert not stale, "converted: drop from NOT_YET_CONVERTED: " + ", ".join(sorted(stale))
+    found = {f"{rel}:{line} {key!r}" for rel, hits in scan().items() for line, key in hits}
+    assert not found, ("tag keys spelt outside search/tracking/tags.py (use its constants): "
+                       + ", ".join(sorted(found)))
+
+
+def test_keras_tuner_prefix_is_the_plugins() -> None:
+    # sweep_context sits below tracking/, so it names the plugin's prefix, not tags.py's
+    assert tag_keys.KERAS_TUNER_PREFIX == sweep_context.KERAS_TUNER_ATTR_PREFIX
 
 
 def test_every_key_says_what_it_holds() -> None:
