@@ -34,7 +34,7 @@ POINTS = (
     "mid_epoch",         # train(): inside the second epoch, between two batches
     "checkpoint_write",  # the best checkpoint is written but not yet renamed into place
     "model_logging",     # MLflow metrics are logged, the model is being logged
-    "sweep_report",      # on_multirun_end: the sweep report is being written
+    "sweep_report",      # the sweep-end pipeline's report step (search/sweep/pipeline.py)
     "promotion",         # a version is registered, its alias is not set yet
     "oom",               # train(): a trial runs out of memory (memory_fault), no kill
     "disk_full",         # the second best checkpoint cannot be written: ENOSPC, no kill

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 # The sweep callback exports its parent run id here; trial workers inherit it.
 PARENT_RUN_ENV = "MLFLOW_PARENT_RUN_ID"
 # Raised by a trial that stopped for a preemption (SIGTERM): the worker records it
-# "interrupted" and re-queues it (see hydra_plugins/.../preemption.py).
+# "interrupted" and re-queues it (see hydra_plugins/.../_preemption.py).
 TrialInterrupted = _preemption.TrialInterrupted
 # The trial's user attr naming its resumable-state folder (search.training.resume writes it; the
 # sweeper removes the folder of a trial that will not be retried).

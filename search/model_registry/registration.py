@@ -175,7 +175,33 @@ def register_and_promote(
     fault_point("promotion")
     version = int(mv.version)
     warnings: list[str] = []
+    new = _score_new_version(client, evaluator, model_name, version, warnings)
 
+    registry_uri = mlflow.get_registry_uri()
+    with promotion_lock(registry_uri) as locked:
+        promoted, reason, champ_score, difference = decide_under_lock(
+            client, model_name, mv, evaluator, new, locked
+        )
+    if champ_score is not None and new is not None and (
+        champ_score.data_fingerprint != new.data_fingerprint
+    ):
+        warnings.append(
+            f"training data fingerprints differ (new {str(new.data_fingerprint)[:12]}, champion "
+            f"{str(champ_score.data_fingerprint)[:12]}): the champion may have trained on images "
+            "of this held-out split, or on other data"
+        )
+    decision = _decision(model_name, version, run_id, promoted, reason, evaluator,
+                         (metric, tie_break), new, champ_score, difference, warnings, gate)
+    record_decision(client, decision, parent_run_id or client.get_run(run_id).data.tags.get(
+        tag_keys.PARENT_RUN_ID) or run_id)
+    print(decision.summary())
+    return decision
+
+
+def _score_new_version(client: MlflowClient, evaluator: HeldOutEvaluator, model_name: str,
+                       version: int, warnings: list[str]) -> HeldOutScore | None:
+    """The new version's held-out score (None without a held-out split, with a warning);
+    the champion seen now is scored too, outside the lock."""
     new: HeldOutScore | None
     try:
         new = evaluator.score(client, model_name, version)
@@ -193,21 +219,16 @@ def register_and_promote(
     seen = current_champion(client, model_name)
     if new is not None and seen is not None and int(seen.version) != version:
         evaluator.score(client, model_name, seen.version)
+    return new
 
-    registry_uri = mlflow.get_registry_uri()
-    with promotion_lock(registry_uri) as locked:
-        promoted, reason, champ_score, difference = decide_under_lock(
-            client, model_name, mv, evaluator, new, locked
-        )
-    if champ_score is not None and new is not None and (
-        champ_score.data_fingerprint != new.data_fingerprint
-    ):
-        warnings.append(
-            f"training data fingerprints differ (new {str(new.data_fingerprint)[:12]}, champion "
-            f"{str(champ_score.data_fingerprint)[:12]}): the champion may have trained on images "
-            "of this held-out split, or on other data"
-        )
-    decision = PromotionDecision(
+
+def _decision(model_name: str, version: int, run_id: str, promoted: bool, reason: str,
+              evaluator: HeldOutEvaluator, metrics: tuple[str, str], new: HeldOutScore | None,
+              champ_score: HeldOutScore | None, difference: Any, warnings: list[str],
+              gate: GateSpec) -> PromotionDecision:
+    """The decision as it is recorded and printed."""
+    metric, tie_break = metrics
+    return PromotionDecision(
         model_name=model_name,
         version=version,
         run_id=run_id,
@@ -232,10 +253,6 @@ def register_and_promote(
         champion_external={} if champ_score is None else champ_score.external,
         gate=gate.rule,
     )
-    record_decision(client, decision, parent_run_id or client.get_run(run_id).data.tags.get(
-        tag_keys.PARENT_RUN_ID) or run_id)
-    print(decision.summary())
-    return decision
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
+from search.sweep_context import KERAS_TUNER_ATTR_PREFIX
+
 # ---------------------------------------------------------------------------------------------
 # MLflow's own keys
 
@@ -58,9 +60,9 @@ OPTUNA_SAMPLER = "optuna.sampler"
 OPTUNA_PRUNER = "optuna.pruner"
 # RUNNING, then COMPLETE / PRUNED / FAIL / INTERRUPTED as the trial ends.
 OPTUNA_TRIAL_STATE = "optuna.trial_state"
-# Prefix of keras-tuner's facts about a trial (bracket, round, epochs); the sweeper plugin
-# names the same prefix for its trial user attributes (keras_tuner_engine.TAG).
-KERAS_TUNER_PREFIX = "keras_tuner."
+# Prefix of keras-tuner's facts about a trial (bracket, round, epochs): the sweeper plugin's own
+# prefix for its trial user attributes, read through the seam (search/sweep_context.py).
+KERAS_TUNER_PREFIX = KERAS_TUNER_ATTR_PREFIX
 
 # ---------------------------------------------------------------------------------------------
 # The sweep's parent run

@@ -21,8 +21,10 @@ from search.training.run_plan import RunPlan
 
 
 def evaluate_best(cfg: DictConfig, plan: RunPlan, data: Any, built: BuiltModel,
-                  fitted: FitResult, describe: Callable[..., str]) -> dict[str, float]:
-    """Evaluate the best checkpoint, log it as the run's model and write `metrics.yaml`.
+                  fitted: FitResult, describe: Callable[..., str],
+                  hashed: str) -> dict[str, float]:
+    """Evaluate the best checkpoint, log it as the run's model and write `metrics.yaml`
+    (`hashed`: the run's `config_hash`, computed once when the run started).
 
     Returns:
         The evaluated metrics, with `n_params`, `epochs_trained` and `best_epoch`.
@@ -42,7 +44,7 @@ def evaluate_best(cfg: DictConfig, plan: RunPlan, data: Any, built: BuiltModel,
     mlflow.log_metrics({k: results[k] for k in ("epochs_trained", "best_epoch")})
     if cfg.tracking.get("log_model", True):
         try:
-            log_keras_model(cfg, best, data, results)
+            log_keras_model(cfg, best, data, results, hashed=hashed)
         except Exception as error:
             raise RuntimeError(
                 f"logging the model to MLflow failed ({type(error).__name__}: {error}); "

@@ -118,7 +118,8 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
     with lifecycle.tracked_run(cfg, plan, built.precision) as tracked:
         describe = lifecycle.log_run_inputs(cfg, tracked, data, built.model)
         fitted = fit_model(cfg, plan, data, built, tracked)
-        results = evaluate_best(cfg, plan, data, built, fitted, describe)
+        results = evaluate_best(cfg, plan, data, built, fitted, describe,
+                                tracked.config_hash)
         tracked.values = objective_values(plan.objectives, results)
         record_objective(plan.objectives, tracked.values, data.n_val)
     values = tracked.values

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from search import sweep_context
 from search.tracking import tags as tag_keys
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -167,11 +166,6 @@ def test_tag_keys_are_literals_only_in_their_owner() -> None:
     found = {f"{rel}:{line} {key!r}" for rel, hits in scan().items() for line, key in hits}
     assert not found, ("tag keys spelt outside search/tracking/tags.py (use its constants): "
                        + ", ".join(sorted(found)))
-
-
-def test_keras_tuner_prefix_is_the_plugins() -> None:
-    # sweep_context sits below tracking/, so it names the plugin's prefix, not tags.py's
-    assert tag_keys.KERAS_TUNER_PREFIX == sweep_context.KERAS_TUNER_ATTR_PREFIX
 
 
 def test_every_key_says_what_it_holds() -> None:
