@@ -42,6 +42,9 @@ POINTS = (
                          # stops the tracking server (pause_point), then trains on
     "preempt",           # train(): SIGTERM (not SIGKILL) between two batches of an epoch,
                          # as SLURM, Kubernetes or a spot instance sends (signal_point)
+    "cv_fold",           # the sweep's end: once a cross-validation fold's MLflow run exists,
+                         # SIGINT (Ctrl-C) to the sweeper, or with @group to the whole
+                         # command (signal_point, search/sweep/cross_validation.py)
 )
 EPOCH_ENV = "XRAY_FAULT_EPOCH"
 

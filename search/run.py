@@ -6,9 +6,12 @@ objective for the sweeper.
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
+from search import sweep_context
 from search.config_checks import register_resolvers
 
 register_resolvers()  # ${objective_direction:...} in the search spaces (sweep direction)
@@ -29,4 +32,7 @@ def main(cfg: DictConfig) -> float | list[float]:
 
 
 if __name__ == "__main__":
+    # A URL with a password on the command line goes to the environment before Hydra composes
+    # and saves the overrides (.hydra/, multirun.yaml): the config holds ${oc.env:...} instead.
+    sys.argv = sweep_context.secrets_out_of_overrides(sys.argv)
     main()

@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from hydra_plugins.optuna_pruning_sweeper import _keras_tuner_engine, _preemption, _summary
+from hydra_plugins.optuna_pruning_sweeper import (
+    _keras_tuner_engine,
+    _preemption,
+    _storage,
+    _summary,
+)
 from hydra_plugins.optuna_pruning_sweeper import trial_context as _tc
 
 if TYPE_CHECKING:
@@ -38,6 +43,13 @@ SUMMARY_FILE = _summary.SUMMARY_FILE
 # Prefix of keras-tuner's facts in a trial's user attrs, copied to its run tags (the same
 # prefix as search.tracking.tags.KERAS_TUNER_PREFIX, which this module sits below).
 KERAS_TUNER_ATTR_PREFIX = _keras_tuner_engine.TAG
+# The one redaction of secrets that every output calls (a password in any URL, credentials the
+# process holds in its environment), on a string or on every string of a nested value; and the
+# command line's URLs with passwords moved into the environment (search/run.py, before Hydra).
+redact = _storage.redact
+redact_tree = _storage.redact_tree
+secrets_out_of_overrides = _storage.secrets_out_of_overrides
+error_text = _storage.error_text  # a driver's message on one line, redacted
 # The sweeper's per-trial variables: a run started after the sweep (a final-stage repeat, a
 # cross-validation fold) drops them, so that it never attaches itself to an Optuna trial.
 TRIAL_ENV_NAMES = (_tc.ENV_STORAGE, _tc.ENV_STUDY, _tc.ENV_TRIAL_ID, _tc.ENV_TRIAL_NUMBER,

@@ -48,7 +48,7 @@ from ._conditions import ConditionResolver, sample_trial
 from ._distributions import config_key, format_override
 from ._executors import TrialExecutor
 from ._hooks import extend_trial
-from ._storage import AskLock
+from ._storage import AskLock, redact
 from ._study import OVERRIDES_ATTR, ask_within_budget, count_toward_budget
 from .config import OptunaPruningSweeperConf
 
@@ -364,7 +364,7 @@ class SweepLoop:
         from optuna.trial import TrialState
 
         with contextlib.suppress(Exception):
-            self.storage.set_trial_user_attr(info.trial_id, "fail_reason", reason)
+            self.storage.set_trial_user_attr(info.trial_id, "fail_reason", redact(reason))
         try:
             self.study.tell(info.number, state=TrialState.FAIL, skip_if_finished=True)
         except Exception:  # noqa: BLE001 - storage trouble: stale detection will fail it

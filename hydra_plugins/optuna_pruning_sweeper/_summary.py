@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from ._storage import redact
+from ._storage import redact, redact_tree
 from ._study import OVERRIDES_ATTR, count_toward_budget, retried_numbers
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def study_summary(study: optuna.Study) -> dict[str, Any]:
     trials = study.get_trials(deepcopy=False)
     summary: dict[str, Any] = {"study": study.study_name, "counts": counts_by_state(trials)}
     summary.update(best_section(study, trials, with_overrides=False))
-    return summary
+    return redact_tree(summary)
 
 
 def sweep_summary(
@@ -104,13 +104,13 @@ def sweep_summary(
         "elapsed_s": round(elapsed, 1),
     }
     summary.update(best_section(study, trials, with_overrides=True))
-    return summary
+    return redact_tree(summary)  # the override lines may carry a URL with a password
 
 
 def write_summary(summary: dict[str, Any], sweep_dir: Path) -> None:
     """Write ``optuna_summary.yaml`` into the sweep folder; log its gist in two lines (the
     whole YAML, ~50 lines with the best params twice, is in the file)."""
-    text = yaml.safe_dump(summary, sort_keys=False)
+    text = yaml.safe_dump(redact_tree(summary), sort_keys=False)
     (sweep_dir / SUMMARY_FILE).write_text(text)
     states = summary.get("states", {})
     counts = " · ".join(f"{n} {s.lower()}" for s, n in states.items() if n)
@@ -152,4 +152,4 @@ def write_official_results(study: optuna.Study, sweep_dir: Path) -> None:
     if results is None:
         log.warning("No COMPLETE trial: %s is not written", OFFICIAL_FILE)
         return
-    (sweep_dir / OFFICIAL_FILE).write_text(yaml.safe_dump(results, sort_keys=False))
+    (sweep_dir / OFFICIAL_FILE).write_text(yaml.safe_dump(redact_tree(results), sort_keys=False))

@@ -50,6 +50,7 @@ from omegaconf.basecontainer import BaseContainer
 from . import _console as console
 from . import _preemption as preemption
 from . import trial_context as tc
+from ._storage import redact
 
 # Named as before the module went private, so its log lines read as they did.
 log = logging.getLogger(__name__.replace("._", "."))
@@ -338,7 +339,7 @@ def _tell(study: Any, storage: Any, setup: WorkerSetup, task: TrialTask, state: 
         storage.set_trial_user_attr(task.trial_id, "worker_rss_mb", round(rss_mb(), 1))
         storage.set_trial_user_attr(task.trial_id, "worker_trial_index", _STATE["trials_run"])
     if reason is not None:
-        reason = reason[:FAIL_REASON_MAX_CHARS]
+        reason = redact(reason)[:FAIL_REASON_MAX_CHARS]
         storage.set_trial_user_attr(task.trial_id, "fail_reason", reason)
     if state == "INTERRUPTED":  # no such Optuna state: FAIL, marked, always re-queued
         storage.set_trial_user_attr(task.trial_id, "interrupted", reason)

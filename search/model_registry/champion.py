@@ -12,6 +12,10 @@ new version stays challenger and the decision says so. `registry.gate=point` com
 point values (the rule before intervals). The first version becomes champion. Aliases only,
 never stages.
 
+The quality floor (`registry.floor`) is decided first, inside the same locked decision: a
+version whose held-out score is under it (or has none) is registered for inspection but gets
+no alias at all, neither @champion nor @challenger; the aliases stay where they were.
+
 Concurrency: for a local SQLite store an `fcntl` lock file next to the database serialises
 read-champion → compare → set-alias across processes; if the champion changed while we
 evaluated, the new champion is evaluated inside the lock. For other stores (a tracking server)
@@ -53,6 +57,11 @@ log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+# The decision for a version under `registry.floor`: registered for inspection, no alias. Not
+# @challenger: a challenger is a candidate people may shadow-serve or A/B, and it would push
+# out the challenger that passed the floor.
+NO_ALIAS = "none"
+BELOW_FLOOR = "below_floor"
 MAX_VERIFY_ROUNDS = 5
 LOCK_SUFFIX = ".promotion.lock"
 
@@ -64,7 +73,7 @@ class PromotionDecision:
     model_name: str
     version: int
     run_id: str
-    alias: str  # champion | challenger
+    alias: str  # champion | challenger | none (under the floor: registered, no alias)
     promoted: bool
     metric: str
     tie_break: str
@@ -84,6 +93,8 @@ class PromotionDecision:
     new_external: dict[str, dict[str, Any]] = field(default_factory=dict)
     champion_external: dict[str, dict[str, Any]] = field(default_factory=dict)
     gate: str = DEFAULTS.gate
+    floor: float | None = None  # registry.floor the version was held to (None: no floor)
+    below_floor: bool = False  # refused by the floor: no alias moved for it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,9 +105,14 @@ class PromotionDecision:
         def fmt(value: float | None) -> str:
             return "n/a" if value is None else f"{value:.4f}"
 
+        verdict = "promoted" if self.promoted else "not promoted"
+        outcome = f"@{self.alias}"
+        if self.below_floor:  # registered for inspection; no alias moved for it
+            outcome = "no alias" if self.alias == NO_ALIAS else outcome
+            verdict = "refused by the quality floor"
         lines = [
-            f"{self.model_name} v{self.version} (run {self.run_id}) -> @{self.alias}"
-            f" ({'promoted' if self.promoted else 'not promoted'}): {self.reason}",
+            f"{self.model_name} v{self.version} (run {self.run_id}) -> {outcome}"
+            f" ({verdict}): {self.reason}",
             f"  held-out {self.metric}: new {fmt(self.new_score)}"
             + (f" vs champion v{self.champion_version} {fmt(self.champion_score)}"
                if self.champion_version is not None else ""),
@@ -162,12 +178,37 @@ def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:
         return None
 
 
+def below_floor(new: HeldOutScore | None, floor: float | None) -> str | None:
+    """Why `new` may not take any alias under `registry.floor` (None: no floor, or it holds).
+
+    Decided before any alias moves: a version that misses the floor never becomes @champion,
+    even for a moment, and never displaces a challenger.
+    """
+    if floor is None:
+        return None
+    value = None if new is None else new.metric
+    if value is None or not math.isfinite(float(value)):
+        return (f"no held-out score to hold against registry.floor {float(floor):.4f}: "
+                "registered for inspection, no alias")
+    if float(value) < float(floor):
+        return (f"held-out score {float(value):.4f} < registry.floor {float(floor):.4f}: "
+                "registered for inspection, no alias")
+    return None
+
+
 def decide_under_lock(
     client: MlflowClient, name: str, mv: ModelVersion, evaluator: HeldOutEvaluator,
-    new: HeldOutScore | None, locked: bool,
-) -> tuple[bool, str, HeldOutScore | None, dict[str, Any]]:
-    """Compare with the champion of the moment and move the aliases; loop when not locked."""
+    new: HeldOutScore | None, locked: bool, floor: float | None = None,
+) -> tuple[bool, str, HeldOutScore | None, dict[str, Any], str]:
+    """Compare with the champion of the moment and move the aliases; loop when not locked.
+
+    Returns (promoted, reason, champion's score, paired difference, alias given). Under
+    `floor` (`registry.floor`) no alias moves and the alias given is `NO_ALIAS`.
+    """
     version = int(mv.version)
+    refused = below_floor(new, floor)
+    if refused is not None:
+        return _refused_at_floor(client, name, version, evaluator, new, refused)
     for _ in range(MAX_VERIFY_ROUNDS):
         champ = current_champion(client, name)
         champ_score, difference = None, {}
@@ -189,17 +230,36 @@ def decide_under_lock(
                 client.delete_registered_model_alias(name, CHALLENGER)  # a re-promoted version
         else:
             client.set_registered_model_alias(name, CHALLENGER, str(version))
+        alias = CHAMPION if promoted else CHALLENGER
         if locked:
-            return promoted, reason, champ_score, difference
+            return promoted, reason, champ_score, difference, alias
         # Best effort without a lock: the champion must now be ours (promoted) or still the one
         # we lost to; anything else means another writer moved it: compare again.
         after = current_champion(client, name)
         expected = version if promoted else (None if champ is None else int(champ.version))
         if (None if after is None else int(after.version)) == expected:
-            return promoted, reason, champ_score, difference
+            return promoted, reason, champ_score, difference, alias
         log.warning("@champion moved to v%s while promoting v%s; comparing again",
                     None if after is None else after.version, version)
     raise RuntimeError(f"@champion of {name} kept moving during {MAX_VERIFY_ROUNDS} rounds")
+
+
+def _refused_at_floor(client: MlflowClient, name: str, version: int,
+                      evaluator: HeldOutEvaluator, new: HeldOutScore | None, reason: str
+                      ) -> tuple[bool, str, HeldOutScore | None, dict[str, Any], str]:
+    """The decision for a version under the floor: no alias moves; the champion of the
+    moment is scored for the record (cached when seen), never compared."""
+    champ = current_champion(client, name)
+    champ_score = None
+    if champ is not None and int(champ.version) != version and new is not None:
+        champ_score = evaluator.score(client, name, champ.version)
+    if champ is not None and int(champ.version) == version:
+        # It held @champion before this check (an earlier promotion, a lower floor then):
+        # taking the alias away would leave nothing to serve; say so instead.
+        return False, (f"{reason}; v{version} held @champion before this check and keeps "
+                       "it"), champ_score, {}, CHAMPION
+    log.warning("%s v%s is under the quality floor: %s", name, version, reason)
+    return False, reason, champ_score, {}, NO_ALIAS
 
 
 def floor_failure(decision: PromotionDecision | None, floor: float | None) -> str | None:

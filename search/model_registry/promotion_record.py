@@ -13,7 +13,7 @@ import math
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from search.model_registry.champion import PromotionDecision
+from search.model_registry.champion import BELOW_FLOOR, PromotionDecision
 from search.model_registry.model_store import run_model_metadata
 from search.tracking import descriptions
 from search.tracking import tags as tag_keys
@@ -27,7 +27,8 @@ def record_decision(client: MlflowClient, decision: PromotionDecision, target_ru
     """Decision → version tags, and params/metrics/tags + promotion/decision.json on a run."""
     name, version = decision.model_name, str(decision.version)
     version_tags = {
-        tag_keys.PROMOTION_DECISION: decision.alias,
+        # under the floor: registered for inspection, no alias moved (champion.below_floor)
+        tag_keys.PROMOTION_DECISION: BELOW_FLOOR if decision.below_floor else decision.alias,
         tag_keys.PROMOTION_REASON: decision.reason,
         tag_keys.PROMOTION_METRIC: decision.metric,
         tag_keys.PROMOTION_SCORE: str(decision.new_score),
@@ -39,6 +40,8 @@ def record_decision(client: MlflowClient, decision: PromotionDecision, target_ru
     }
     if decision.difference.get("text"):
         version_tags[tag_keys.PROMOTION_DIFFERENCE] = decision.difference["text"]
+    if decision.floor is not None:
+        version_tags[tag_keys.PROMOTION_FLOOR] = f"{decision.floor:.4f}"
     if decision.warnings:
         version_tags[tag_keys.PROMOTION_WARNING] = " | ".join(decision.warnings)
     for key, value in version_tags.items():
@@ -56,6 +59,8 @@ def record_decision(client: MlflowClient, decision: PromotionDecision, target_ru
     }
     if decision.warnings:
         run_tags[tag_keys.PROMOTION_WARNING] = " | ".join(decision.warnings)
+    if decision.floor is not None:
+        run_tags[tag_keys.PROMOTION_FLOOR] = version_tags[tag_keys.PROMOTION_FLOOR]
     for key, value in run_tags.items():
         client.set_tag(target_run_id, key, value)
     metrics = {

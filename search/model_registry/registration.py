@@ -11,9 +11,11 @@ At the end of a sweep `promote_sweep_best` does the same for the best trial. Eac
 2. rebuilds the held-out split from the run's composed config (`data` with its `seed`; the
    config's *test* split, never used for tuning) and scores the new version and the current
    `@champion` on it, each at its own stored decision threshold (scikit-learn metrics);
-3. under a lock, gives the new version the `champion` alias if it beats the champion on the
-   metric (ROC AUC by default; sensitivity at the stored threshold breaks ties), else
-   `challenger`. The first version becomes champion. Aliases only, never stages.
+3. under a lock, first holds the new version to the quality floor (`floor`,
+   `registry.floor`): under it, the version stays registered for inspection with no alias;
+   otherwise gives it the `champion` alias if it beats the champion on the metric (ROC AUC
+   by default; sensitivity at the stored threshold breaks ties), else `challenger`. The
+   first version becomes champion. Aliases only, never stages.
 
 The gate itself (held-out scoring, comparison, lock) is `search.model_registry.champion`;
 model URIs, downloads and safe loading are `search.model_registry.model_store`. Concurrency:
@@ -41,8 +43,6 @@ from omegaconf import DictConfig, OmegaConf
 from search.faults import fault_point
 from search.model_registry import model_store
 from search.model_registry.champion import (
-    CHALLENGER,
-    CHAMPION,
     DEFAULT_METRIC,
     DEFAULT_TIE_BREAK,
     GATES,
@@ -52,6 +52,7 @@ from search.model_registry.champion import (
     HeldOutScore,
     NoHeldOutSplit,
     PromotionDecision,
+    below_floor,
     check_metric,
     current_champion,
     decide_under_lock,
@@ -149,6 +150,7 @@ def register_and_promote(
     parent_run_id: str | None = None,
     tie_break: str = DEFAULT_TIE_BREAK,
     gate: GateSpec | None = None,
+    floor: float | None = None,
 ) -> PromotionDecision:
     """Register `run_id`'s model as a new version and give it @champion or @challenger.
 
@@ -160,6 +162,8 @@ def register_and_promote(
             run's own parent, else the run itself.
         tie_break: Metric compared when `metric` ties (sensitivity at the stored threshold).
         gate: How the new version must win (paired bootstrap beyond noise by default).
+        floor: The quality floor (`registry.floor`) on the held-out metric: a version under
+            it gets no alias (decided under the lock, before any alias moves).
 
     Returns:
         The decision (also printed, logged to the parent run and to the version's tags).
@@ -179,8 +183,8 @@ def register_and_promote(
 
     registry_uri = mlflow.get_registry_uri()
     with promotion_lock(registry_uri) as locked:
-        promoted, reason, champ_score, difference = decide_under_lock(
-            client, model_name, mv, evaluator, new, locked
+        promoted, reason, champ_score, difference, alias = decide_under_lock(
+            client, model_name, mv, evaluator, new, locked, floor
         )
     if champ_score is not None and new is not None and (
         champ_score.data_fingerprint != new.data_fingerprint
@@ -190,8 +194,11 @@ def register_and_promote(
             f"{str(champ_score.data_fingerprint)[:12]}): the champion may have trained on images "
             "of this held-out split, or on other data"
         )
-    decision = _decision(model_name, version, run_id, promoted, reason, evaluator,
+    decision = _decision(model_name, version, run_id, (promoted, alias, reason), evaluator,
                          (metric, tie_break), new, champ_score, difference, warnings, gate)
+    if floor is not None:
+        decision.floor = float(floor)
+        decision.below_floor = below_floor(new, floor) is not None
     record_decision(client, decision, parent_run_id or client.get_run(run_id).data.tags.get(
         tag_keys.PARENT_RUN_ID) or run_id)
     print(decision.summary())
@@ -222,17 +229,18 @@ def _score_new_version(client: MlflowClient, evaluator: HeldOutEvaluator, model_
     return new
 
 
-def _decision(model_name: str, version: int, run_id: str, promoted: bool, reason: str,
+def _decision(model_name: str, version: int, run_id: str, verdict: tuple[bool, str, str],
               evaluator: HeldOutEvaluator, metrics: tuple[str, str], new: HeldOutScore | None,
               champ_score: HeldOutScore | None, difference: Any, warnings: list[str],
               gate: GateSpec) -> PromotionDecision:
-    """The decision as it is recorded and printed."""
+    """The decision as it is recorded and printed; `verdict` is (promoted, alias, reason)."""
     metric, tie_break = metrics
+    promoted, alias, reason = verdict
     return PromotionDecision(
         model_name=model_name,
         version=version,
         run_id=run_id,
-        alias=CHAMPION if promoted else CHALLENGER,
+        alias=alias,
         promoted=promoted,
         metric=evaluator.metric_name(metric),  # as the task names it (macro_* for K classes)
         tie_break=evaluator.metric_name(tie_break),
@@ -270,13 +278,20 @@ def registry_options(config: DictConfig | dict | None) -> dict[str, Any]:
     }
 
 
+def registry_floor(config: DictConfig | dict | None) -> float | None:
+    """`registry.floor` of a composed config (None: no floor)."""
+    floor = ((config or {}).get("registry") or {}).get("floor")
+    return None if floor is None else float(floor)
+
+
 def promote_sweep_best(
     config: DictConfig, parent_run_id: str, best_run_id: str | None | EllipsisType = ...
 ) -> PromotionDecision | None:
     """Register and promote the sweep's best trial (the sweep's end: `search.sweep.pipeline`).
 
     Args:
-        config: The composed sweep config (reads `registry.enabled/model_name/metric/tie_break`).
+        config: The composed sweep config (reads `registry.enabled/model_name/metric/tie_break`
+            and `registry.floor`).
         parent_run_id: The sweep's parent run (receives the decision).
         best_run_id: The best trial's run, as the sweep's end found it (None: the sweep has
             none). Left out: the parent run's `best_run_id` tag, for a caller that holds only
@@ -311,6 +326,7 @@ def promote_sweep_best(
         decision = register_and_promote(
             best_run_id, model_name=options["model_name"], metric=options["metric"],
             parent_run_id=parent_run_id, tie_break=options["tie_break"], gate=gate,
+            floor=registry_floor(config),
         )
     except Exception as error:
         client.set_tag(parent_run_id, tag_keys.PROMOTION_ERROR,
@@ -339,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="fewer images of a class in the compared split: too small to decide")
     parser.add_argument("--compare-on", default=DEFAULTS.compare_on,
                         help="test, or the name of one of the run's evaluation.external sets")
+    parser.add_argument("--floor", type=float, default=None,
+                        help="quality floor on the held-out metric: a version under it is "
+                             "registered for inspection and gets no alias")
     parser.add_argument("--tracking-uri", default=None,
                         help="default: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlruns/mlflow.db")
     args = parser.parse_args(argv)
@@ -355,9 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     gate = GateSpec(args.gate, args.min_per_class, args.compare_on)
     decision = register_and_promote(run_id, model_name=args.name, metric=args.metric,
-                                    parent_run_id=parent, tie_break=args.tie_break, gate=gate)
+                                    parent_run_id=parent, tie_break=args.tie_break, gate=gate,
+                                    floor=args.floor)
     log.info("promotion took %.1f s", time.time() - start)
-    return 0 if decision else 1
+    return 1 if decision.below_floor else 0
 
 
 if __name__ == "__main__":

@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -53,10 +57,21 @@ def options(config: DictConfig | dict | None) -> tuple[int, int]:
     return top_k, repeats
 
 
+# The single runs (repeats, folds) running now, so that an interrupt of the sweep's end stops
+# them instead of waiting for them to train to the end.
+_RUNNING: set[subprocess.Popen] = set()
+_RUNNING_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+STOP_WAIT_S = 10.0  # a Ctrl-C reached the whole group: the runs end KILLED on their own
+KILL_WAIT_S = 30.0  # after our SIGINT: then SIGKILL (the next command closes the run)
+
+
 def run_single(config_text: str, overrides: list[str], workdir: Path, parent_run_id: str,
-               threads: int) -> subprocess.CompletedProcess:
+               threads: int, on_started: Callable[[subprocess.Popen], None] | None = None,
+               ) -> subprocess.CompletedProcess:
     """`search/run.py` on a logged config (plus overrides) as a single run under the parent:
-    a subprocess, as a trial is, so its TF state and memory end with it."""
+    a subprocess, as a trial is, so its TF state and memory end with it. `on_started` is
+    called with the process once it runs (the fault tests' hook)."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.yaml").write_text(config_text)
     # not attached to an Optuna trial; nested under the sweep's parent run, with its threads
@@ -65,7 +80,54 @@ def run_single(config_text: str, overrides: list[str], workdir: Path, parent_run
                 "TF_CPP_MIN_LOG_LEVEL": env.get("TF_CPP_MIN_LOG_LEVEL", "2")})
     cmd = [sys.executable, str(REPO / "search" / "run.py"), "--config-path", str(workdir),
            "--config-name", "config", f"hydra.run.dir={workdir / 'run'}", *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    with _RUNNING_LOCK:
+        if _STOPPING.is_set():  # the sweep's end is being interrupted: start nothing new
+            return subprocess.CompletedProcess(cmd, -signal.SIGINT, "", "not started: "
+                                               "the sweep's end was interrupted")
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        _RUNNING.add(proc)
+    try:
+        if on_started is not None:
+            on_started(proc)
+        out, err = proc.communicate()
+    finally:
+        with _RUNNING_LOCK:
+            _RUNNING.discard(proc)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def run_all(one: Callable[[Any], Any], tasks: list[Any], jobs: int) -> list[Any]:
+    """`one` on every task, `jobs` at a time, results in task order. An interrupt (or any
+    error) here cancels the tasks not started and stops the single runs still running."""
+    _STOPPING.clear()
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
+        futures = [pool.submit(one, task) for task in tasks]
+        return [future.result() for future in futures]
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        stop_running()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+
+
+def stop_running() -> None:
+    """Stop the single runs still running: a few seconds to end on their own (a terminal's
+    Ctrl-C reached them too), then SIGINT (their run ends KILLED), then SIGKILL."""
+    with _RUNNING_LOCK:
+        _STOPPING.set()
+        running = list(_RUNNING)
+    for wait_s, signum in ((STOP_WAIT_S, signal.SIGINT), (KILL_WAIT_S, signal.SIGKILL)):
+        deadline = time.monotonic() + wait_s
+        while any(p.poll() is None for p in running) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for proc in running:
+            if proc.poll() is None:
+                log.warning("stopping single run pid %d (%s)", proc.pid,
+                            signal.Signals(signum).name)
+                proc.send_signal(signum)
 
 
 def kendall_tau(a: list[str], b: list[str]) -> float:
@@ -149,8 +211,7 @@ def run_repeats(tasks: list[tuple], parent_run_id: str, jobs: int, threads: int)
             else f"failed (exit {proc.returncode})")
         return task, proc, _objective(folder, OmegaConf.create(text).objective)
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(one, tasks))
+    return run_all(one, tasks, jobs)
 
 
 def metrics_of(folder: Path) -> dict[str, float]:

@@ -6,6 +6,11 @@ hands the sweep's end to `search.sweep.pipeline` (report, final stage, registrat
 ensemble, cross-validation, next steps) and closes the run. Trial jobs run in worker
 processes; they find the parent run through `search.sweep_context` (an environment variable
 that spawned workers inherit).
+
+Hydra calls `on_multirun_start` before it even builds the sweeper, so the sweeper's own
+checks (its search space, storage and study) run after the parent run exists. A sweep that
+stops there, before its sweeper started sweeping, leaves no parent run: the exit hook deletes
+it (MLflow's `delete_run`: gone from the UI and from searches; `mlflow gc` purges it).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import atexit
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -37,6 +43,7 @@ class MlflowSweepCallback(Callback):
         self.run_id: str | None = None
         self.started = 0.0
         self.ended = False
+        self.sweep_dir: Path | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Check the sweep's config and store, open the parent run and log the sweeper's setup."""
@@ -48,10 +55,10 @@ class MlflowSweepCallback(Callback):
                 return  # a dry run trains nothing and leaves MLflow and the study untouched
             mlflow_runs.setup_tracking(config.tracking)
         except (ConfigError, mlflow_runs.TrackingError) as error:
-            raise SystemExit(f"error: {error}") from None
+            raise SystemExit(mlflow_runs.redact_uri(f"error: {error}")) from None
         except mlflow.exceptions.MlflowException as error:  # the store answered, but refused
-            raise SystemExit(f"error: the tracking store refused the sweep's setup "
-                             f"({error})") from None
+            raise SystemExit(mlflow_runs.redact_uri(
+                f"error: the tracking store refused the sweep's setup ({error})")) from None
         sweeper = config.hydra.sweeper
         study = sweeper.get("study_name")
         tags = {tag_keys.SWEEP_PARENT: "true", tag_keys.SWEEP_DIR: str(config.hydra.sweep.dir),
@@ -63,9 +70,11 @@ class MlflowSweepCallback(Callback):
         except Exception as error:  # noqa: BLE001 - Hydra would sweep on without a parent run
             raise SystemExit(f"error: the sweep's MLflow parent run could not be started on "
                              f"{mlflow_runs.redact_uri(mlflow.get_tracking_uri())} "
-                             f"({type(error).__name__}: {error})") from None
+                             f"({type(error).__name__}: "
+                             f"{mlflow_runs.redact_uri(str(error))})") from None
         self.run_id = run.info.run_id
         self.started = time.time()
+        self.sweep_dir = Path(str(config.hydra.sweep.dir))
         # Registered after MLflow's own exit hook, so it runs first: a sweep that never reached
         # on_multirun_end (the sweeper raised, Ctrl-C) ends FAILED, not FINISHED.
         atexit.register(self._end_if_unfinished)
@@ -88,20 +97,43 @@ class MlflowSweepCallback(Callback):
         log.info("MLflow parent run %s for the sweep", self.run_id)
 
     def _end_if_unfinished(self) -> None:
-        """At exit: a parent run the sweep's end never closed ends FAILED."""
+        """At exit: a parent run the sweep's end never closed ends FAILED, tagged as stopped
+        in its trials; one whose sweeper never started sweeping (it refused its config) is
+        deleted, as no parent run should exist for a config that did not pass its checks."""
         if self.run_id is None or self.ended:
             return
         self.ended = True
+        client = MlflowClient()
         try:
-            MlflowClient().set_tag(self.run_id, tag_keys.SWEEP_ENDED,
-                                   "early: the sweep stopped before its end (see its log)")
+            swept = self._sweeper_started()
+            if swept:
+                client.set_tag(self.run_id, tag_keys.SWEEP_STOPPED_IN, "trials")
+                client.set_tag(self.run_id, tag_keys.SWEEP_ENDED,
+                               "early: the sweep stopped before its end (see its log)")
             active = mlflow.active_run()
             if active is not None and active.info.run_id == self.run_id:
                 mlflow.end_run(status="FAILED")
             else:
-                MlflowClient().set_terminated(self.run_id, "FAILED")
+                client.set_terminated(self.run_id, "FAILED")
+            if not swept:
+                client.delete_run(self.run_id)
+                log.info("the sweep stopped before its first trial (its config was refused): "
+                         "its MLflow parent run %s is deleted", self.run_id)
         except Exception:  # noqa: BLE001 - at exit: the next command closes it (dead pid)
             log.warning("could not mark the sweep's parent run %s FAILED", self.run_id)
+
+    def _sweeper_started(self) -> bool:
+        """Whether the sweeper got past its own checks: our sweeper saves `multirun.yaml` in
+        the sweep folder once its search space and study are set up (Hydra's BasicSweeper
+        does too); for any other, whether a run nests under the parent."""
+        saved = self.sweep_dir / "multirun.yaml" if self.sweep_dir else None
+        if saved and saved.is_file() and saved.stat().st_mtime >= self.started - 1:
+            return True
+        client = MlflowClient()
+        parent = client.get_run(str(self.run_id))
+        return bool(client.search_runs(
+            [parent.info.experiment_id],
+            f"tags.`{tag_keys.PARENT_RUN_ID}` = '{self.run_id}'", max_results=1))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Run the sweep's end (`search.sweep.pipeline`), which closes the parent run."""
@@ -110,10 +142,11 @@ class MlflowSweepCallback(Callback):
         pipeline.run_sweep_end(config, self.run_id, self.started, self.report_dir_name,
                                close_parent=self._close)
 
-    def _close(self, failed: bool) -> None:
-        """End the parent run (FAILED or FINISHED) and stop exporting it to trial jobs."""
+    def _close(self, status: str) -> None:
+        """End the parent run (FINISHED, FAILED or KILLED) and stop exporting it to trial
+        jobs."""
         self.ended = True
-        mlflow.end_run(status="FAILED" if failed else "FINISHED")
+        mlflow.end_run(status=status)
         sweep_context.set_parent_run_id(None)
 
 

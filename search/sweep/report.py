@@ -137,7 +137,8 @@ def write_report(study: optuna.Study, folder: Path,
     folder.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     table = folder / "trials.csv"
-    study.trials_dataframe().to_csv(table, index=False)
+    # every cell through the one redaction: user attrs and params are free text
+    study.trials_dataframe().map(sweep_context.redact_tree).to_csv(table, index=False)
     written.append(table)
     multi = len(study.directions) > 1
     summary = summarize(study)
@@ -170,11 +171,11 @@ def write_report(study: optuna.Study, folder: Path,
             continue
         written.append(folder / f"{name}.png")
     page = folder / "sweep_report.html"
-    page.write_text(
+    page.write_text(sweep_context.redact(  # the plots' hover texts show user attrs
         f"<html><head><meta charset='utf-8'><title>Sweep {study.study_name}</title></head><body>"
         f"<h1>Sweep report: {study.study_name}</h1>{header_table(study, summary, held_out)}"
         f"{''.join(sections)}</body></html>"
-    )
+    ))
     written.append(page)
     return written
 

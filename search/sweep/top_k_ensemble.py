@@ -28,6 +28,7 @@ from search.model_registry import model_store
 from search.model_registry.champion import GateSpec
 from search.model_registry.registration import (
     register_and_promote,
+    registry_floor,
     registry_options,
     run_config,
     run_model_metadata,
@@ -177,12 +178,13 @@ def promote_ensemble(config: DictConfig, parent_run_id: str, best_decision: Any)
             return None
         decision = register_and_promote(run_id, model_name=options["model_name"],
                                         metric=options["metric"], parent_run_id=run_id,
-                                        tie_break=options["tie_break"], gate=gate)
+                                        tie_break=options["tie_break"], gate=gate,
+                                        floor=registry_floor(config))
     except Exception as error:  # noqa: BLE001 - the best trial is registered already
         log.warning("the ensemble failed (%s: %s); the best trial's registration stands",
                     type(error).__name__, error)
         client.set_tag(parent_run_id, tag_keys.ENSEMBLE_ERROR,
-                       f"{type(error).__name__}: {error}"[:5000])
+                       mlflow_runs.redact_uri(f"{type(error).__name__}: {error}")[:5000])
         return None
     client.set_tag(parent_run_id, tag_keys.ENSEMBLE_RUN_ID, run_id)
     client.set_tag(parent_run_id, tag_keys.ENSEMBLE_VERSION, str(decision.version))

@@ -11,7 +11,7 @@ import shlex
 from typing import Any
 
 from search.tracking import tags as tag_keys
-from search.tracking.mlflow_runs import DEFAULT_STORE, ML_VIEW, public_uri
+from search.tracking.mlflow_runs import DEFAULT_STORE, ML_VIEW, public_uri, redact_uri
 
 LOCAL_UI = "http://127.0.0.1:5000"
 # The runs page on its chart view, model-training runs only (MLflow 3's UI query keys).
@@ -41,7 +41,8 @@ def ui_command(tracking_uri: str) -> str | None:
     """The command that serves a local store's UI (None: a server already does)."""
     if is_server(tracking_uri):
         return None
-    return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)} --host 127.0.0.1"
+    # a database URL's password stays out (this line is printed and logged): type it in
+    return f"mlflow ui --backend-store-uri {shlex.quote(redact_uri(tracking_uri))} --host 127.0.0.1"
 
 
 def chart_url(tracking_uri: str, experiment_id: str) -> str:
@@ -60,7 +61,7 @@ def pull_command(model_name: str, tracking_uri: str, alias: str = "champion") ->
     if is_server(tracking_uri):
         parts += ["--tracking-uri", public_uri(tracking_uri)]
     elif tracking_uri and tracking_uri != f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}":
-        parts += ["--tracking-uri", tracking_uri]
+        parts += ["--tracking-uri", redact_uri(tracking_uri)]  # no password in descriptions
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -70,15 +71,18 @@ def _fmt(value: Any) -> str:
 
 def parent_description(study: str, summary: dict[str, Any], objective: str,
                        best_run: tuple[str, str] | None, decision: dict[str, Any] | None,
-                       tracking_uri: str, model_name: str) -> str:
+                       tracking_uri: str, model_name: str, stopped: str | None = None) -> str:
     """The sweep's parent-run description (Markdown).
 
     Args:
         best_run: (experiment id, run id) of the best trial's run, when it has one.
         decision: the registry decision (`PromotionDecision.to_dict()`), when one was made.
+        stopped: how the sweep's end stopped before its last step, in words (None: it ran).
     """
     counts = ", ".join(f"{n} {s.lower()}" for s, n in summary.get("counts", {}).items())
     lines = [f"**Sweep of study `{study}`**: {counts or 'no trials'}.", ""]
+    if stopped:
+        lines += [f"**Stopped:** {stopped}; the steps after it did not run.", ""]
     best = summary.get("best")
     if best:
         trial = f"trial {best['number']}"
@@ -96,16 +100,42 @@ def parent_description(study: str, summary: dict[str, Any], objective: str,
         held_out = decision.get("new_metrics", {}).get(decision["metric"])
         lines.append(
             f"**Registry:** `{decision['model_name']}` v{decision['version']} → "
-            f"@{decision['alias']} ({'promoted' if decision['promoted'] else 'not promoted'}: "
+            f"{_alias_words(decision)} ({_verdict(decision)}: "
             f"{decision['reason']}); held-out {decision['metric']} = {_fmt(held_out)}"
             f"{_interval(decision.get('new_intervals'), decision['metric'])}.")
-        lines += ["", "Pull and predict:", "```",
-                  pull_command(model_name, tracking_uri),
-                  f"python search/predict.py models:/{model_name}@champion <images> --out "
-                  "predictions", "```"]
+        if _champion_after(decision) is None:
+            lines += ["", f"No version of `{model_name}` holds @champion: nothing to pull or "
+                      "serve until one passes the floor."]
+        else:
+            lines += ["", "Pull and predict:", "```",
+                      pull_command(model_name, tracking_uri),
+                      f"python search/predict.py models:/{model_name}@champion <images> --out "
+                      "predictions", "```"]
     else:
         lines.append("**Registry:** nothing promoted by this sweep.")
     return "\n".join(lines)
+
+
+def _alias_words(decision: dict[str, Any]) -> str:
+    """`@champion`, `@challenger`, or `no alias` for a version refused by the floor."""
+    if decision.get("below_floor") and decision.get("alias") not in ("champion", "challenger"):
+        return "no alias"
+    return f"@{decision['alias']}"
+
+
+def _verdict(decision: dict[str, Any]) -> str:
+    """`promoted`, `not promoted`, or the floor's refusal with its figure."""
+    if decision.get("below_floor"):
+        return "refused by the quality floor"
+    return "promoted" if decision["promoted"] else "not promoted"
+
+
+def _champion_after(decision: dict[str, Any]) -> Any:
+    """The version holding @champion after this decision (None: no champion)."""
+    # under the floor, a version that held @champion before keeps it (champion.py)
+    if decision["promoted"] or (decision.get("below_floor") and decision["alias"] == "champion"):
+        return decision["version"]
+    return decision.get("champion_version")
 
 
 def _interval(intervals: dict[str, Any] | None, key: str) -> str:
@@ -147,8 +177,10 @@ def version_description(run: Any, metadata: dict[str, Any],
     ]
     if decision:
         metrics = decision.get("new_metrics", {})
+        promotion = (f"refused by the quality floor, {_alias_words(decision)} (not for "
+                     "serving):" if decision.get("below_floor") else f"@{decision['alias']} on")
         lines += [
-            f"- **Promotion:** @{decision['alias']} on held-out {decision['metric']} = "
+            f"- **Promotion:** {promotion} held-out {decision['metric']} = "
             f"{_fmt(metrics.get(decision['metric']))} ({decision['reason']}).",
             f"- **Operating point (held-out, at the threshold):** "
             f"{operating_point(metrics, decision.get('new_intervals'))}.",
@@ -183,13 +215,16 @@ def serve_command(model_name: str) -> str:
 
 def model_description(model_name: str, decision: dict[str, Any], tracking_uri: str) -> str:
     """The registered model's description: who is champion now and how to pull it."""
-    champion = (decision["version"] if decision["promoted"]
-                else decision.get("champion_version"))
+    champion = _champion_after(decision)
     metric = decision["metric"]
     lines = [f"Image classifier promoted by the sweeps' champion/challenger gate on "
              f"held-out {metric} (tie-break {decision['tie_break']}).", ""]
-    if champion is not None:
-        lines.append(f"**Champion:** v{champion} (`models:/{model_name}@champion`).")
+    if champion is None:  # the only version(s) so far missed the quality floor
+        return "\n".join(lines + [
+            f"**No champion:** v{decision['version']} was refused by the quality floor "
+            f"({decision['reason']}). Nothing to serve until a version passes the floor.",
+            "", "Each version's description gives its input and output contract."])
+    lines.append(f"**Champion:** v{champion} (`models:/{model_name}@champion`).")
     lines += ["", "```", pull_command(model_name, tracking_uri),
               f"python search/predict.py models:/{model_name}@champion <images> --out "
               "predictions",
@@ -199,19 +234,42 @@ def model_description(model_name: str, decision: dict[str, Any], tracking_uri: s
 
 
 def next_steps(tracking_uri: str, experiment_id: str, parent_run_id: str,
-               model_name: str, decision: dict[str, Any] | None) -> list[str]:
-    """What to do after the sweep, printed at its end."""
+               model_name: str, decision: dict[str, Any] | None,
+               stopped: str | None = None) -> list[str]:
+    """What to do after the sweep, printed at its end (`stopped`: how its end stopped)."""
     lines = ["Next:"]
+    if stopped:
+        lines.append(f"  stopped: {stopped}; the steps after it did not run")
     command = ui_command(tracking_uri)
     if command:
         lines.append(f"  UI:      {command}")
     lines += [f"  curves:  {chart_url(tracking_uri, experiment_id)}  (val_loss chart)",
               f"  sweep:   {run_link(tracking_uri, experiment_id, parent_run_id)}"]
+    if decision and decision.get("below_floor"):
+        return lines + _refused_lines(tracking_uri, model_name, decision)
     if decision:
         state = "champion" if decision["promoted"] else "challenger (the champion stays)"
         lines += [f"  model:   models:/{model_name}/{decision['version']} is {state}; "
                   f"serve models:/{model_name}@champion",
                   f"  pull:    {pull_command(model_name, tracking_uri)}"]
+    return lines
+
+
+def _refused_lines(tracking_uri: str, model_name: str, decision: dict[str, Any]) -> list[str]:
+    """The closing lines for a version the quality floor refused: never "serve it"."""
+    version = decision["version"]
+    held_out = (decision.get("new_metrics") or {}).get(decision["metric"])
+    lines = [f"  model:   models:/{model_name}/{version} is under the quality floor (held-out "
+             f"{decision['metric']} {_fmt(held_out)} < registry.floor "
+             f"{_fmt(decision.get('floor'))}): registered for inspection only, "
+             f"{_alias_words(decision)}; do not serve it"]
+    champion = _champion_after(decision)
+    if champion is None:
+        lines.append(f"  serve:   nothing: no version of {model_name} holds @champion")
+    elif champion != version:
+        lines.append(f"  serve:   models:/{model_name}@champion (v{champion}, unchanged)")
+    inspect = pull_command(model_name, tracking_uri).split(" --name ")
+    lines.append(f"  inspect: {inspect[0]} --version {version} --name {inspect[1]}")
     return lines
 
 

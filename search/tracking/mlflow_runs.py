@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import platform
-import re
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from typing import Any
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from search import REPO_ROOT
+from search import REPO_ROOT, sweep_context
 from search.tracking import tags as tag_keys
 from search.tracking.store_move import follow_move
 from search.tracking.tags import EXPERIMENT_KIND
@@ -88,9 +87,27 @@ class TrackingError(RuntimeError):
     """The tracking store cannot be used; the message names it and what to check."""
 
 
-def redact_uri(uri: str) -> str:
-    """A store URI without the password of a `user:password@` part."""
-    return re.sub(r"(//[^/:@]+):[^/@]*@", r"\1:***@", uri)
+# The one redaction (the plugin's, reached through sweep_context): a URL's password and any
+# credential of the environment masked. Kept under this name for search/'s callers.
+redact_uri = sweep_context.redact
+
+
+def uri_setting(uri: str) -> str:
+    """Where the tracking URI was set, for messages: $MLFLOW_TRACKING_URI or tracking.uri."""
+    if os.environ.get("MLFLOW_TRACKING_URI") == uri:
+        return "$MLFLOW_TRACKING_URI (used as tracking.uri is null)"
+    return "tracking.uri"
+
+
+def store_problem(uri: str, error: BaseException) -> str:
+    """A database or server store that refused: the setting, the masked URL, why, the fix."""
+    text = sweep_context.error_text(error)
+    if "password" in text or "authentication" in text or "401" in text:
+        fix = "fix the user or password in that URL (or MLFLOW_TRACKING_USERNAME/PASSWORD)"
+    else:
+        fix = "check that the server runs, the database exists and the credentials are right"
+    return (f"{uri_setting(uri)}={redact_uri(uri)!r}: the MLflow store cannot be opened "
+            f"({text}); {fix}")
 
 
 def check_server(uri: str, timeout: float = 3.0) -> None:
@@ -101,21 +118,48 @@ def check_server(uri: str, timeout: float = 3.0) -> None:
     import urllib.request
 
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+        # without its user:password@ (urllib would take it for the host); MLflow's client
+        # sends it as basic auth
+        with urllib.request.urlopen(f"{public_uri(uri)}/health", timeout=timeout):
             return
     except urllib.error.HTTPError:
         return  # it answered: the server is up (a proxy may not route /health)
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise TrackingError(
-            f"the MLflow tracking server {redact_uri(uri)} (tracking.uri or "
-            f"$MLFLOW_TRACKING_URI) does not answer within {timeout:.0f} s ({reason}); start it "
+            f"the MLflow tracking server {redact_uri(uri)} ({uri_setting(uri)}) does not "
+            f"answer within {timeout:.0f} s ({redact_uri(str(reason))}); start it "
             "(mlflow server --host 127.0.0.1 --port 5000 ...) or point tracking.uri elsewhere"
         ) from None
 
 
+def check_credentials(uri: str) -> None:
+    """A database store that refuses the credentials fails now, named, not after MLflow's
+    ~100 s of engine retries (10 attempts with doubling sleeps) with a raw traceback."""
+    if not uri.startswith(("postgresql", "mysql", "mssql")):
+        return
+    import sqlalchemy
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+    except (SQLAlchemyError, ImportError, ValueError) as error:
+        raise TrackingError(store_problem(uri, error)) from None
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as error:
+        if any(word in str(error) for word in ("password", "authentication", "Access denied")):
+            raise TrackingError(store_problem(uri, error)) from None
+        # anything else (a server still starting) is left to MLflow's retries
+    finally:
+        engine.dispose()
+
+
 def open_store(uri: str) -> None:
-    """Create or migrate the store's schema; a corrupt or read-only SQLite file is named."""
+    """Create or migrate the store's schema; a corrupt or read-only SQLite file, or a
+    database that refuses the credentials, is named."""
+    check_credentials(uri)
     try:
         with sqlite_init_lock(uri):
             mlflow.MlflowClient(uri).search_experiments(max_results=1)
@@ -127,7 +171,7 @@ def open_store(uri: str) -> None:
         ) from None
     except Exception as error:  # noqa: BLE001 - SQLAlchemy / MLflow errors, re-raised named
         if not uri.startswith("sqlite:///"):
-            raise
+            raise TrackingError(store_problem(uri, error)) from None
         db = Path(uri.removeprefix("sqlite:///"))
         text = str(error).splitlines()[0][:300]
         if "readonly" in text or "unable to open" in text:
@@ -349,12 +393,9 @@ def package_versions() -> dict[str, str]:
 
 
 def redacted(cfg: DictConfig) -> DictConfig:
-    """A copy of the config whose store URIs carry no password (for params and artifacts)."""
-    copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    uri = OmegaConf.select(copy, "tracking.uri")
-    if isinstance(uri, str):
-        OmegaConf.update(copy, "tracking.uri", redact_uri(uri))
-    return copy
+    """A resolved copy of the config with every string redacted (for params and artifacts):
+    not only tracking.uri, any value can carry a URL with a password."""
+    return OmegaConf.create(sweep_context.redact_tree(OmegaConf.to_container(cfg, resolve=True)))
 
 
 def log_run_context(cfg: DictConfig, params: dict[str, Any] | None = None) -> None:
@@ -367,7 +408,7 @@ def log_run_context(cfg: DictConfig, params: dict[str, Any] | None = None) -> No
     from search.tracking.run_params import hydra_job_params
 
     cfg = redacted(cfg)
-    params = hydra_job_params(cfg) if params is None else params
+    params = sweep_context.redact_tree(hydra_job_params(cfg) if params is None else params)
     mlflow.log_params(params)
     mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
     versions = package_versions()

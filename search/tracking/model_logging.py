@@ -51,10 +51,10 @@ def log_keras_model(cfg: DictConfig, model: keras.Model, data: Any, results: dic
     (`extra_metadata` adds or replaces fields, e.g. an ensemble's members; `hashed` is
     `config_hash(cfg)` where the caller has it already)."""
     # The served contract (search/tracking/serving.py): raw 0–255 pixels, named outputs. The example
-    # is a val image as a client would send it, and MLflow's validation serves it.
-    example = np.round(next(iter(data.val.take(1)))[0][:1].numpy() * 255.0).astype(np.float32)
+    # is a val image as a client would send it: uint8, an image's own type (the model takes any
+    # integer or float dtype; JSON integers over REST).
+    example = np.round(next(iter(data.val.take(1)))[0][:1].numpy() * 255.0).astype(np.uint8)
     signature = serving.serving_signature(int(data.preprocessing["image_size"]),
-                                          int(data.preprocessing["channels"]),
                                           list(data.class_names))
     metadata = {
         "class_names": list(data.class_names),

@@ -9,8 +9,8 @@ instead (copied into each logged model as `code/serving.py`, so `mlflow models s
 `mlflow.pyfunc.load_model` and `mlflow models predict` use it); the Keras flavour and its
 files stay as they were.
 
-Self-contained on purpose (numpy, pandas, keras, yaml): it must import where only the model
-folder is, without this repository.
+Self-contained on purpose (numpy, pandas, keras, yaml, and mlflow, which loads it): it must
+import where only the model folder is, without this repository.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 SERVING_FILE = Path(__file__).resolve()
 LOADER_MODULE = "serving"  # the name under which MLflow imports the copied file
@@ -30,55 +32,154 @@ def output_columns(class_names: list[str]) -> list[str]:
     return [f"p_{name}" for name in class_names] + ["label", "threshold"]
 
 
-def serving_signature(image_size: int, channels: int, class_names: list[str]) -> Any:
-    """Input: raw 0–255 pixels as float32 (N, size, size, channels); output: named columns;
-    param `scaled` (false) for callers who send pixels already scaled to 0–1."""
+def serving_signature(image_size: int, class_names: list[str]) -> Any:
+    """Input: raw 0–255 pixels (N, size, size, 1 or 3), documented as the network's float32;
+    output: named columns; param `scaled` (false) for pixels already scaled to 0–1.
+
+    The model checks its own input (`to_model_input`), so MLflow's schema check is switched
+    off for it: that check wants the exact dtype and runs before the model, so it refused a
+    uint8 array (an image's own type) and an RGB image before the channel adapter could run,
+    and over REST it cast JSON integers to float32, losing what tells raw 0/1 pixels (a dark
+    exposure) from scaled ones. `_is_signature_from_type_hint` is MLflow's switch for models
+    that validate their own input (saved in MLmodel as `is_signature_from_type_hint`): with
+    it, `mlflow.pyfunc` passes the input as given and `mlflow models serve` passes the JSON
+    `inputs` as parsed (ints stay ints). The switch is MLflow's private API: should a later
+    MLflow drop it, tests/search/test_serving.py (uint8 in process, RGB and 0/1 over REST) fails.
+    """
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
-    inputs = Schema([TensorSpec(np.dtype("float32"), (-1, image_size, image_size, channels))])
+    inputs = Schema([TensorSpec(np.dtype("float32"), (-1, image_size, image_size, -1))])
     outputs = Schema([ColSpec("double", f"p_{n}") for n in class_names]
                      + [ColSpec("string", "label"), ColSpec("double", "threshold")])
-    return ModelSignature(inputs=inputs, outputs=outputs,
-                          params=ParamSchema([ParamSpec("scaled", "boolean", False)]))
+    signature = ModelSignature(inputs=inputs, outputs=outputs,
+                               params=ParamSchema([ParamSpec("scaled", "boolean", False)]))
+    signature._is_signature_from_type_hint = True
+    return signature
 
 
-def to_model_input(images: np.ndarray, image_size: int, channels: int,
-                   scaled: bool = False) -> np.ndarray:
-    """Raw pixels (uint8 or float 0–255; `scaled`: float 0–1) -> the network's float32 input.
+class ServingInputError(MlflowException):
+    """A request the model refuses: HTTP 400 (INVALID_PARAMETER_VALUE) whose `message` is the
+    reason and its fix.
+
+    MLflow's scoring server rewrites the message of an MlflowException raised in predict to
+    "Failed to predict data '<the whole request>'. Error: <reason>": for a batch of images,
+    megabytes of pixels before the reason. The reason alone stays the message.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self.reason
+
+    @message.setter
+    def message(self, value: str) -> None:
+        pass  # see the class docstring: the server's rewrite is dropped
+
+
+def as_pixel_array(images: Any) -> np.ndarray:
+    """Any array-like of numbers (ndarray, nested JSON lists, DataFrame) -> ndarray.
 
     Raises:
-        ValueError: wrong size, channels or range, naming what was expected. Pixels that
-            look scaled already (float, max <= 1) are refused unless `scaled`, since dividing
-            them by 255 again would give a black image and a confident wrong answer.
+        ValueError: ragged rows, or values that are not numbers (strings, nulls, booleans).
     """
-    x = np.asarray(images)
+    values = images.to_numpy() if hasattr(images, "to_numpy") else images
+    try:
+        x = np.asarray(values)
+    except ValueError as error:  # numpy refuses ragged nested lists
+        raise ValueError("images must be a rectangular array of numbers (N, size, size, "
+                         "channels): the images or their rows differ in length "
+                         f"({error}); send every image at the training size") from None
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise ValueError(f"pixel values must be numbers (got dtype {x.dtype}: strings, "
+                         "nulls, booleans or integers too large); send raw 0–255 pixels as "
+                         "JSON numbers or a numeric (e.g. uint8) array")
+    return x
+
+
+def check_shape(x: np.ndarray, image_size: int, channels: int) -> np.ndarray:
+    """(N, size, size) or (N, size, size, 1 | 3) -> 4-D; anything else refused, naming it."""
+    shape = tuple(x.shape)
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or x.shape[1:3] != (image_size, image_size):
+        single = shape[:2] == (image_size, image_size) and len(shape) in (2, 3)
+        hint = (f"; a single image must still be a batch: [image], shape (1, {image_size}, "
+                f"{image_size}, {channels})" if single else "")
         raise ValueError(f"expected images of shape (N, {image_size}, {image_size}, "
-                         f"{channels}) (the training size), got {tuple(np.shape(images))}; "
-                         "resize first, or use search/predict.py, which resizes files")
+                         f"{channels}) (the training size), got {shape}{hint}; resize "
+                         "first, or use search/predict.py, which resizes files")
     if x.shape[3] not in (1, 3):
-        raise ValueError(f"expected 1 (grayscale) or 3 (RGB) channels, got {x.shape[3]}")
-    x = x.astype(np.float32)
-    if x.size:
-        low, high = float(x.min()), float(x.max())
-        top = 1.0 if scaled else 255.0
-        if low < 0.0 or high > top:
-            raise ValueError(f"pixel values must lie in [0, {top:g}]"
-                             f"{' (params scaled=true)' if scaled else ''}; got [{low:g}, "
-                             f"{high:g}]")
-        if not scaled and 0.0 < high <= 1.0 and not np.issubdtype(np.asarray(images).dtype,
-                                                                    np.integer):
-            raise ValueError("these pixels look scaled to 0–1 already (max "
-                             f"{high:g}); send raw 0–255 pixels, or pass params "
-                             "{'scaled': true}")
-    if not scaled:
-        x = x / 255.0
-    if x.shape[3] != channels:  # the same adapters as the training pipeline's
-        x = x.mean(axis=3, keepdims=True) if channels == 1 else np.repeat(x, 3, axis=3)
+        raise ValueError(f"expected 1 (grayscale) or 3 (RGB) channels, got {x.shape[3]} "
+                         f"(shape {shape}); drop an alpha channel, send (N, {image_size}, "
+                         f"{image_size}, {channels})")
+    if not len(x):
+        raise ValueError(f"the request holds no images; send at least one, shape (N, "
+                         f"{image_size}, {image_size}, {channels})")
     return x
+
+
+def check_values(x: np.ndarray, scaled: bool) -> None:
+    """Refuse NaN or infinite values, values out of range, and raw-looking scaled pixels.
+
+    Whole numbers are raw pixels whatever the dtype (JSON integers, uint8, a float32 copy):
+    0/1 is a dark exposure, not "scaled already". Only floats with fractions, all <= 1,
+    look scaled; dividing them by 255 again would give a black image and a confident
+    wrong answer.
+    """
+    floating = np.issubdtype(x.dtype, np.floating)
+    if floating and not np.isfinite(x).all():  # NaN compares false with any bound
+        bad = ~np.isfinite(x)
+        first = int(np.argwhere(bad)[0][0])
+        raise ValueError(f"{int(bad.sum())} pixel value(s) are NaN or infinite (the first "
+                         f"in image {first}); send finite raw 0–255 pixels (a NaN often "
+                         "means a failed decode or a division by zero before the request)")
+    low, high = float(x.min()), float(x.max())
+    top = 1.0 if scaled else 255.0
+    if low < 0.0 or high > top:
+        fix = ("send pixels scaled to 0–1, or raw 0–255 pixels without scaled" if scaled
+               else "send raw 8-bit pixels: rescale other bit depths (e.g. 16-bit, "
+               "Hounsfield units) to 0–255 first")
+        raise ValueError(f"pixel values must lie in [0, {top:g}]"
+                         f"{' (params scaled=true)' if scaled else ''}; got [{low:g}, "
+                         f"{high:g}]; {fix}")
+    if (not scaled and floating and 0.0 < high <= 1.0
+            and bool(np.any(x != np.floor(x)))):
+        raise ValueError("these pixels look scaled to 0–1 already (max "
+                         f"{high:g}, with fractions); send raw 0–255 pixels, or pass "
+                         "params {'scaled': true}")
+
+
+def adapt_channels(x: np.ndarray, channels: int, scaled: bool) -> np.ndarray:
+    """RGB to a grayscale model or grayscale to an RGB one, as training's decoder does
+    (data/pipeline.resize_to_uint8: tf.image.rgb_to_grayscale's weights, rounded to 8 bits;
+    grayscale copied to 3 channels)."""
+    if x.shape[3] == channels:
+        return x
+    if channels == 3:
+        return np.repeat(x, 3, axis=3)
+    top = 1.0 if scaled else 255.0  # training rounds 0–255 values: do it on that scale
+    gray = np.tensordot(x * (255.0 / top), np.float32([0.2989, 0.5870, 0.1140]), axes=1)
+    gray = np.clip(np.round(gray), 0.0, 255.0) * (top / 255.0)
+    return gray[..., None].astype(np.float32)
+
+
+def to_model_input(images: Any, image_size: int, channels: int,
+                   scaled: bool = False) -> np.ndarray:
+    """Raw pixels (any integer or float dtype, 0–255; `scaled`: 0–1) -> the network's float32
+    input, (N, size, size, channels).
+
+    Raises:
+        ValueError: wrong size, channels, dtype or range, NaN or infinite values, or pixels
+            that look scaled already (see `check_values`), naming what was expected.
+    """
+    x = check_shape(as_pixel_array(images), image_size, channels)
+    check_values(x, scaled)
+    x = adapt_channels(x.astype(np.float32), channels, scaled)
+    return x if scaled else x / 255.0
 
 
 class ServingModel:
@@ -105,10 +206,12 @@ class ServingModel:
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> Any:
         import pandas as pd
 
-        values = model_input.to_numpy() if hasattr(model_input, "to_numpy") else model_input
         scaled = bool((params or {}).get("scaled", False))
-        probs = self.probabilities(to_model_input(values, self.image_size, self.channels,
-                                                  scaled))
+        try:
+            x = to_model_input(model_input, self.image_size, self.channels, scaled)
+        except ValueError as error:  # a 400 naming the problem, not MLflow's generic 400
+            raise ServingInputError(str(error)) from None
+        probs = self.probabilities(x)
         if probs.shape[1] == 2 and self.threshold is not None:
             index = (probs[:, 1] >= self.threshold).astype(int)
         else:

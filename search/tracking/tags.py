@@ -73,6 +73,12 @@ SWEEP_PARENT = "sweep.parent"
 SWEEP_DIR = "sweep.dir"
 # Set when the sweep stopped before its end (why, in words).
 SWEEP_ENDED = "sweep.ended"
+# The sweep-end step running now (report, final_stage, registration, floor, ensemble,
+# cross_validation, next_steps), "done" once all ran: after a SIGKILL it still names the step.
+SWEEP_END_STEP = "sweep.end_step"
+# The step an interrupt or a failure stopped the sweep in (a sweep-end step, or "trials" when
+# it stopped before its end); absent when the sweep's end ran to the last step.
+SWEEP_STOPPED_IN = "sweep.stopped_in"
 # The run id of the sweep's best trial (after the final stage: its best mean repeat).
 BEST_RUN_ID = "best_run_id"
 
@@ -135,7 +141,7 @@ PROMOTION_PREFIX = "promotion."
 PROMOTION_MODEL_NAME = "promotion.model_name"
 # Run: the new version's number.
 PROMOTION_VERSION = "promotion.version"
-# Run: the alias the new version received (champion / challenger).
+# Run: the alias the new version received (champion / challenger; none under the floor).
 PROMOTION_ALIAS = "promotion.alias"
 # Run: "true" when the new version became champion.
 PROMOTION_PROMOTED = "promotion.promoted"
@@ -153,8 +159,10 @@ PROMOTION_WARNING = "promotion.warning"
 PROMOTION_SKIPPED = "promotion.skipped"
 # Run: the error that stopped registration or the gate.
 PROMOTION_ERROR = "promotion.error"
-# Version: the alias decided (champion / challenger).
+# Version: the alias decided (champion / challenger), or below_floor (registered, no alias).
 PROMOTION_DECISION = "promotion.decision"
+# Run and version: the quality floor (registry.floor) the version was held to.
+PROMOTION_FLOOR = "promotion.floor"
 # Version: the new version's held-out score on the metric.
 PROMOTION_SCORE = "promotion.score"
 # Version: the champion's held-out score on the metric.

@@ -29,7 +29,7 @@ from search.training.keras_callbacks import (
     LearningRateLogger,
     check_divergence,
 )
-from search.training.lifecycle import TrackedRun
+from search.training.lifecycle import TrackedRun, resume_from
 from search.training.model_setup import BuiltModel
 from search.training.run_plan import RunPlan
 
@@ -93,7 +93,8 @@ def fit_model(cfg: DictConfig, plan: RunPlan, data: Any, built: BuiltModel,
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     settings = FitSettings.from_cfg(cfg, in_sweep=tracked.trial is not None)
     callbacks, resumable = build_callbacks(settings, plan, data, built, tracked, checkpoint)
-    point = tracked.point
+    # a retried trial's state, checked against this model before anything of it is used
+    point = resume_from(tracked, plan, built.model, resumable)
     if point is not None:  # the epochs trained before, each reported once
         resume.carry_over(point, checkpoint, tracked.run_id,
                           tracked.trial if settings.prune_on is not None else None,

@@ -89,21 +89,14 @@ def start_run(cfg: DictConfig, plan: RunPlan, precision: str) -> TrackedRun:
     hashed = config_hash(cfg)  # once: the resumable state, the params and the state's meta
     # A retried trial continues from its last resumable state (search/training/resume.py).
     resume_plan = resume.plan_for_trial(trial, plan.output_dir, hashed)
-    point = resume_plan.point if resume_plan is not None else None
     parent = sweep_context.parent_run_id()
     run_name = run_names.initial_name(cfg, info["trial_number"] if info else None)
     tags = {**run_tags(cfg, info), **mlflow_runs.process_tags(), "precision": precision,
             **(trial.engine_tags() if trial is not None else {})}
-    run = mlflow.start_run(run_name=run_name, parent_run_id=parent,
-                           tags={**tags, **resume.run_tags(point)})
+    # the resume tags and attrs wait for resume_from: the state must fit the model first
+    run = mlflow.start_run(run_name=run_name, parent_run_id=parent, tags=tags)
     tracked = TrackedRun(run, run_name, bool(cfg.tracking.get("run_name")), trial, info,
                          resume_plan, hashed, plan.initial_epoch)
-    if point is not None:
-        tracked.start_epoch = point.epoch
-        log.info("Resuming after epoch %d of %d in MLflow run %s", point.epoch,
-                 plan.max_epochs, run.info.run_id)
-        if trial is not None:
-            trial.trial.set_user_attr("resumed_from_epoch", point.epoch)
     log.info("MLflow run %s (%s)", run.info.run_id, mlflow.get_tracking_uri())
     if trial is not None:  # optuna-dashboard shows user attrs: the trial links to its run
         trial.trial.set_user_attr("mlflow_run_id", run.info.run_id)
@@ -111,6 +104,22 @@ def start_run(cfg: DictConfig, plan: RunPlan, precision: str) -> TrackedRun:
         if url:
             trial.trial.set_user_attr("mlflow_run_url", url)
     return tracked
+
+
+def resume_from(tracked: TrackedRun, plan: RunPlan, model: keras.Model,
+                resumable: resume.ResumableState | None) -> resume.ResumePoint | None:
+    """The state the fit resumes from, once it fits ``model`` (a state that does not is set
+    aside and the fit starts from epoch 0); the run and the trial then say where it starts."""
+    point = resumable.adopt(model) if resumable is not None else None
+    if point is None:
+        return None
+    tracked.start_epoch = point.epoch
+    mlflow.set_tags(resume.run_tags(point))
+    log.info("Resuming after epoch %d of %d in MLflow run %s", point.epoch, plan.max_epochs,
+             tracked.run_id)
+    if tracked.trial is not None:
+        tracked.trial.trial.set_user_attr("resumed_from_epoch", point.epoch)
+    return point
 
 
 def end_run(tracked: TrackedRun, objective: str) -> None:

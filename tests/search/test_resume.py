@@ -135,3 +135,75 @@ def test_sigterm_without_time_stops_at_the_next_batch(tmp_path, preempted):
     with pytest.raises(sweep_context.TrialInterrupted, match="batch 1: the epoch would not"):
         state.on_train_batch_end(0)
     assert not (tmp_path / resume.STATE_FILE).exists()  # the last state stays what it was
+
+
+# --- damaged states: set aside with one warning, never the trial's end (issue 27) -----------
+
+def saved_tiny_state(tmp_path: Path, units: int = 1) -> tuple[Path, keras.Model]:
+    """A real state of a tiny model after its 4th epoch (with a best-checkpoint copy)."""
+    state = tiny_state(tmp_path / "state", steps=1)
+    model = state.model
+    if units != 1:  # the same layout with a wider output: its arrays fit no 1-unit model
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(units)])
+        model.compile(optimizer="adam", loss="mse")
+        model.fit(np.zeros((4, 3)), np.zeros((4, units)), epochs=1, verbose=0)
+        state.set_model(model)
+    state.checkpoint = tmp_path / "best.keras"
+    model.save(state.checkpoint)
+    state.on_epoch_end(3, {"loss": 0.5})
+    return tmp_path / "state", model
+
+
+def ours(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """This project's warnings (not TensorFlow's or absl's)."""
+    return [r.getMessage() for r in caplog.records
+            if r.levelname == "WARNING" and r.name.startswith("search.")]
+
+
+def damaged(caplog: pytest.LogCaptureFixture, path: Path) -> str:
+    """The one warning about ``path``; the file itself is gone, renamed beside it."""
+    warnings = ours(caplog)
+    assert len(warnings) == 1 and str(path) in warnings[0], warnings
+    assert "starts again from epoch 0" in warnings[0], warnings[0]
+    assert not path.exists() and list(path.parent.glob(f"{path.name}.damaged-*")), list(
+        path.parent.iterdir())
+    return warnings[0]
+
+
+def test_a_tiny_state_reads_back(tmp_path):
+    folder, _ = saved_tiny_state(tmp_path)
+    point = resume.read_state(folder, "h")
+    assert point.epoch == 4 and point.best_checkpoint.is_file()
+
+
+def test_a_state_that_does_not_fit_the_model_is_set_aside_before_the_fit(tmp_path, caplog):
+    folder, _ = saved_tiny_state(tmp_path, units=2)  # written by a 2-unit model
+    plan = resume.ResumePlan(folder, write=True)
+    plan.point = resume.read_state(folder, "h")  # a whole file: read_state takes it
+    other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    other.compile(optimizer="adam", loss="mse")
+    state = resume.ResumableState(plan, [], folder / "x", 1, 10, {"config_hash": "h"})
+    assert state.history and state.saved_epoch == 4
+    assert state.adopt(other) is None
+    assert "does not fit this run" in damaged(caplog, folder / resume.STATE_FILE)
+    assert plan.point is None and state.history == {} and state.saved_epoch is None
+
+
+def test_a_folder_that_cannot_take_the_state_costs_resumability_not_the_trial(tmp_path,
+                                                                             caplog):
+    state = tiny_state(tmp_path / "state", steps=1)
+    (tmp_path / "state").write_text("a file where the folder goes")
+    state.on_epoch_end(3, {"loss": 0.5})  # no error: one warning, no more writes
+    state.on_epoch_end(4, {"loss": 0.4})
+    warnings = ours(caplog)
+    assert len(warnings) == 1 and "cannot be written to" in warnings[0], warnings
+    assert not state.plan.write and state.history["loss"] == [0.5, 0.4]
+
+
+def test_an_ended_trial_keeps_only_the_damaged_state_it_set_aside(tmp_path):
+    folder, _ = saved_tiny_state(tmp_path)
+    (folder / resume.STATE_FILE).write_bytes(b"not a zip")
+    assert resume.read_state(folder, "h") is None
+    resume.remove_state(resume.ResumePlan(folder, write=True))
+    (kept,) = folder.iterdir()
+    assert kept.name.startswith("state.npz.damaged-") and kept.read_bytes() == b"not a zip"

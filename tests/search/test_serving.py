@@ -1,16 +1,21 @@
 """The champion served as it is: raw pixels through MLflow's pyfunc and its REST server give
-search/predict.py's probabilities, labels at the stored threshold, named columns."""
+search/predict.py's probabilities, labels at the stored threshold, named columns; what it cannot
+score (NaN, out of range, other sizes, scaled pixels) is refused with a 400 whose message says
+why and what to send; integers (uint8, JSON) are raw pixels, RGB goes through the adapter."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +42,60 @@ def test_raw_pixels_are_scaled_once_and_scaled_ones_are_refused_unless_said():
         serving.to_model_input(np.array([[[0.0, 300.0], [1.0, 2.0]]]), 2, 1)
     with pytest.raises(ValueError, match=r"expected images of shape \(N, 28, 28, 1\)"):
         serving.to_model_input(raw, 28, 1)
-    rgb = np.repeat(raw[..., None], 3, axis=3)  # RGB in, grayscale model: the mean
+    rgb = np.repeat(raw[..., None], 3, axis=3)  # RGB in, grayscale model: training's weights
     assert np.allclose(serving.to_model_input(rgb, 2, 1), x)
+
+
+def test_nan_infinite_ragged_and_other_shapes_are_refused_naming_the_fix():
+    ok = np.zeros((1, 2, 2, 1), dtype=np.float32)
+    for value in (np.nan, np.inf, -np.inf):
+        x = ok.copy()
+        x[0, 1, 1, 0] = value  # one pixel: NaN compares false with both bounds
+        with pytest.raises(ValueError, match=r"1 pixel value\(s\) are NaN or infinite .*"
+                                             r"send finite raw 0–255 pixels"):
+            serving.to_model_input(x, 2, 1)
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            serving.to_model_input(x, 2, 1, scaled=True)
+    with pytest.raises(ValueError, match=r"got \[-1, 2\]; send raw 8-bit pixels"):
+        serving.to_model_input(np.array([[[-1, 2], [0, 0]]]), 2, 1)
+    with pytest.raises(ValueError, match="rectangular array of numbers"):
+        serving.to_model_input([[[0, 1], [2]]], 2, 1)
+    for odd in ([[["a", "b"], ["c", "d"]]], [[[True, False], [True, True]]],
+                [[[None, 1], [2, 3]]]):
+        with pytest.raises(ValueError, match="pixel values must be numbers"):
+            serving.to_model_input(odd, 2, 1)
+    with pytest.raises(ValueError, match="got 4 .*drop an alpha channel"):
+        serving.to_model_input(np.zeros((1, 2, 2, 4), np.uint8), 2, 1)
+    with pytest.raises(ValueError, match="holds no images"):
+        serving.to_model_input(np.zeros((0, 2, 2, 1), np.uint8), 2, 1)
+    with pytest.raises(ValueError, match=r"a single image must still be a batch: \[image\]"):
+        serving.to_model_input(np.zeros((2, 2, 1), np.uint8), 2, 1)
+
+
+def test_whole_numbers_are_raw_pixels_whatever_the_dtype():
+    dark = [[[0, 1], [1, 0]]]  # a dark exposure, as JSON integers give it
+    expected = np.array(dark, dtype=np.float32)[..., None] / 255.0
+    for dtype in (np.int64, np.uint8, np.uint16, np.float32, np.float64):
+        x = serving.to_model_input(np.array(dark, dtype=dtype), 2, 1)
+        assert x.dtype == np.float32 and np.array_equal(x, expected), dtype
+    assert np.array_equal(serving.to_model_input(dark, 2, 1), expected)  # nested lists
+    with pytest.raises(ValueError, match="look scaled to 0–1 already"):  # fractions: scaled
+        serving.to_model_input([[[0.0, 0.5], [1.0, 0.25]]], 2, 1)
+
+
+def test_rgb_and_grayscale_adapters_are_the_training_decoders():
+    import tensorflow as tf
+
+    from data.pipeline import resize_to_uint8
+
+    rgb = np.random.default_rng(0).integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+    gray = np.stack([resize_to_uint8(tf.constant(image), 4, 1).numpy() for image in rgb])
+    assert np.array_equal(serving.to_model_input(rgb, 4, 1), gray.astype(np.float32) / 255.0)
+    assert np.allclose(serving.to_model_input(rgb / 255.0, 4, 1, scaled=True),
+                       gray / 255.0, atol=1e-6)
+    as_rgb = np.stack([resize_to_uint8(tf.constant(image), 4, 3).numpy() for image in gray])
+    assert np.array_equal(serving.to_model_input(gray, 4, 3),
+                          as_rgb.astype(np.float32) / 255.0)
 
 
 def free_port() -> int:
@@ -47,20 +104,76 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_pyfunc_and_mlflow_serve_answer_like_predict_on_raw_real_images(trained_store,
-                                                                        tmp_path):
+@pytest.fixture(scope="module")
+def model_dir(trained_store, tmp_path_factory) -> Path:
+    """The good run's logged model, downloaded once for this module."""
     import mlflow
     from mlflow.tracking import MlflowClient
-
-    from data.pipeline import decode_to_uint8
-    from search.predict import predict
 
     uri = f"sqlite:///{trained_store.db}"
     model_uri = MlflowClient(uri).get_run(trained_store.good_run_id).data.tags["best_model_uri"]
     mlflow.set_tracking_uri(uri)
-    model_dir = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "m")))
+    target = tmp_path_factory.mktemp("served") / "m"
+    folder = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(target)))
     mlflow.set_tracking_uri(None)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server_url(model_dir, trained_store) -> Iterator[str]:
+    """One `mlflow models serve` of that model, started as the README says, for every test
+    here; its base URL."""
+    port = free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{trained_store.db}"}
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", str(model_dir),
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, server.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "mlflow models serve never answered /ping"
+            try:
+                urllib.request.urlopen(f"{base}/ping", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        yield base
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+def post(base: str, body: dict | str) -> tuple[int, dict]:
+    """POST /invocations (a dict as JSON, or JSON text as it is): (status, parsed answer)."""
+    data = (body if isinstance(body, str) else json.dumps(body)).encode()
+    request = urllib.request.Request(f"{base}/invocations", data=data,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def real_images(count: int = 8) -> np.ndarray:
+    """Raw uint8 val images (N, 28, 28), as a PACS export gives them."""
+    with np.load(BUILTIN) as archive:
+        return archive["val_images"][:count]
+
+
+@pytest.mark.slow
+def test_pyfunc_and_mlflow_serve_answer_like_predict_on_raw_real_images(model_dir, server_url,
+                                                                        tmp_path):
+    import mlflow
+
+    from data.pipeline import decode_to_uint8
+    from search.predict import predict
+
     with np.load(BUILTIN) as archive:  # real val images, raw uint8 as a PACS export gives
         raw = archive["val_images"][:24]
     np.savez(tmp_path / "rows.npz", val_images=raw)
@@ -84,47 +197,104 @@ def test_pyfunc_and_mlflow_serve_answer_like_predict_on_raw_real_images(trained_
     scaled = pyfunc.predict(raw[..., None].astype(np.float32) / 255.0, params={"scaled": True})
     assert np.allclose(scaled["p_pneumonia"], expected, atol=1e-6)
 
-    # MLflow's own server, as the README says to start it
-    port = free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": uri}
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", str(model_dir),
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, server.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "mlflow models serve never answered /ping"
-            try:
-                urllib.request.urlopen(f"{base}/ping", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
+    # MLflow's own server, as the README says to start it (the module's one `server_url`)
+    base = server_url
 
-        def invoke(images: np.ndarray) -> list[dict]:
-            body = json.dumps({"inputs": images.tolist()}).encode()
-            request = urllib.request.Request(f"{base}/invocations", data=body,
-                                             headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return json.loads(response.read())["predictions"]
+    def invoke(images: np.ndarray) -> list[dict]:
+        body = json.dumps({"inputs": images.tolist()}).encode()
+        request = urllib.request.Request(f"{base}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())["predictions"]
 
-        served = invoke(raw[..., None])  # JSON integers 0–255
-        assert [p["label"] for p in served] == labels
-        assert np.allclose([p["p_pneumonia"] for p in served], expected, atol=1e-6)
-        # the full-size JPEGs, decoded and resized to the model's size by the client
-        files = sorted(JPEGS.rglob("*.jpeg"))
-        pixels = np.stack([decode_to_uint8(f.read_bytes(), 28, 1).numpy() for f in files])
-        predict(model_dir, JPEGS, out=tmp_path / "jpeg-pred")
-        with open(tmp_path / "jpeg-pred" / "predictions.csv") as handle:
-            by_file = {Path(r["path"]).name: r for r in csv.DictReader(handle)}
-        for file, answer in zip(files, invoke(pixels), strict=True):
-            assert answer["label"] == by_file[file.name]["predicted"], file.name
-            assert answer["p_pneumonia"] == pytest.approx(
-                float(by_file[file.name]["prob_pneumonia"]), abs=1e-5), file.name
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+    served = invoke(raw[..., None])  # JSON integers 0–255
+    assert [p["label"] for p in served] == labels
+    assert np.allclose([p["p_pneumonia"] for p in served], expected, atol=1e-6)
+    # the full-size JPEGs, decoded and resized to the model's size by the client
+    files = sorted(JPEGS.rglob("*.jpeg"))
+    pixels = np.stack([decode_to_uint8(f.read_bytes(), 28, 1).numpy() for f in files])
+    predict(model_dir, JPEGS, out=tmp_path / "jpeg-pred")
+    with open(tmp_path / "jpeg-pred" / "predictions.csv") as handle:
+        by_file = {Path(r["path"]).name: r for r in csv.DictReader(handle)}
+    for file, answer in zip(files, invoke(pixels), strict=True):
+        assert answer["label"] == by_file[file.name]["predicted"], file.name
+        assert answer["p_pneumonia"] == pytest.approx(
+            float(by_file[file.name]["prob_pneumonia"]), abs=1e-5), file.name
+
+
+@pytest.mark.slow
+def test_pyfunc_takes_uint8_rgb_and_dark_images_and_refuses_nan_by_name(model_dir):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    raw = real_images()
+    pyfunc = mlflow.pyfunc.load_model(str(model_dir))
+    expected = pyfunc.predict(raw[..., None].astype(np.float32))
+    for images in (raw, raw[..., None], np.repeat(raw[..., None], 3, axis=3)):
+        # uint8, the image's own type (MLflow's schema refused it), without a channel axis,
+        # and RGB to the grayscale model (refused by the schema before the adapter ran)
+        frame = pyfunc.predict(images)
+        assert np.array_equal(frame["p_pneumonia"], expected["p_pneumonia"]), images.shape
+        assert list(frame["label"]) == list(expected["label"])
+    dark = (raw[:2] > 128).astype(np.uint8)  # pixels 0/1: raw, not "scaled already"
+    assert np.array_equal(pyfunc.predict(dark)["p_pneumonia"],
+                          pyfunc.predict(dark.astype(np.float32))["p_pneumonia"])
+    nan = raw[..., None].astype(np.float32)
+    nan[3, 10, 10, 0] = np.nan
+    with pytest.raises(MlflowException, match="NaN or infinite") as refused:
+        pyfunc.predict(nan)
+    assert refused.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert refused.value.get_http_status_code() == 400
+
+
+@pytest.mark.slow
+def test_served_model_refuses_with_a_message_naming_the_fix(model_dir, server_url):
+    import mlflow
+
+    raw = real_images(4)
+    pyfunc = mlflow.pyfunc.load_model(str(model_dir))
+    expected = pyfunc.predict(raw)["p_pneumonia"]
+    gray = raw[..., None].tolist()
+
+    def one_pixel(value: float) -> str:  # JSON integers and one NaN or Infinity token
+        images = raw[..., None].tolist()
+        images[2][10][10][0] = value
+        return json.dumps({"inputs": images})
+
+    refusals = {  # request -> what the message must say (problem, then the fix)
+        one_pixel(float("nan")): r"1 pixel value\(s\) are NaN or infinite \(the first in "
+                                 r"image 2\); send finite raw 0–255 pixels",
+        one_pixel(float("inf")): r"NaN or infinite",
+        json.dumps({"inputs": (raw[..., None].astype(int) + 100).tolist()}):
+            rf"must lie in \[0, 255\]; got \[{int(raw.min()) + 100}, {int(raw.max()) + 100}\]; "
+            r"send raw 8-bit pixels",
+        json.dumps({"inputs": (raw[..., None] / 255.0).tolist()}):
+            r"look scaled to 0–1 already .*pass params \{'scaled': true\}",
+        json.dumps({"inputs": gray, "params": {"scaled": True}}):
+            r"must lie in \[0, 1\] \(params scaled=true\)",
+        json.dumps({"inputs": raw[:, :27, :27, None].tolist()}):
+            r"expected images of shape \(N, 28, 28, 1\).*got \(4, 27, 27, 1\); resize first",
+        json.dumps({"inputs": gray[0]}): r"a single image must still be a batch: \[image\]",
+        json.dumps({"inputs": np.repeat(raw[..., None], 4, axis=3).tolist()}):
+            r"got 4 .*drop an alpha channel",
+        json.dumps({"inputs": [[["a"] * 28] * 28]}): r"pixel values must be numbers",
+        # MLflow's own refusal: the model reads `inputs` only (serving_signature says why)
+        json.dumps({"instances": gray}): r"'inputs' key",
+    }
+    for body, reason in refusals.items():
+        status, answer = post(server_url, body)
+        assert status == 400, (reason, answer)
+        assert answer["error_code"] == "INVALID_PARAMETER_VALUE", answer
+        # the reason is the message itself, not MLflow's generic line or an echo of the pixels
+        assert re.search(reason, answer["message"]), (reason, answer["message"][:500])
+        assert len(answer["message"]) < 400 and "Failed to predict" not in answer["message"]
+    # what it can score: RGB through the adapter, JSON integers 0/1 as raw pixels
+    status, answer = post(server_url, {"inputs": np.repeat(raw[..., None], 3, axis=3).tolist()})
+    assert status == 200, answer
+    assert np.allclose([p["p_pneumonia"] for p in answer["predictions"]], expected, atol=1e-6)
+    dark = (raw[..., None] > 128).astype(int)
+    status, answer = post(server_url, {"inputs": dark.tolist()})
+    assert status == 200, answer
+    local = pyfunc.predict(dark.astype(np.uint8))
+    assert np.allclose([p["p_pneumonia"] for p in answer["predictions"]],
+                       local["p_pneumonia"], atol=1e-6)
