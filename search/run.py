@@ -35,4 +35,10 @@ if __name__ == "__main__":
     # A URL with a password on the command line goes to the environment before Hydra composes
     # and saves the overrides (.hydra/, multirun.yaml): the config holds ${oc.env:...} instead.
     sys.argv = sweep_context.secrets_out_of_overrides(sys.argv)
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        # The step that was cut has already said where it stopped (and closed its runs); a
+        # traceback of where the signal landed adds nothing. 130: the shell's Ctrl-C status.
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        raise SystemExit(130) from None

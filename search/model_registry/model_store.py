@@ -242,8 +242,12 @@ def copy_figures(client: MlflowClient, run_id: str, folder: Path) -> list[str]:
     """The run's held-out ROC/PR curves and confusion matrix, for the model card."""
     copied = []
     for artifact in CARD_FIGURES:
+        # MLflow puts a downloaded file at dst_path/<its base name>; the card links it by its
+        # run-relative path (evaluation/...), so it goes in that sub-folder
+        dest = folder / Path(artifact).parent
         try:
-            client.download_artifacts(run_id, artifact, str(folder))
+            dest.mkdir(parents=True, exist_ok=True)
+            client.download_artifacts(run_id, artifact, str(dest))
             copied.append(artifact)
         except (MlflowException, OSError):  # a run without a test split has none
             continue

@@ -37,12 +37,20 @@ def ui_base(tracking_uri: str) -> str:
     return public_uri(tracking_uri) if is_server(tracking_uri) else LOCAL_UI
 
 
+def store_word(tracking_uri: str) -> str:
+    """The store as a shell word for a printed command. A URL holding a password is
+    `"$MLFLOW_TRACKING_URI"`: the line is printed and logged, so the password stays in the
+    environment, and the command still runs as copied (a masked `***` URL would not)."""
+    if redact_uri(tracking_uri) != tracking_uri:
+        return '"$MLFLOW_TRACKING_URI"'
+    return shlex.quote(tracking_uri)
+
+
 def ui_command(tracking_uri: str) -> str | None:
     """The command that serves a local store's UI (None: a server already does)."""
     if is_server(tracking_uri):
         return None
-    # a database URL's password stays out (this line is printed and logged): type it in
-    return f"mlflow ui --backend-store-uri {shlex.quote(redact_uri(tracking_uri))} --host 127.0.0.1"
+    return f"mlflow ui --backend-store-uri {store_word(tracking_uri)} --host 127.0.0.1"
 
 
 def chart_url(tracking_uri: str, experiment_id: str) -> str:
@@ -58,11 +66,12 @@ def pull_command(model_name: str, tracking_uri: str, alias: str = "champion") ->
     parts = ["python", "search/pull.py", "--name", model_name]
     if alias != "champion":
         parts += ["--alias", alias]
+    words = [shlex.quote(p) for p in parts]
     if is_server(tracking_uri):
-        parts += ["--tracking-uri", public_uri(tracking_uri)]
+        words += ["--tracking-uri", shlex.quote(public_uri(tracking_uri))]
     elif tracking_uri and tracking_uri != f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}":
-        parts += ["--tracking-uri", redact_uri(tracking_uri)]  # no password in descriptions
-    return " ".join(shlex.quote(p) for p in parts)
+        words += ["--tracking-uri", store_word(tracking_uri)]  # no password in descriptions
+    return " ".join(words)
 
 
 def _fmt(value: Any) -> str:

@@ -45,6 +45,17 @@ def test_run_params_and_config_artifact_mask_the_tracking_password(compose_cfg):
     assert tracking.flatten_config(clean)["tracking.uri"] == "http://alice:***@mlflow:5000"
 
 
+def test_printed_commands_keep_the_password_in_the_environment_and_still_run():
+    from search.tracking.descriptions import pull_command, ui_command
+
+    url = f"postgresql+psycopg://bob:{SECRET}@db/mlflow"
+    for line in (ui_command(url), pull_command("m", url)):
+        # a masked `***` URL would be copied and fail; the variable runs as copied
+        assert SECRET not in line and "***" not in line and '"$MLFLOW_TRACKING_URI"' in line
+    assert ui_command("sqlite:////data/m.db").endswith("sqlite:////data/m.db --host 127.0.0.1")
+    assert "--tracking-uri http://mlflow:5000" in pull_command("m", f"http://a:{SECRET}@mlflow:5000")
+
+
 # ---------------------------------------------------------------------------------------------
 # The one redaction, on free text and on the environment's credentials
 # ---------------------------------------------------------------------------------------------
