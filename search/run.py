@@ -9,10 +9,12 @@ from __future__ import annotations
 import sys
 
 import hydra
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from search import sweep_context
-from search.config_checks import register_resolvers
+from search.config_checks import ConfigError, register_resolvers
+from search.tracking.mlflow_runs import TrackingError
 
 register_resolvers()  # ${objective_direction:...} in the search spaces (sweep direction)
 
@@ -28,7 +30,14 @@ def main(cfg: DictConfig) -> float | list[float]:
     with quiet_native_start(verbose=bool(HydraConfig.get().verbose)):
         from search.training.trainer import train
 
-    return train(cfg)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return train(cfg)  # a trial's error goes to the sweeper, which records and retries it
+    try:
+        return train(cfg)
+    except (ConfigError, TrackingError) as error:
+        # Named errors (the key or store, and the fix) need no traceback in front of them;
+        # Hydra would print one. Any other error keeps its traceback: it is a bug to report.
+        raise SystemExit(sweep_context.redact(f"error: {error}")) from None
 
 
 if __name__ == "__main__":
