@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,8 +76,9 @@ def load_npz(
 
     Raises:
         FileNotFoundError: The file does not exist.
-        ValueError: Missing keys, bad shapes or dtypes, label/image count mismatch, labels out of
-            range, a single class, or a class count that contradicts ``label_mode``.
+        ValueError: Missing keys, bad shapes or dtypes, a pickled object array (refused by key,
+            never loaded) or a damaged one, label/image count mismatch, labels out of range, a
+            single class, or a class count that contradicts ``label_mode``.
     """
     check_label_mode(label_mode)
     if label_mode == "cause":
@@ -115,8 +118,10 @@ def load_npz(
                     f"{npz_path} has '{have}' but no '{missing}'; each split needs both "
                     f"<split>_images and <split>_labels"
                 )
-            images[split] = _as_image_array(archive[image_key], image_key, npz_path)
-            labels[split] = _as_label_array(archive[label_key], label_key, npz_path)
+            images[split] = _as_image_array(
+                read_npz_array(archive, image_key, npz_path), image_key, npz_path)
+            labels[split] = _as_label_array(
+                read_npz_array(archive, label_key, npz_path), label_key, npz_path)
             if len(labels[split]) != len(images[split]):
                 raise ValueError(
                     f"{npz_path}: '{label_key}' has {len(labels[split])} labels but "
@@ -133,6 +138,59 @@ def load_npz(
 
     names = _npz_class_names(labels, class_names, label_mode, npz_path)
     return NpzData(images, labels, names, npz_path, _sha256(npz_path))
+
+
+def _stored_dtype(archive: np.lib.npyio.NpzFile, key: str) -> np.dtype | None:
+    """The dtype an npz member holds, read from its .npy header (no data is read); None when
+    the header cannot be read (the load then says what is wrong)."""
+    try:
+        with archive.zip.open(f"{key}.npy") as member:
+            version = np.lib.format.read_magic(member)
+            # Format 3.0 differs from 2.0 only in how field names are encoded.
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            return np.dtype(read(member)[2])
+    except (KeyError, OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error):
+        return None
+
+
+def read_npz_array(archive: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
+    """``archive[key]``, refusing a pickled object array by file and key, never loading it.
+
+    Args:
+        archive: An npz opened with ``np.load(path, allow_pickle=False)``.
+        key: The array's name in the file (e.g. ``train_images``).
+        path: The file, for the messages.
+
+    Raises:
+        ValueError: The array holds Python objects (numpy would need ``allow_pickle``, which
+            runs code from the file), or its data is damaged; both name the file and the key.
+    """
+    dtype = _stored_dtype(archive, key)
+    if dtype is not None and dtype.hasobject:
+        raise _pickled(path, key, dtype)
+    try:
+        return archive[key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        if "allow_pickle" in str(error):  # objects behind a header we could not read
+            raise _pickled(path, key, None) from None
+        first = str(error).splitlines()[0] if str(error) else "damaged data"
+        raise ValueError(
+            f"{path}: '{key}' cannot be read ({type(error).__name__}: {first}); the file is "
+            "damaged or truncated: write it again with np.savez"
+        ) from None
+
+
+def _pickled(path: Path, key: str, dtype: np.dtype | None) -> ValueError:
+    """The refusal of a pickled object array, with the way to re-save it as numbers."""
+    fix = ("np.stack(images).astype('uint8')" if key.endswith("_images")
+           else "np.asarray(labels, dtype='int64')")
+    return ValueError(
+        f"{path}: '{key}' is an array of Python objects"
+        + (f" (dtype {dtype})" if dtype is not None else "")
+        + ", stored pickled; pickled data is never loaded, as unpickling can run code from "
+        f"the file. Re-save '{key}' as a plain numeric array: np.savez(..., {key}={fix})"
+    )
 
 
 def _as_image_array(array: np.ndarray, key: str, path: Path) -> np.ndarray:

@@ -13,7 +13,8 @@ maximises. Search spaces set `hydra.sweeper.direction: ${objective_direction:${o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,13 @@ PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 # What a run reports besides its val_* metrics (VAL_METRICS): facts about the model.
 MODEL_FACTS = ("n_params", "epochs_trained", "best_epoch")
 MINIMISED = ("loss", *MODEL_FACTS)
+# Fewest val images of a class the decision threshold is chosen on: with one, that class's
+# val sensitivity (or specificity) is 0 or 100 % at any threshold, so the rule has nothing to
+# choose from. A calibration is one number fitted over all val images: from there to
+# registry.min_per_class both run, with a warning.
+MIN_THRESHOLD_PER_CLASS = 2
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -295,8 +303,8 @@ def check_schedules_fit(cfg: DictConfig) -> None:
     (a one-epoch smoke sweep), every trial that samples it would fail in its builder. Said
     once here instead.
     """
-    epochs = sweep_values(cfg, "trainer.max_epochs")
-    if not epochs or any(not isinstance(e, int) for e in epochs):
+    key, epochs = _schedule_epochs(cfg)
+    if not epochs or any(isinstance(e, bool) or not isinstance(e, int) for e in epochs):
         return
     fewest = min(epochs)
     options = sweep_values(cfg, "lr_schedule") or []
@@ -320,9 +328,25 @@ def check_schedules_fit(cfg: DictConfig) -> None:
                    if len(swept) > 1 else "set lr_schedule.warmup_epochs=0")
             raise ConfigError(
                 f"{name} warms up for lr_schedule.warmup_epochs={warmup}, which leaves nothing "
-                f"to decay over in trainer.max_epochs={fewest}: every trial with it would fail. "
-                f"Raise trainer.max_epochs above {warmup}, or {fix}"
+                f"to decay over in {key}={fewest}: every trial with it would fail. "
+                f"Raise {key} above {warmup}, or {fix}"
             )
+
+
+def _schedule_epochs(cfg: DictConfig) -> tuple[str, list[Any] | None]:
+    """(the key, the values) of the epochs a trial's schedule spans.
+
+    With ``hydra.sweeper.engine=keras_tuner`` the oracle sets them: every trial's schedule
+    spans ``hydra.sweeper.keras_tuner.max_epochs`` (Hyperband's rounds train fewer epochs of
+    that same schedule), or the composed ``trainer.max_epochs`` when that is null.
+    """
+    sweeper = OmegaConf.select(cfg, "hydra.sweeper", default=None) or {}
+    if sweeper.get("engine") == "keras_tuner":
+        key = "hydra.sweeper.keras_tuner.max_epochs"
+        given = OmegaConf.select(cfg, key, default=None)
+        if given is not None:  # one the plugin refuses (0, -1) is named there, not here
+            return key, [given] if isinstance(given, int) and given >= 1 else None
+    return "trainer.max_epochs", sweep_values(cfg, "trainer.max_epochs")
 
 
 def check_threshold_rule(cfg: DictConfig, class_names: list[str]) -> None:
@@ -362,3 +386,87 @@ def check_task_metrics(cfg: DictConfig, class_names: list[str]) -> None:
             f"trainer.monitor={monitor} is a binary per-epoch metric; a {k}-class run logs "
             "loss, accuracy, auc (one-vs-rest, macro) and recall_<class> each epoch: use "
             "trainer.monitor=val_loss or val_auc")
+
+
+def check_val_split(cfg: DictConfig, data: Any) -> list[str]:
+    """Refuse a val split too small for what evaluation fits on it, warn when it is small.
+
+    A binary run chooses its decision threshold on val (`evaluation.threshold_rule`) and any
+    run with `evaluation.calibration` other than none fits the calibration there. A binary
+    val split with fewer than `MIN_THRESHOLD_PER_CLASS` images of a class is refused; fewer
+    than `registry.min_per_class` (the fewest the registry decides on) is warned. Runs before
+    training: a single run, each sweep trial and the sweep's dry run.
+
+    Args:
+        cfg: The composed config.
+        data: The built ``data.build.DataBundle`` (class names, ``y_val``, ``source_info``).
+
+    Returns:
+        The warnings logged (empty when the split is large enough or nothing is fitted).
+
+    Raises:
+        ConfigError: naming the key that set the split, the class counts and the fixes.
+    """
+    names = [str(n) for n in data.class_names]
+    fitted = _fitted_on_val(cfg, len(names))
+    y_val = [int(v) for v in data.y_val]
+    counts = {name: y_val.count(i) for i, name in enumerate(names)}
+    wanted = int(OmegaConf.select(cfg, "registry.min_per_class",
+                                  default=REGISTRY_DEFAULTS.min_per_class))
+    fewest = min(counts.values())
+    if not fitted or fewest >= max(wanted, MIN_THRESHOLD_PER_CLASS):
+        return []
+    setter, fixes = _val_setter(cfg, data.source_info)
+    if len(names) > 2:  # the calibration is all a K-class run fits on val
+        fixes += "; or set evaluation.calibration=none"
+    text = (f"the val split ({len(y_val)} images, per class {counts}) is set by {setter}; "
+            f"evaluation fits {' and '.join(fitted)} on it")
+    if len(names) == 2 and fewest < MIN_THRESHOLD_PER_CLASS:
+        raise ConfigError(
+            f"{text}. With fewer than {MIN_THRESHOLD_PER_CLASS} val images of a class its "
+            "sensitivity or specificity is 0 or 100 % at any threshold, so there is nothing "
+            f"to choose from: refused before training. {fixes}.")
+    message = (f"{text}, and fewer than registry.min_per_class={wanted} images of a class (the "
+               f"fewest the registry's gate decides on) leave that fit noisy. {fixes}.")
+    log.warning(message)
+    return [message]
+
+
+def _fitted_on_val(cfg: DictConfig, n_classes: int) -> list[str]:
+    """What evaluation fits on the val split, as the keys that ask for it."""
+    fitted = []
+    if n_classes == 2:  # K classes predict the most probable one: no threshold
+        rule = OmegaConf.select(cfg, "evaluation.threshold_rule",
+                                default=EVALUATION_DEFAULTS.threshold_rule)
+        fitted.append(f"the decision threshold (evaluation.threshold_rule={rule})")
+    method = str(OmegaConf.select(cfg, "evaluation.calibration", default="none"))
+    if method != "none":
+        fitted.append(f"the calibration (evaluation.calibration={method})")
+    return fitted
+
+
+def _val_setter(cfg: DictConfig, info: Mapping[str, Any]) -> tuple[str, str]:
+    """(the key or folder that decided the val split, what to change)."""
+    fraction = OmegaConf.select(cfg, "data.val_fraction")
+    subset = float(info.get("subset_fraction", 1.0) or 1.0)
+    folds = int(OmegaConf.select(cfg, "data.cv_folds", default=0) or 0)
+    if folds:
+        setter = (f"data.cv_folds={folds} (val is fold "
+                  f"{OmegaConf.select(cfg, 'data.cv_fold', default=0)} of train + val)")
+        fix = "Use fewer folds (registry.cv_folds / data.cv_folds) or more data"
+    elif info.get("resplit"):
+        setter = f"data.val_fraction={fraction} (of all images, data.resplit=true)"
+        fix = "Raise data.val_fraction"
+    elif "val" in (info.get("given_splits") or []):
+        setter = (f"the val_images/val_labels of data.path={info.get('path')}"
+                  if info.get("source") == "npz"
+                  else f"the val/ folder under data.root={info.get('root')}")
+        fix = (f"Add images to that split, or set data.resplit=true and "
+               f"data.val_fraction (now {fraction})")
+    else:
+        setter = f"data.val_fraction={fraction} (carved from train)"
+        fix = "Raise data.val_fraction"
+    if subset < 1.0:
+        setter += f", then data.subset_fraction={subset:g}"
+        fix += " or data.subset_fraction"
+    return setter, fix

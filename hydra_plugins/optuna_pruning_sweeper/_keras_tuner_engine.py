@@ -25,6 +25,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,55 @@ def _kt() -> Any:
             f"(it is a dependency of this project): {e}"
         ) from e
     return keras_tuner
+
+
+def _whole(value: Any, low: int) -> bool:
+    """An int (not a bool) of at least ``low``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def check_settings(conf: Any, default_epochs: int | None = None) -> None:
+    """Refuse ``hydra.sweeper.keras_tuner.*`` values the oracles would misread, before any
+    trial: keras-tuner takes ``max_epochs=0`` / ``num_initial_points=0`` as "unset" and
+    ``hyperband_iterations=0`` as "forever", says "factor needs to be a int larger than 1"
+    without the key, and a Hyperband over fewer epochs than ``factor`` stops after a trial
+    or two. Imports nothing heavy: the engine calls it first; the sweeper's ``validate`` can
+    call it too.
+
+    Args:
+        conf: ``hydra.sweeper.keras_tuner``.
+        default_epochs: The composed ``trainer.max_epochs`` (what a null max_epochs means);
+            None when not known yet.
+
+    Raises:
+        ValueError: naming the key, the value and what is allowed.
+    """
+    key = "hydra.sweeper.keras_tuner"
+    algorithm = str(conf.algorithm)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"{key}.algorithm={algorithm!r}; use one of {', '.join(ALGORITHMS)}")
+    rules = [("max_epochs", conf.max_epochs, 1, "the composed trainer.max_epochs"),
+             ("factor", conf.factor, 2, None),
+             ("hyperband_iterations", conf.hyperband_iterations, 1, None),
+             ("num_initial_points", conf.num_initial_points, 1, "3 per searched key")]
+    for name, value, low, null_means in rules:
+        if (value is None and null_means) or _whole(value, low):
+            continue
+        raise ValueError(f"{key}.{name}={value!r} must be an integer >= {low}"
+                         + (f", or null for {null_means}" if null_means else ""))
+    if conf.seed is not None and not (_whole(conf.seed, 0) and conf.seed < 2**32):
+        # the Bayesian oracle's NumPy generator takes 0 .. 2**32 - 1 only
+        raise ValueError(f"{key}.seed={conf.seed!r} must be an integer in 0 .. 2**32 - 1, or "
+                         "null for a seed keras-tuner draws")
+    epochs = conf.max_epochs or default_epochs
+    if algorithm == "hyperband" and epochs is not None and int(epochs) < conf.factor:
+        source = f"{key}.max_epochs" if conf.max_epochs else "trainer.max_epochs"
+        # keras-tuner's one bracket then holds ceil(1 + log_factor(max_epochs)) models
+        models = math.ceil(1 + math.log(int(epochs), conf.factor)) * conf.hyperband_iterations
+        raise ValueError(
+            f"{source}={epochs} is below {key}.factor={conf.factor}: Hyperband has no round "
+            f"to halve and would run {models} trial(s) of {epochs} epoch(s), then stop. Give "
+            f"{key}.max_epochs >= {conf.factor}, or {key}.algorithm=random")
 
 
 def _choice_values(choices: list[Any]) -> tuple[list[Any], dict[Any, Any]]:
@@ -145,12 +195,9 @@ class KerasTunerEngine:
     def __init__(self, conf: Any, resolver: ConditionResolver, objective: str, direction: str,
                  fingerprint: dict[str, Any], base_name: str, sweep_dir: Path,
                  n_trials: int, default_epochs: int) -> None:
+        check_settings(conf, default_epochs)
         kt = _kt()
-        algorithm = str(conf.algorithm)
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"hydra.sweeper.keras_tuner.algorithm={algorithm!r}; use one of "
-                             f"{', '.join(ALGORITHMS)}")
-        self.algorithm = algorithm
+        self.algorithm = algorithm = str(conf.algorithm)
         self.objective = objective
         self.sweep_dir = sweep_dir
         self.max_epochs = int(conf.max_epochs or default_epochs)
@@ -297,7 +344,9 @@ class KerasTunerEngine:
 
     def summary(self) -> dict[str, Any]:
         """keras-tuner's own view: its best trial (never a failed one) and its counts."""
-        best = self.oracle.get_best_trials(1)
+        # With no COMPLETED trial keras-tuner returns a FAILED one (score None): never best.
+        completed = _kt().engine.trial.TrialStatus.COMPLETED
+        best = [t for t in self.oracle.get_best_trials(1) if t.status == completed]
         states: dict[str, int] = {}
         for t in self.oracle.trials.values():
             states[str(t.status)] = states.get(str(t.status), 0) + 1

@@ -174,12 +174,13 @@ class KerasTunerConf:
 
     algorithm: str = "hyperband"  # hyperband | bayesian | random (keras-tuner's oracles)
     seed: int | None = None  # the oracle's seed; null = keras-tuner draws one
-    # Hyperband: most epochs one model trains; bayesian/random: every trial's max_epochs.
-    # null = the composed trainer.max_epochs.
+    # Hyperband: most epochs one model trains (>= factor, else there is no round to halve);
+    # bayesian/random: every trial's max_epochs (>= 1). null = the composed trainer.max_epochs.
+    # Every value is checked before any trial (_keras_tuner_engine.check_settings).
     max_epochs: int | None = None
-    factor: int = 3  # Hyperband's reduction factor
-    hyperband_iterations: int = 1  # Hyperband: times the whole bracket schedule runs
-    num_initial_points: int | None = None  # bayesian: random trials first; null = 3 x params
+    factor: int = 3  # Hyperband's reduction factor (>= 2)
+    hyperband_iterations: int = 1  # Hyperband: times the whole bracket schedule runs (>= 1)
+    num_initial_points: int | None = None  # bayesian: random trials first (>= 1); null = 3 x params
     # Where projects go; null = <hydra.sweep.dir>/keras_tuner (a new project every sweep).
     directory: str | None = None
     # The folder of an earlier search's project to continue (same params and algorithm);

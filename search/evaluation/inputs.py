@@ -66,7 +66,15 @@ def npz_items(
 ) -> list[InputItem]:
     """Rows of a MedMNIST-layout npz: images key (default test_images, else the first
     *_images) and, if present, its labels."""
-    with np.load(path, allow_pickle=False) as archive:
+    from data.loaders import read_npz_array
+
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as error:  # np.load raises several types for a non-npz file
+        raise ValueError(f"{path} is not a readable .npz archive ({type(error).__name__}); "
+                         "give a MedMNIST-layout .npz of uint8 images (np.savez); pickled "
+                         "files are never loaded") from None
+    with archive:
         keys = list(archive.files)
         if npz_key is None:
             candidates = [k for k in keys if k.endswith("_images")]
@@ -82,8 +90,9 @@ def npz_items(
             labels_key = derived if derived in keys else None
         elif labels_key is not None and labels_key not in keys:
             raise KeyError(f"{path} has no labels key {labels_key!r} (keys: {keys})")
-        images = archive[npz_key]
-        labels = archive[labels_key] if labels_key else None
+        # a pickled object array is refused by file and key, never unpickled
+        images = read_npz_array(archive, npz_key, path)
+        labels = read_npz_array(archive, labels_key, path) if labels_key else None
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
         raise ValueError(
             f"{path}:{npz_key} must be uint8 images (N, H, W) or (N, H, W, C) as in MedMNIST, "

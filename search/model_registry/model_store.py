@@ -24,6 +24,8 @@ import re
 import shutil
 import tempfile
 import time
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,18 +117,55 @@ def resolve_version(
         ) from error
 
 
+class DamagedFileError(ValueError):
+    """A model file that cannot be read as what it should be; the message names it."""
+
+
+REFETCH = ("pull the version again (`python search/pull.py --version N --out DIR`) or copy "
+           "the folder again")
+
+
+def read_document(path: Path, parse: Callable[[str], Any] = json.loads) -> Any:
+    """A JSON (or, with `yaml.safe_load`, YAML) file of a model folder; a damaged one is
+    named, with what to do, instead of a bare parser error with no file in it."""
+    try:
+        return parse(path.read_text())
+    except (ValueError, yaml.YAMLError, UnicodeDecodeError) as error:
+        reason = " ".join(str(error).split())[:200]
+        kind = "YAML" if parse is yaml.safe_load else "JSON"
+        raise DamagedFileError(f"{path} is damaged (not valid {kind}: {reason}); "
+                               f"{REFETCH}") from None
+
+
+def keras_archive_problem(path: Path) -> str | None:
+    """Why `path` is not a whole `.keras` archive (None when it is): unreadable, truncated
+    or overwritten (every member's CRC is read), or without its config or weights."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            broken = archive.testzip()
+            names = set(archive.namelist())
+    except Exception as error:  # noqa: BLE001 - whatever the bytes are, they are no model
+        text = " ".join(str(error).split())[:200]
+        return f"not a readable .keras archive ({type(error).__name__}: {text})"
+    missing = {"config.json", "model.weights.h5"} - names
+    if broken or missing:
+        return (f"damaged ({broken or ', '.join(sorted(missing))} "
+                f"{'fails its CRC' if broken else 'missing'})")
+    return None
+
+
 def mlmodel_metadata(model_dir: str | Path) -> dict[str, Any]:
     """The `metadata` block of an MLflow model folder's MLmodel file ({} if absent)."""
     mlmodel = Path(model_dir) / "MLmodel"
     if not mlmodel.is_file():
         raise FileNotFoundError(f"{model_dir} is not an MLflow model folder: no MLmodel file")
-    return dict(yaml.safe_load(mlmodel.read_text()).get("metadata") or {})
+    return dict((read_document(mlmodel, yaml.safe_load) or {}).get("metadata") or {})
 
 
 def keras_file(model_dir: str | Path) -> Path:
     """The `.keras` file inside an MLflow Keras model folder."""
     model_dir = Path(model_dir)
-    spec = yaml.safe_load((model_dir / "MLmodel").read_text())
+    spec = read_document(model_dir / "MLmodel", yaml.safe_load) or {}
     keras_flavor = (spec.get("flavors") or {}).get("keras")
     if keras_flavor is None:
         raise ValueError(f"{model_dir}/MLmodel has no keras flavor: not an MLflow Keras model")
@@ -147,6 +186,9 @@ def load_keras_safely(model_dir: str | Path) -> keras.Model:
     import keras
 
     path = keras_file(model_dir)
+    problem = keras_archive_problem(path)
+    if problem:  # Keras would say "File not found" or blame safe mode
+        raise DamagedFileError(f"{path} is {problem}; {REFETCH}")
     try:
         return keras.models.load_model(path, safe_mode=True, compile=False)
     except (ValueError, TypeError) as error:
@@ -328,7 +370,7 @@ def load_exported(folder: str | Path) -> LoadedModel:
     """Load a pulled folder (model_info.json) or a bare MLflow Keras model folder (MLmodel)."""
     folder = Path(folder)
     if (folder / INFO_FILE).is_file():
-        info = json.loads((folder / INFO_FILE).read_text())
+        info = read_document(folder / INFO_FILE)
         return LoadedModel(load_keras_safely(folder / MODEL_DIR), info, folder)
     if (folder / "MLmodel").is_file():
         info = mlmodel_metadata(folder)

@@ -2,7 +2,8 @@
 
 ``python search/run.py -m hydra.sweeper.dry_run=5`` samples five trials and calls
 ``check_trial`` on each composed config: the run checks (``check_run_config``), the data
-built as the trial would build it (cached per data config: a sweep samples few of them),
+built as the trial would build it (cached per data config: a sweep samples few of them) and
+its val split against what evaluation fits on it (``check_val_split``),
 then the model, the learning-rate schedule and the optimizer, compiled and thrown away.
 ImageNet weights are resolved like a trial resolves them (the local Keras cache, or Keras'
 own download where ``model.allow_download`` lets it).
@@ -18,7 +19,12 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from search.config_checks import check_run_config, check_task_metrics, check_threshold_rule
+from search.config_checks import (
+    check_run_config,
+    check_task_metrics,
+    check_threshold_rule,
+    check_val_split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,7 @@ def check_trial(cfg: DictConfig) -> None:
     n_classes = len(data.class_names)
     check_threshold_rule(cfg, list(data.class_names))
     check_task_metrics(cfg, list(data.class_names))
+    check_val_split(cfg, data)  # what evaluation fits on val needs images of every class
     check_label_smoothing(cfg.trainer.get("label_smoothing") or 0.0, n_classes)
     keras.backend.clear_session()
     try:

@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import time
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any
 
 import keras
 import numpy as np
+
+from search.model_registry.model_store import keras_archive_problem
 
 log = logging.getLogger("search.training.resume")  # its lines read as resume's
 
@@ -212,18 +213,9 @@ def _check_best_copy(point: ResumePoint, path: Path) -> None:
         return
     if not best.is_file():
         raise DamagedState(path, f"its best-checkpoint copy {best.name} is missing")
-    try:
-        with zipfile.ZipFile(best) as archive:
-            broken = archive.testzip()  # every member's CRC: truncation, overwrites
-            names = set(archive.namelist())
-    except Exception as error:  # noqa: BLE001 - whatever the bytes are, they are no model
-        raise DamagedState(path, f"its best-checkpoint copy {best.name} is not a readable "
-                           f".keras archive ({_describe(error)})", [best]) from error
-    missing = {"config.json", "model.weights.h5"} - names
-    if broken or missing:
-        raise DamagedState(path, f"its best-checkpoint copy {best.name} is damaged "
-                           f"({broken or ', '.join(sorted(missing))} "
-                           f"{'fails its CRC' if broken else 'missing'})", [best])
+    problem = keras_archive_problem(best)
+    if problem:
+        raise DamagedState(path, f"its best-checkpoint copy {best.name} is {problem}", [best])
 
 
 def _describe(error: BaseException) -> str:

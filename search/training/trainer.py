@@ -20,7 +20,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from search import sweep_context
-from search.config_checks import check_run_config, check_task_metrics, check_threshold_rule
+from search.config_checks import (
+    check_run_config,
+    check_task_metrics,
+    check_threshold_rule,
+    check_val_split,
+)
 from search.evaluation.evaluate_run import bootstrap_spec, evaluate_and_log, external_sets
 from search.faults import fault_point
 from search.quiet_start import quiet_native_start
@@ -92,6 +97,7 @@ def load_data(cfg: DictConfig, plan: RunPlan) -> Any:
     data = instantiate(cfg.data, seed=plan.data_seed, _convert_="all")
     check_threshold_rule(cfg, list(data.class_names))  # before any training
     check_task_metrics(cfg, list(data.class_names))
+    check_val_split(cfg, data)  # what evaluation fits on val (threshold, calibration)
     sets = external_sets(cfg, list(data.class_names))  # bad paths or labels fail before training
     if sets:
         loaded = sets.at(data.preprocessing["image_size"], data.preprocessing["channels"])

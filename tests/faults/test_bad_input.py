@@ -245,3 +245,28 @@ def test_pull_never_replaces_another_versions_export(registry_store, tmp_path, c
     assert pull.main(["--alias", "nosuch", *uri]) == 2
     assert "no version of registered model 'pneumonia-cnn' holds the alias 'nosuch'" in (
         capsys.readouterr().err)
+
+
+def test_pickled_npz_is_refused_by_the_builder_naming_file_and_key(make_npz):
+    """What a run does with data.path set to an npz of object arrays: refused before any
+    training, by file and key, with the way to re-save it (never numpy's allow_pickle text)."""
+    pickled = np.empty(8, dtype=object)
+    pickled[:] = list(images(8))
+    path = make_npz(train_images=pickled, train_labels=labels(8))
+    with pytest.raises(ValueError) as caught:
+        build_data(path=path, batch_size=4, seed=0)
+    message = str(caught.value)
+    assert f"{path}: 'train_images' is an array of Python objects" in message
+    assert "np.stack(images).astype('uint8')" in message and "allow_pickle" not in message
+
+
+def test_pickled_npz_is_refused_for_prediction_and_external_sets(make_npz):
+    from search.evaluation.inputs import npz_items
+
+    pickled = np.empty(4, dtype=object)
+    pickled[:] = list(images(4))
+    path = make_npz(test_images=pickled, test_labels=labels(4))
+    with pytest.raises(ValueError) as caught:
+        npz_items(path, ["normal", "pneumonia"])
+    assert f"{path}: 'test_images' is an array of Python objects" in str(caught.value)
+    assert "allow_pickle" not in str(caught.value)

@@ -4,6 +4,7 @@ conditional rule as Optuna's side, FAIL never best, projects never silently reus
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import optuna
@@ -40,14 +41,15 @@ def resolver() -> ConditionResolver:
     return ConditionResolver(space, loader, config, swept)
 
 
-def engine(resolver, tmp_path, algorithm="random", **conf) -> KerasTunerEngine:
+def engine(resolver, tmp_path, algorithm="random", default_epochs=10,
+           **conf) -> KerasTunerEngine:
     settings = {"algorithm": algorithm, "seed": 3, "max_epochs": 4, "factor": 3,
                 "hyperband_iterations": 1, "num_initial_points": 3, "directory": None,
                 "resume": None, **conf}
     return KerasTunerEngine(
         OmegaConf.create(settings), resolver, objective="val_loss", direction="minimize",
         fingerprint=resolver.space.fingerprint(), base_name="study", sweep_dir=tmp_path,
-        n_trials=12, default_epochs=10)
+        n_trials=12, default_epochs=default_epochs)
 
 
 def test_translation_keeps_kinds_scales_and_conditions(resolver):
@@ -130,3 +132,46 @@ def test_projects_are_new_unless_resumed_with_the_same_space(resolver, tmp_path)
         engine(resolver, tmp_path / "e", "random", resume=str(a.project_dir))
     with pytest.raises(FileNotFoundError, match="no keras-tuner project"):
         engine(resolver, tmp_path / "f", "random", resume=str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize(("algorithm", "setting", "message"), [
+    # keras-tuner would read 0 as "unset" (max_epochs, num_initial_points) or "forever"
+    # (hyperband_iterations), or refuse factor=1 without naming the key
+    ("random", {"max_epochs": 0}, "keras_tuner.max_epochs=0 must be an integer >= 1, or null"),
+    ("hyperband", {"max_epochs": -2}, "keras_tuner.max_epochs=-2 must be an integer >= 1"),
+    ("hyperband", {"factor": 1}, "keras_tuner.factor=1 must be an integer >= 2"),
+    ("hyperband", {"hyperband_iterations": 0},
+     "keras_tuner.hyperband_iterations=0 must be an integer >= 1"),
+    ("bayesian", {"num_initial_points": 0},
+     "keras_tuner.num_initial_points=0 must be an integer >= 1, or null"),
+    ("grid", {}, "keras_tuner.algorithm='grid'; use one of hyperband, bayesian, random"),
+    ("bayesian", {"seed": -1}, "keras_tuner.seed=-1 must be an integer in 0 .. 2**32 - 1"),
+    # a Hyperband with no round to halve stops after a trial or two, whatever n_trials says
+    ("hyperband", {"max_epochs": 1}, "max_epochs=1 is below hydra.sweeper.keras_tuner.factor=3:"
+     " Hyperband has no round to halve and would run 1 trial(s) of 1 epoch(s), then stop"),
+    ("hyperband", {"max_epochs": 2, "factor": 5}, "would run 2 trial(s) of 2 epoch(s)"),
+    ("hyperband", {"max_epochs": None, "default_epochs": 1},
+     "trainer.max_epochs=1 is below hydra.sweeper.keras_tuner.factor=3"),
+])
+def test_settings_the_oracle_would_misread_are_refused_by_key(resolver, tmp_path, algorithm,
+                                                              setting, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        engine(resolver, tmp_path, algorithm, **setting)
+    assert not any(tmp_path.iterdir())  # refused before any project (or trial) exists
+
+
+def test_settings_that_work_pass(resolver, tmp_path):
+    engine(resolver, tmp_path / "a", "hyperband", max_epochs=3, factor=3)
+    engine(resolver, tmp_path / "b", "random", max_epochs=1)  # one-epoch random trials
+    engine(resolver, tmp_path / "c", "bayesian", num_initial_points=None)
+
+
+def test_summary_of_a_search_whose_every_trial_failed_names_no_best(resolver, tmp_path):
+    kt = engine(resolver, tmp_path, "random")
+    first = kt.propose(0)
+    kt.started(first, 0)
+    kt.finish(0, "FAIL", None, "ValueError: lr_schedule.warmup_epochs=1 leaves no steps")
+    summary = kt.summary()  # keras-tuner's best is then a FAILED trial with no score
+    assert summary["states"] == {"FAILED": 1}
+    assert summary["best_trial"] is None and summary["best_score"] is None
+    assert summary["best_optuna_trial"] is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -177,3 +178,109 @@ def test_objective_and_monitor_must_name_this_tasks_metrics():
     for objective in ("val_macro_recall", "val_roc_auc", "val_loss", "val_accuracy"):
         check_task_metrics(cfg(objective, "val_auc"), three)
     check_task_metrics(cfg("val_sensitivity", "val_recall"), ["normal", "pneumonia"])
+
+
+# --- small val splits: what evaluation fits on val (threshold, calibration) needs images ---
+
+
+@pytest.fixture(scope="module")
+def small_npz(tmp_path_factory):
+    """Real npz files: 60 train images of 2 classes; the same plus a given val of 1 + 1;
+    90 images of 3 classes."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path_factory.mktemp("small")
+
+    def pixels(n):
+        return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+
+    paths = {name: folder / f"{name}.npz" for name in ("train_only", "given_val", "three")}
+    np.savez(paths["train_only"], train_images=pixels(60), train_labels=np.arange(60) % 2)
+    np.savez(paths["given_val"], train_images=pixels(60), train_labels=np.arange(60) % 2,
+             val_images=pixels(2), val_labels=np.array([0, 1]))
+    np.savez(paths["three"], train_images=pixels(90), train_labels=np.arange(90) % 3)
+    return paths
+
+
+def built(compose_cfg, *overrides):
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg(*overrides)
+    return cfg, instantiate(cfg.data, seed=0, _convert_="all")
+
+
+@pytest.mark.parametrize(("npz", "overrides", "names"), [
+    ("train_only", ["data.val_fraction=0.04"], "set by data.val_fraction=0.04 (carved from train)"),
+    ("given_val", [], "set by the val_images/val_labels of data.path="),
+    ("train_only", ["data.resplit=true", "data.val_fraction=0.04",
+                    "evaluation.calibration=none"],
+     "set by data.val_fraction=0.04 (of all images, data.resplit=true)"),
+])
+def test_a_val_split_too_small_to_fit_on_is_refused_naming_its_key(compose_cfg, small_npz, npz,
+                                                                    overrides, names):
+    cfg, data = built(compose_cfg, f"data.path={small_npz[npz]}", *overrides)
+    with pytest.raises(cc.ConfigError) as caught:
+        cc.check_val_split(cfg, data)
+    message = str(caught.value)
+    assert "the val split (2 images, per class {'normal': 1, 'pneumonia': 1})" in message
+    assert names in message and "refused before training" in message, message
+    assert "the decision threshold (evaluation.threshold_rule=min_sensitivity)" in message
+    assert ("the calibration (evaluation.calibration=temperature)" in message) == (
+        "evaluation.calibration=none" not in overrides)
+
+
+def test_a_small_val_split_that_can_still_be_fitted_on_is_warned(compose_cfg, small_npz,
+                                                                  caplog):
+    cfg, data = built(compose_cfg, f"data.path={small_npz['train_only']}",
+                      "data.val_fraction=0.1", "data.subset_fraction=0.9")
+    with caplog.at_level("WARNING", logger="search.config_checks"):
+        (warning,) = cc.check_val_split(cfg, data)
+    assert warning in caplog.text
+    assert "set by data.val_fraction=0.1 (carved from train), then data.subset_fraction=0.9" \
+        in warning and "registry.min_per_class=10" in warning, warning
+    counts = data.source_info["counts"]["val"]
+    assert f"per class {counts}" in warning and min(counts.values()) >= 2
+    cfg, data = built(compose_cfg, f"data.path={small_npz['train_only']}",
+                      "data.val_fraction=0.1", "registry.min_per_class=2")
+    assert cc.check_val_split(cfg, data) == []  # the registry's own bar is the warning's
+
+
+def test_only_what_is_fitted_counts_for_k_classes(compose_cfg, small_npz, caplog):
+    three = [f"data.path={small_npz['three']}", "data.label_mode=multiclass",
+             "data.val_fraction=0.034"]  # one val image of each class
+    cfg, data = built(compose_cfg, *three, "evaluation.calibration=none")
+    assert cc.check_val_split(cfg, data) == []  # argmax: nothing is fitted on val
+    cfg, data = built(compose_cfg, *three)
+    # one temperature over every val image: warned, not refused, and no threshold is named
+    (warning,) = cc.check_val_split(cfg, data)
+    assert "per class {'class_0': 1, 'class_1': 1, 'class_2': 1}" in warning, warning
+    assert "fits the calibration (evaluation.calibration=temperature) on it" in warning
+    assert "threshold" not in warning and "or set evaluation.calibration=none" in warning
+
+
+def test_the_sweeps_dry_run_refuses_the_small_split_before_building_a_model(compose_cfg,
+                                                                           small_npz):
+    from search.training.preflight import check_trial
+
+    cfg = compose_cfg(f"data.path={small_npz['train_only']}", "data.val_fraction=0.04")
+    with pytest.raises(cc.ConfigError, match=r"data.val_fraction=0.04 .*refused before"):
+        check_trial(cfg)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    # the oracle sets every trial's schedule span: a cosine warm-up of 1 cannot fit 1 epoch
+    (("hydra.sweeper.keras_tuner.max_epochs=1",),
+     "nothing to decay over in hydra.sweeper.keras_tuner.max_epochs=1"),
+    (("hydra.sweeper.keras_tuner.algorithm=random", "hydra.sweeper.keras_tuner.max_epochs=1",
+      "lr_schedule=cosine"), "Raise hydra.sweeper.keras_tuner.max_epochs above 1"),
+])
+def test_keras_tuner_epochs_are_checked_before_any_trial(overrides, message):
+    with pytest.raises(cc.ConfigError, match=re.escape(message)):
+        cc.check_sweep_config(sweep_cfg("hydra.sweeper.engine=keras_tuner", *overrides))
+
+
+def test_keras_tuner_epochs_that_fit_pass():
+    cc.check_sweep_config(sweep_cfg("hydra.sweeper.engine=keras_tuner",
+                                    "hydra.sweeper.keras_tuner.max_epochs=2"))
+    # trainer.max_epochs=1 does not matter when the oracle gives every trial 4 epochs
+    cc.check_sweep_config(sweep_cfg("hydra.sweeper.engine=keras_tuner", "trainer.max_epochs=1",
+                                    "hydra.sweeper.keras_tuner.max_epochs=4"))
