@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import optuna
@@ -9,6 +10,20 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from hydra_plugins.optuna_pruning_sweeper._study import count_toward_budget
+
+
+def fault_env(tmp: Path, mlflow_db: Path, fault: str | None = None,
+              epoch: int | None = None) -> dict[str, str]:
+    """The command's environment: its MLflow store, quiet TF and, with ``fault``, the
+    `search.faults` point armed once (its marker file written in ``tmp``)."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{mlflow_db}",
+           "TF_CPP_MIN_LOG_LEVEL": "3"}
+    if fault:
+        (tmp / f"{fault.split('@')[0]}.marker").write_text(fault)
+        env.update({"XRAY_FAULT": fault, "XRAY_FAULT_MARKER": str(tmp / "{point}.marker")})
+        if epoch is not None:
+            env["XRAY_FAULT_EPOCH"] = str(epoch)
+    return env
 
 
 def completed(storage: str, study: str) -> dict[int, float]:

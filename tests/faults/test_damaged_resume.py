@@ -29,6 +29,7 @@ from mlflow.tracking import MlflowClient
 
 from hydra_plugins.optuna_pruning_sweeper._study import count_toward_budget
 from search.training import resume
+from tests.faults.invariants import fault_env
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -55,12 +56,8 @@ def command(tmp: Path, stores: str, sweep: str) -> list[str]:
 
 def run(tmp: Path, stores: str, sweep: str, kill: bool = False) -> subprocess.CompletedProcess:
     (tmp / stores).mkdir(exist_ok=True)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / stores / 'mlflow.db'}",
-           "TF_CPP_MIN_LOG_LEVEL": "3"}
-    if kill:  # SIGKILL of the whole command inside epoch 2 (0-based 1): one state written
-        (tmp / "mid_epoch.marker").write_text("mid_epoch@group")
-        env.update({"XRAY_FAULT": "mid_epoch@group", "XRAY_FAULT_EPOCH": "1",
-                    "XRAY_FAULT_MARKER": str(tmp / "{point}.marker")})
+    # SIGKILL of the whole command inside epoch 2 (0-based 1): one state written
+    env = fault_env(tmp, tmp / stores / "mlflow.db", "mid_epoch@group" if kill else None, 1)
     return subprocess.run(command(tmp, stores, sweep), cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900, start_new_session=True)
 

@@ -12,7 +12,6 @@ One uninterrupted sweep of the same trial is the reference for the final metrics
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -24,6 +23,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from hydra_plugins.optuna_pruning_sweeper._study import count_toward_budget
+from tests.faults.invariants import fault_env
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -52,12 +52,7 @@ def command(tmp: Path, study: str, sweep: str, *extra: str) -> list[str]:
 
 def run(tmp: Path, study: str, sweep: str = "sweep", fault: str | None = None,
         epoch: int = 2, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
-           "TF_CPP_MIN_LOG_LEVEL": "3"}
-    if fault:
-        (tmp / f"{fault.split('@')[0]}.marker").write_text(fault)
-        env.update({"XRAY_FAULT": fault, "XRAY_FAULT_MARKER": str(tmp / "{point}.marker"),
-                    "XRAY_FAULT_EPOCH": str(epoch)})
+    env = fault_env(tmp, tmp / "mlflow.db", fault, epoch)
     return subprocess.run(command(tmp, study, sweep, *extra), cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900,
                           start_new_session=True)
