@@ -277,8 +277,13 @@ def _known_secrets() -> list[str]:
     from urllib.parse import quote, unquote
 
     found: set[str] = set()
-    for name, value in os.environ.items():
+    # a snapshot of the names, then .get: another thread (MLflow's telemetry) may unset a
+    # variable mid-loop, and os.environ.items() would raise KeyError in this thread
+    for name in list(os.environ):
         if name not in SECRET_ENV and not name.startswith(SECRET_ENV_PREFIX):
+            continue
+        value = os.environ.get(name)
+        if not value:
             continue
         if "://" in value:
             for match in _USERINFO.finditer(value):

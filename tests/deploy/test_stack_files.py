@@ -6,6 +6,7 @@ No Docker engine here: the compose files are validated, not run.
 
 from __future__ import annotations
 
+import configparser
 import json
 import subprocess
 import sys
@@ -129,3 +130,82 @@ def test_quality_floor(value, floor, missed):
         assert "roc_auc 0.8500 < registry.floor 0.9000" in message
     assert floor_failure(decision, None) is None
     assert "registered no model" in floor_failure(None, floor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logins on the team stack: docker/compose.auth.yml over docker-compose.yml, MLflow's basic-auth
+# app configured by docker/basic_auth.ini; every credential from the environment (.env).
+# ---------------------------------------------------------------------------------------------
+
+AUTH_OVERRIDE = REPO / "docker" / "compose.auth.yml"
+AUTH_INI = REPO / "docker" / "basic_auth.ini"
+
+
+def env_example() -> dict[str, str]:
+    return dict(line.split("=", 1) for line in (REPO / ".env.example").read_text().splitlines()
+                if line and not line.startswith("#"))
+
+
+def test_auth_override_follows_the_compose_spec_and_adds_the_app():
+    check_schema("vendor.compose-spec", AUTH_OVERRIDE)
+    base = compose()["services"]["mlflow"]["command"]
+    mlflow = yaml.safe_load(AUTH_OVERRIDE.read_text())["services"]["mlflow"]
+    # compose replaces a list on override: the base command must be there whole, plus the app
+    assert mlflow["command"] == [*base, "--app-name=basic-auth"]
+    assert mlflow["environment"]["MLFLOW_AUTH_CONFIG_PATH"] == "/etc/mlflow/basic_auth.ini"
+    assert "./docker/basic_auth.ini:/etc/mlflow/basic_auth.ini:ro" in mlflow["volumes"]
+    # the health check stays the base one: MLflow's auth app leaves /health open
+    assert "healthcheck" not in mlflow
+
+
+def test_auth_credentials_come_only_from_the_environment():
+    override = yaml.safe_load(AUTH_OVERRIDE.read_text())["services"]
+    server, worker = override["mlflow"]["environment"], override["worker"]["environment"]
+    for value in (server["MLFLOW_AUTH_ADMIN_PASSWORD"], server["MLFLOW_FLASK_SERVER_SECRET_KEY"],
+                  worker["MLFLOW_TRACKING_PASSWORD"]):
+        assert value.startswith("${") and ":?" in value, value  # required, never a default
+    ini = configparser.ConfigParser()
+    ini.read(AUTH_INI)
+    assert "admin_password" not in ini["mlflow"]
+    example = env_example()
+    for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+                 "MLFLOW_TRACKING_PASSWORD"):
+        assert example[name] == "", name  # empty: compose refuses to start until it is set
+    assert "docker/compose.auth.yml" in (REPO / ".env.example").read_text()
+
+
+def test_auth_users_live_on_their_own_volume_not_under_the_served_artifacts():
+    ini = configparser.ConfigParser()
+    ini.read(AUTH_INI)
+    database = ini["mlflow"]["database_uri"]
+    assert database.startswith("sqlite:////mlauth/")
+    override = yaml.safe_load(AUTH_OVERRIDE.read_text())
+    assert "mlauth:/mlauth" in override["services"]["mlflow"]["volumes"]
+    assert "mlauth" in override["volumes"]
+    assert "/mlartifacts" not in database
+    # the server runs as `sweeps`: a new named volume takes the ownership of its mount point
+    assert "chown sweeps:sweeps /mlartifacts /mlauth" in (REPO / "Dockerfile").read_text()
+
+
+def test_mlflow_reads_the_stack_ini_with_the_admin_from_the_environment(monkeypatch):
+    """MLflow's own reader on the repo's ini: the admin's password is the environment's."""
+    from mlflow.server.auth.config import read_auth_config
+
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(AUTH_INI))
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", "from-the-env-123")
+    config = read_auth_config()
+    assert (config.admin_username, config.admin_password) == ("admin", "from-the-env-123")
+    assert config.authorization_function.endswith(":authenticate_request_basic_auth")
+    assert config.default_permission == "READ"
+
+
+def test_the_auth_app_is_installed_for_tests_and_the_image():
+    import importlib.util
+    import tomllib
+
+    assert importlib.util.find_spec("flask_wtf") is not None  # what --app-name basic-auth needs
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert any(r.startswith("mlflow[auth]") for r in extras["test"])
+    assert '"mlflow[auth]"' in (REPO / "Dockerfile").read_text()

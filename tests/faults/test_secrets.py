@@ -75,6 +75,28 @@ def test_one_redaction_masks_urls_in_text_and_the_environments_credentials(monke
     assert tree == {"a": ["x ***"], "b": 1, "c": None}
 
 
+def test_redaction_survives_another_thread_changing_the_environment():
+    """MLflow's telemetry thread unsets a variable at any time; redaction (on every log record)
+    must not raise KeyError in the thread that logs."""
+    import threading
+
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            os.environ["_XRAY_CHURN"] = "1"
+            os.environ.pop("_XRAY_CHURN", None)
+
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    try:
+        for _ in range(20_000):
+            assert redact(f"http://a:{SECRET}@h") == "http://a:***@h"
+    finally:
+        stop.set()
+        thread.join()
+
+
 def test_command_line_urls_with_a_password_go_to_the_environment(monkeypatch):
     from search import sweep_context
 
