@@ -127,10 +127,46 @@ def predict(
         The rows written, the skipped inputs and, with labels, the metrics.
     """
     out = Path(out)
+    check_out_folder(out, overwrite)  # before the model is loaded: seconds, not minutes
     with tempfile.TemporaryDirectory(prefix="predict-model-") as workdir:
         loaded = model if isinstance(model, LoadedModel) else load_model_reference(model, workdir)
         return _predict_loaded(loaded, source, out, gradcam, npz_key, labels_key, batch_size,
                                overwrite, tta)
+
+
+class OutputFolderError(ValueError):
+    """The --out folder cannot take the predictions; the message names it and the fix."""
+
+
+def check_writable_folder(out: Path, what: str) -> None:
+    """Refuse an --out folder that cannot be written, before any work (predict and pull).
+
+    The write is tried for real, in ``out`` or the nearest folder above it that exists (it
+    is created only once the work is known to be usable): file modes alone do not say (root,
+    read-only mounts, ACLs).
+    """
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"--out {out} is a file, not a folder; choose another --out")
+    existing = next((p for p in (out, *out.absolute().parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise OutputFolderError(f"--out {out} cannot be created ({existing} is not a folder); "
+                                "choose another --out")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        where = "it" if existing == out else f"{existing}, where it would be created,"
+        raise OutputFolderError(
+            f"cannot write {what} to --out {out}: {where} is not writable "
+            f"({error.strerror}); make it writable or choose another --out") from None
+
+
+def check_out_folder(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that cannot be written, or holds earlier predictions, before any work."""
+    check_writable_folder(out, "the predictions")
+    if (out / "predictions.csv").exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds predictions.csv; pass --overwrite (or "
+                              "overwrite=True) to replace them, or choose another --out")
 
 
 def check_input_shape(loaded: LoadedModel, size: int, channels: int) -> None:
@@ -154,9 +190,7 @@ def _predict_loaded(loaded: LoadedModel, source: str | Path, out: Path, gradcam:
     size, channels = int(prep["image_size"]), int(prep["channels"])
     check_input_shape(loaded, size, channels)
     items, key_name = collect_inputs(source, classes, npz_key, labels_key)
-    if (out / "predictions.csv").exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds predictions.csv; pass --overwrite (or "
-                              "overwrite=True) to replace them, or choose another --out")
+    check_out_folder(out, overwrite)  # again: it may have changed while the model loaded
     out.mkdir(parents=True, exist_ok=True)  # only once model and inputs are known to be usable
     threshold = loaded.threshold
     skipped: list[tuple[str, str]] = []
@@ -242,8 +276,7 @@ def _gradcam_batch(loaded: LoadedModel, grad_model: Any, batch: list[InputItem],
 
 
 def main(argv: list[str] | None = None) -> int:
-
-    from search.tracking.mlflow_runs import setup_cli
+    from search.tracking.mlflow_runs import TrackingError, setup_cli
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
@@ -265,13 +298,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="for models:/ URIs; default: $MLFLOW_TRACKING_URI, else the repo's "
                         "sqlite store")
     args = parser.parse_args(argv)
-    setup_cli(args.tracking_uri)  # registry URIs need it; a pulled folder ignores it
     try:
+        # registry URIs need the store; a pulled folder never contacts it (works offline)
+        setup_cli(args.tracking_uri, contact=str(args.model).startswith("models:/"))
         result = predict(args.model, args.input, args.out, gradcam=args.gradcam,
                          npz_key=args.npz_key, labels_key=args.labels_key,
                          batch_size=args.batch_size, overwrite=args.overwrite, tta=args.tta)
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError, LookupError) as error:
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError, LookupError,
+            TrackingError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except PermissionError as error:  # --out turned read-only while predicting
+        print(f"error: cannot write {error.filename} ({error.strerror}); make --out "
+              f"{args.out} writable and re-run, or choose another --out", file=sys.stderr)
         return 2
     if not result.rows:
         for key, reason in result.skipped:

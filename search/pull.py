@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from search.model_registry.model_store import DEFAULT_MODEL_NAME, INFO_FILE, export_version
 
 
 def main(argv: list[str] | None = None) -> int:
-    from search.tracking.mlflow_runs import setup_cli
+    from search.predict import check_writable_folder
+    from search.tracking.mlflow_runs import TrackingError, setup_cli
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
@@ -40,12 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=None,
                         help="default: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlruns/mlflow.db")
     args = parser.parse_args(argv)
-    setup_cli(args.tracking_uri)
     try:
+        # the folder before the store: exports/ (the default) or --out must take the export
+        check_writable_folder(Path(args.out) if args.out else Path("exports"), "the export")
+        setup_cli(args.tracking_uri)  # reads only: never waits on a process writing the store
         out = export_version(args.name, alias=args.alias, version=args.version, out=args.out,
                              force=args.force)
-    except (LookupError, FileExistsError, ValueError) as error:
+    except (LookupError, FileExistsError, ValueError, TrackingError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except PermissionError as error:  # the folder turned read-only while exporting
+        print(f"error: cannot write {error.filename} ({error.strerror}); make --out "
+              f"{args.out or 'exports'} writable and re-run, or choose another --out",
+              file=sys.stderr)
         return 2
     info = json.loads((out / INFO_FILE).read_text())
     print(f"Pulled {info['model_uri']} (aliases: {', '.join(info['aliases']) or 'none'}) "

@@ -23,6 +23,7 @@ from hydra_plugins.optuna_pruning_sweeper import (
     _storage,
     _summary,
 )
+from hydra_plugins.optuna_pruning_sweeper import sweeper as _sweeper
 from hydra_plugins.optuna_pruning_sweeper import trial_context as _tc
 
 if TYPE_CHECKING:
@@ -36,6 +37,9 @@ TrialInterrupted = _preemption.TrialInterrupted
 # The trial's user attr naming its resumable-state folder (search.training.resume writes it; the
 # sweeper removes the folder of a trial that will not be retried).
 RESUME_DIR_ATTR = _tc.RESUME_DIR_ATTR
+# In that folder, the mark of a damaged state set aside (``<name>.damaged-<time>``): the
+# sweeper keeps such entries when it removes the folder of a trial that is not retried.
+SET_ASIDE_MARK = _tc.SET_ASIDE_MARK
 # Where the sweeper names its study (for messages).
 STUDY_ENV_NAMES = (_tc.ENV_STUDY, _tc.ENV_STORAGE)
 # The sweeper's summary file in the sweep folder (the nightly table reads it).
@@ -159,6 +163,21 @@ def set_parent_run_id(run_id: str | None) -> None:
         os.environ.pop(PARENT_RUN_ENV, None)
     else:
         os.environ[PARENT_RUN_ENV] = run_id
+
+
+# The Hydra callback method the sweeper calls once it accepted its config (search space,
+# storage, study), before its first trial: the sweep callback opens the parent run there.
+SWEEP_START_HOOK = _sweeper.SWEEP_START_HOOK
+
+
+def sweeper_announces_start(config: Any) -> bool:
+    """Whether the sweep's sweeper (``hydra.sweeper._target_``) calls ``SWEEP_START_HOOK``:
+    this project's does; another (Hydra's basic one) never would."""
+    from omegaconf import OmegaConf
+
+    target = OmegaConf.select(OmegaConf.create(config), "hydra.sweeper._target_", default=None)
+    cls = _sweeper.OptunaPruningSweeper
+    return target == f"{cls.__module__}.{cls.__qualname__}"
 
 
 def single_run_env(parent_run_id: str, threads: int) -> dict[str, str]:

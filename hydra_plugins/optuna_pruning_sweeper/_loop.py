@@ -36,6 +36,7 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -69,6 +70,31 @@ def retry_settings(conf: OptunaPruningSweeperConf) -> dict[str, Any]:
     if dataclasses.is_dataclass(retry):
         return dataclasses.asdict(retry)
     return dict(OmegaConf.to_container(retry, resolve=True))
+
+
+def remove_state_dir(folder: Path, number: int) -> None:
+    """Remove the resumable-state folder of a trial that will not be retried, keeping the
+    damaged states its attempts set aside (``tc.SET_ASIDE_MARK``): their warning promised
+    them kept for inspection, and nothing else says why the trial started again."""
+    try:
+        children = list(folder.iterdir())
+    except OSError:  # no folder (nothing was written), or not one: nothing of ours
+        return
+    kept = [c for c in children if tc.SET_ASIDE_MARK in c.name]
+    if not kept:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for child in children:
+        if child in kept:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                child.unlink()
+    log.info("trial %d is not retried: its resumable state is removed; the damaged state(s) "
+             "set aside stay in %s for inspection: %s", number, folder,
+             ", ".join(sorted(c.name for c in kept)))
 
 
 @dataclass
@@ -354,7 +380,7 @@ class SweepLoop:
                                           None if interrupted else self.conf.max_retry)
             state_dir = failed.user_attrs.get(tc.RESUME_DIR_ATTR)
             if not queued and state_dir:
-                shutil.rmtree(state_dir, ignore_errors=True)
+                remove_state_dir(Path(state_dir), info.number)
             return queued
         except Exception:  # noqa: BLE001 - the FAIL stands; the sweep goes on
             log.exception("Could not re-queue trial %d", info.number)

@@ -17,7 +17,12 @@ parts together for one sweep:
 For Hydra callbacks in the sweeper process: as soon as the study is open,
 ``OPTUNA_SWEEPER_STUDY`` and ``OPTUNA_SWEEPER_STORAGE`` are set in ``os.environ`` (the name
 actually used, e.g. after ``new_study=true``); the summary is written before
-``on_multirun_end``.
+``on_multirun_end``. Hydra calls ``on_multirun_start`` before it even builds the sweeper, so
+a callback that must not act on a config the sweeper would refuse defines
+``on_sweep_start(config=..., study_name=...)`` (``SWEEP_START_HOOK``): the sweeper calls it
+once the search space, storage, study and executor are set up, before the first trial is
+asked and before any worker starts (workers inherit what it puts in ``os.environ``). An
+exception it raises stops the sweep there; a dry run never calls it.
 
 Workers tell through a study loaded with a RandomSampler, so a sampler's ``after_trial``
 hook does not run; Optuna's built-in samplers keep their state in the storage.
@@ -56,7 +61,7 @@ from ._executors._local import (
 )
 from ._executors._ray_cluster import RayExecutor, RaySettings, import_ray
 from ._hooks import locate
-from ._keras_tuner_engine import KerasTunerEngine
+from ._keras_tuner_engine import KerasTunerEngine, check_settings
 from ._loop import SweepLoop, retry_settings
 from ._samplers import (
     build_pruner,
@@ -72,6 +77,9 @@ from ._summary import sweep_summary, write_official_results, write_summary
 from .config import OptunaPruningSweeperConf
 
 log = logging.getLogger(__name__)
+
+# The Hydra callback method the sweeper calls once it accepted its config (see above).
+SWEEP_START_HOOK = "on_sweep_start"
 
 
 def validate(conf: OptunaPruningSweeperConf) -> None:
@@ -102,6 +110,9 @@ def validate(conf: OptunaPruningSweeperConf) -> None:
         raise ValueError("hydra.sweeper.retry.every_epochs must be >= 1 and "
                          f"retry.preempt_grace >= 0, got {retry.every_epochs} and "
                          f"{retry.preempt_grace}")
+    if conf.engine == "keras_tuner":  # also for a dry run, which never builds the engine
+        check_settings(OmegaConf.create(dict(conf.keras_tuner)) if isinstance(
+            conf.keras_tuner, dict) else conf.keras_tuner)
 
 
 def make_executor(conf: OptunaPruningSweeperConf, setup_common: dict[str, Any],
@@ -250,6 +261,7 @@ class OptunaPruningSweeper(Sweeper):
         loop = SweepLoop(conf, study, storage, lock, resolver, executor, t0, config, custom,
                          engine)
         try:
+            announce_sweep_start(self.hydra_context, config, study.study_name, executor)
             stop_reason = loop.run()
         finally:
             lock.close()
@@ -303,6 +315,26 @@ class OptunaPruningSweeper(Sweeper):
             retry_json=json.dumps(retry_settings(conf)),
         )
         return make_executor(conf, setup_common, gpus, self.task_function)
+
+
+def announce_sweep_start(hydra_context: HydraContext, config: DictConfig, study_name: str,
+                         executor: Any) -> None:
+    """Call ``on_sweep_start`` on each of this run's Hydra callbacks that defines it.
+
+    Hydra's own ``Callbacks`` object (the one that called ``on_multirun_start``) travels in
+    the ``HydraContext``; its ``_notify`` would turn an exception into a warning and sweep
+    on, so the hooks are called here, where an exception stops the sweep (and the executor,
+    which has started no trial yet).
+    """
+    callbacks = getattr(getattr(hydra_context, "callbacks", None), "callbacks", None) or []
+    try:
+        for callback in callbacks:
+            hook = getattr(callback, SWEEP_START_HOOK, None)
+            if callable(hook):
+                hook(config=config, study_name=study_name)
+    except BaseException:
+        executor.shutdown()
+        raise
 
 
 def open_under_lock(conf: OptunaPruningSweeperConf, lock: st.AskLock, url: str,

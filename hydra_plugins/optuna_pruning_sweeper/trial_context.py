@@ -64,6 +64,10 @@ ENV_SAMPLER_CONFIG = "OPTUNA_SWEEPER_SAMPLER_CONFIG"
 ENV_THREADS = "SWEEPER_THREADS_PER_WORKER"
 ENV_RETRY = "OPTUNA_SWEEPER_RETRY"
 RESUME_DIR_ATTR = "resume_dir"  # user attr: the trial's resumable-state folder
+# In a trial's resumable-state folder, an entry whose name holds this is a state the task set
+# aside as damaged (``state.npz.damaged-<time>``): kept for inspection, never removed by the
+# sweeper, also when it removes the folder of a trial that will not be retried.
+SET_ASIDE_MARK = ".damaged-"
 
 
 def current_trial() -> optuna.trial.Trial | None:

@@ -336,7 +336,7 @@ def promote_sweep_best(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from search.tracking.mlflow_runs import setup_cli
+    from search.tracking.mlflow_runs import TrackingError, open_store, setup_cli
 
     parser = argparse.ArgumentParser(
         description="Register a finished run's model (or a sweep's best trial) and decide "
@@ -361,7 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=None,
                         help="default: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlruns/mlflow.db")
     args = parser.parse_args(argv)
-    setup_cli(args.tracking_uri)
+    try:
+        open_store(setup_cli(args.tracking_uri))  # it writes versions and aliases: proved now
+    except TrackingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     client = MlflowClient()
     run_id, parent = args.run_id, None
     if args.sweep_run_id:

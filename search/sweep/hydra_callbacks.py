@@ -1,16 +1,17 @@
 """The Hydra callback that gives a sweep its MLflow parent run and runs the sweep's end.
 
-Hydra calls `on_multirun_start` before the sweeper asks its first trial and `on_multirun_end`
-after the last one finished, both in the sweeper's process. The callback opens the parent run,
-hands the sweep's end to `search.sweep.pipeline` (report, final stage, registration and gate,
-ensemble, cross-validation, next steps) and closes the run. Trial jobs run in worker
-processes; they find the parent run through `search.sweep_context` (an environment variable
-that spawned workers inherit).
+Hydra calls `on_multirun_start` before it even builds the sweeper, and `on_multirun_end`
+after the last trial finished, both in the sweeper's process. The callback checks the
+sweep's config and tracking store at `on_multirun_start`, but opens the parent run only in
+`on_sweep_start`, which our sweeper calls once its own checks passed (search space, storage,
+study, executor) and before its first trial: a sweep refused anywhere before that leaves no
+parent run at all. At the end it hands the sweep's end to `search.sweep.pipeline` (report,
+final stage, registration and gate, ensemble, cross-validation, next steps) and closes the
+run. Trial jobs run in worker processes; they find the parent run through
+`search.sweep_context` (an environment variable that workers inherit).
 
-Hydra calls `on_multirun_start` before it even builds the sweeper, so the sweeper's own
-checks (its search space, storage and study) run after the parent run exists. A sweep that
-stops there, before its sweeper started sweeping, leaves no parent run: the exit hook deletes
-it (MLflow's `delete_run`: gone from the UI and from searches; `mlflow gc` purges it).
+With a sweeper that has no such hook (Hydra's basic one), the parent run opens at
+`on_multirun_start`, and one whose sweeper stopped before sweeping is deleted at exit.
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ class MlflowSweepCallback(Callback):
         self.started = 0.0
         self.ended = False
         self.sweep_dir: Path | None = None
+        self.announced = False  # the parent run opened at the sweeper's on_sweep_start
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Check the sweep's config and store, open the parent run and log the sweeper's setup."""
+        """Check the sweep's config and store; open the parent run only now when the
+        sweeper will not announce its start (``on_sweep_start``)."""
         # Hydra turns an Exception raised by a callback into a warning and sweeps on, so a
         # config or store that cannot work ends the command here with SystemExit instead.
         try:
@@ -59,6 +62,19 @@ class MlflowSweepCallback(Callback):
         except mlflow.exceptions.MlflowException as error:  # the store answered, but refused
             raise SystemExit(mlflow_runs.redact_uri(
                 f"error: the tracking store refused the sweep's setup ({error})")) from None
+        self.sweep_dir = Path(str(config.hydra.sweep.dir))
+        if not sweep_context.sweeper_announces_start(config):
+            self._start_parent(config)
+
+    def on_sweep_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """The sweeper accepted its config and asks its first trial next: open the parent
+        run (`sweep_context.SWEEP_START_HOOK`)."""
+        if self.run_id is None and not config.hydra.sweeper.get("dry_run"):
+            self.announced = True
+            self._start_parent(config)
+
+    def _start_parent(self, config: DictConfig) -> None:
+        """Open the parent run, export it to the trial jobs and log the sweeper's setup."""
         sweeper = config.hydra.sweeper
         study = sweeper.get("study_name")
         tags = {tag_keys.SWEEP_PARENT: "true", tag_keys.SWEEP_DIR: str(config.hydra.sweep.dir),
@@ -80,32 +96,20 @@ class MlflowSweepCallback(Callback):
         atexit.register(self._end_if_unfinished)
         sweep_context.set_parent_run_id(self.run_id)
         mlflow.log_text(redacted_sweeper_yaml(sweeper), "sweep/sweeper.yaml")
-        engine = str(sweeper.get("engine") or "optuna")
-        kt = sweeper.get("keras_tuner") or {}
-        mlflow.log_params({
-            "sweeper.n_trials": sweeper.get("n_trials"),
-            "sweeper.n_jobs": sweeper.get("n_jobs"),
-            "sweeper.engine": engine,
-            # with keras-tuner, its oracle chooses and no Optuna pruner runs
-            "sweeper.sampler": (f"keras_tuner.{kt.get('algorithm')}" if engine == "keras_tuner"
-                                else str(sweeper.get("sampler", {}).get("_target_", ""))),
-            "sweeper.pruner": ("none" if engine == "keras_tuner"
-                               else str((sweeper.get("pruner") or {}).get("_target_", ""))),
-            "sweeper.direction": str(sweeper.get("direction")),
-            "objective": str(config.get("objective")),
-        })
+        mlflow.log_params(sweeper_params(config))
         log.info("MLflow parent run %s for the sweep", self.run_id)
 
     def _end_if_unfinished(self) -> None:
         """At exit: a parent run the sweep's end never closed ends FAILED, tagged as stopped
-        in its trials; one whose sweeper never started sweeping (it refused its config) is
+        in its trials. Only with a sweeper that does not announce its start (the run opened
+        at on_multirun_start): one that never started sweeping (it refused its config) is
         deleted, as no parent run should exist for a config that did not pass its checks."""
         if self.run_id is None or self.ended:
             return
         self.ended = True
         client = MlflowClient()
         try:
-            swept = self._sweeper_started()
+            swept = self.announced or self._sweeper_started()
             if swept:
                 client.set_tag(self.run_id, tag_keys.SWEEP_STOPPED_IN, "trials")
                 client.set_tag(self.run_id, tag_keys.SWEEP_ENDED,
@@ -123,9 +127,9 @@ class MlflowSweepCallback(Callback):
             log.warning("could not mark the sweep's parent run %s FAILED", self.run_id)
 
     def _sweeper_started(self) -> bool:
-        """Whether the sweeper got past its own checks: our sweeper saves `multirun.yaml` in
-        the sweep folder once its search space and study are set up (Hydra's BasicSweeper
-        does too); for any other, whether a run nests under the parent."""
+        """For a sweeper that does not announce its start: whether it got past its own
+        checks, i.e. saved `multirun.yaml` in the sweep folder (Hydra's BasicSweeper does
+        once it starts), or a run nests under the parent."""
         saved = self.sweep_dir / "multirun.yaml" if self.sweep_dir else None
         if saved and saved.is_file() and saved.stat().st_mtime >= self.started - 1:
             return True
@@ -148,6 +152,25 @@ class MlflowSweepCallback(Callback):
         self.ended = True
         mlflow.end_run(status=status)
         sweep_context.set_parent_run_id(None)
+
+
+def sweeper_params(config: DictConfig) -> dict[str, Any]:
+    """The sweeper's setup as the parent run's params."""
+    sweeper = config.hydra.sweeper
+    engine = str(sweeper.get("engine") or "optuna")
+    kt = sweeper.get("keras_tuner") or {}
+    return {
+        "sweeper.n_trials": sweeper.get("n_trials"),
+        "sweeper.n_jobs": sweeper.get("n_jobs"),
+        "sweeper.engine": engine,
+        # with keras-tuner, its oracle chooses and no Optuna pruner runs
+        "sweeper.sampler": (f"keras_tuner.{kt.get('algorithm')}" if engine == "keras_tuner"
+                            else str(sweeper.get("sampler", {}).get("_target_", ""))),
+        "sweeper.pruner": ("none" if engine == "keras_tuner"
+                           else str((sweeper.get("pruner") or {}).get("_target_", ""))),
+        "sweeper.direction": str(sweeper.get("direction")),
+        "objective": str(config.get("objective")),
+    }
 
 
 def redacted_sweeper_yaml(sweeper: DictConfig) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import importlib.metadata
 import json
@@ -11,6 +12,7 @@ import os
 import platform
 import socket
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from search import REPO_ROOT, sweep_context
 from search.tracking import tags as tag_keys
-from search.tracking.store_move import follow_move
+from search.tracking.store_move import StoreMoveError, follow_move
 from search.tracking.tags import EXPERIMENT_KIND
 
 log = logging.getLogger(__name__)
@@ -42,12 +44,25 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
 
 
-def setup_cli(tracking_uri: str | None) -> str:
-    """Logging and tracking/registry URIs for the pull, predict and registry commands."""
+def setup_cli(tracking_uri: str | None, contact: bool = True) -> str:
+    """Logging and tracking/registry URIs for the pull, predict and registry commands.
+
+    Takes no write lock: the moved-store check reads first and writes only for a store that
+    moved, and MLflow only reads an existing store's schema. A moved store that cannot be
+    rewritten (read-only) is a warning here: its artifacts may still be where it was.
+    ``contact=False`` (predict on a pulled folder) never reaches the store: it works offline.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet CLI
     uri = resolve_tracking_uri(tracking_uri)
-    follow_move(uri)
+    if contact:  # a server down, a login refused, a database password wrong: named now
+        check_server(uri)
+        check_login(uri)
+        check_credentials(uri)
+    try:
+        follow_move(uri)
+    except StoreMoveError as error:  # it only reads: the old place may still hold them
+        log.warning("%s; reading its artifacts from the old place meanwhile", error)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
@@ -99,11 +114,77 @@ def uri_setting(uri: str) -> str:
     return "tracking.uri"
 
 
+# The settings MLflow's client reads a tracking server's login from (environment_variables.py);
+# ~/.mlflow/credentials is its fallback for each of the two.
+LOGIN_ENV = "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD"
+
+
+def login_setting(uri: str) -> tuple[str | None, str | None]:
+    """Where the login MLflow's client sends to a tracking server comes from, and its user.
+
+    A URL's user:password wins over the environment: requests sets it over the header MLflow
+    builds (checked against `mlflow server --app-name basic-auth`). (None, None): no login.
+    """
+    from urllib.parse import urlsplit
+
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        return f"the user:password in {uri_setting(uri)}", parts.username
+    creds = read_mlflow_creds()
+    if creds.username and creds.password:
+        from_env = all(os.environ.get(name) for name in LOGIN_ENV.split("/"))
+        return LOGIN_ENV + ("" if from_env else " (or ~/.mlflow/credentials)"), creds.username
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return "MLFLOW_TRACKING_TOKEN", None
+    return None, creds.username  # a user without a password: MLflow sends no login
+
+
+def http_status(error: BaseException) -> int | None:
+    """The HTTP status of a tracking server's refusal (MLflow's exceptions carry it)."""
+    import re
+
+    status = getattr(error, "get_http_status_code", lambda: None)()
+    if status in (401, 403):
+        return status
+    found = re.search(r"error code (\d{3}) != 200", str(error))
+    return int(found.group(1)) if found else status
+
+
+def login_problem(uri: str, status: int, error: BaseException) -> str:
+    """A tracking server that refused (401) or denied (403) the login: where the login came
+    from and the fix; the password never appears (only the user, and the text redacted)."""
+    source, user = login_setting(uri)
+    why = sweep_context.error_text(error).rsplit("Response body: ", 1)[-1].strip("'\" ")
+    why = f"HTTP {status}: {why.split('. ')[0][:120]}"
+    server = f"the MLflow tracking server {public_uri(uri)}"
+    both = LOGIN_ENV.replace("/", " and ")
+    if status == 403:
+        who = f"user {user!r} from {source}" if source else "a request without a login"
+        return (f"{server} ({uri_setting(uri)}) denied {who} ({why}); ask its admin for a "
+                "permission on the experiment (tracking.experiment), or use another user")
+    if source is None:
+        named = f"; only MLFLOW_TRACKING_USERNAME={user!r} is set" if user else ""
+        return (f"{server} ({uri_setting(uri)}) requires a login and none was given ({why}"
+                f"{named}); set {both} in the environment, as MLflow's client reads them")
+    if source.startswith("the user:password"):
+        return (f"{server} refused {source} (user {user!r}; {why}); fix the user or password "
+                f"in that URL, or leave them out of it and set {both}")
+    if source == "MLFLOW_TRACKING_TOKEN":
+        return f"{server} ({uri_setting(uri)}) refused MLFLOW_TRACKING_TOKEN ({why}); fix it"
+    return (f"{server} ({uri_setting(uri)}) refused the login from {source} (user {user!r}; "
+            f"{why}); set {both} to a user of that server and its password")
+
+
 def store_problem(uri: str, error: BaseException) -> str:
     """A database or server store that refused: the setting, the masked URL, why, the fix."""
+    status = http_status(error) if uri.startswith(("http://", "https://")) else None
+    if status in (401, 403):
+        return login_problem(uri, status, error)
     text = sweep_context.error_text(error)
-    if "password" in text or "authentication" in text or "401" in text:
-        fix = "fix the user or password in that URL (or MLFLOW_TRACKING_USERNAME/PASSWORD)"
+    if "password" in text or "authentication" in text:
+        fix = "fix the user or password in that URL"
     else:
         fix = "check that the server runs, the database exists and the credentials are right"
     return (f"{uri_setting(uri)}={redact_uri(uri)!r}: the MLflow store cannot be opened "
@@ -111,12 +192,17 @@ def store_problem(uri: str, error: BaseException) -> str:
 
 
 def check_server(uri: str, timeout: float = 3.0) -> None:
-    """Fail within seconds, not after minutes of retries, when a tracking server is down."""
+    """Fail within seconds, not after minutes of retries, when a tracking server is down.
+
+    Its /health needs no login (MLflow's auth app leaves it open): a login is checked by the
+    store's first call (`open_store`, its refusal named by `store_problem`).
+    """
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error
     import urllib.request
 
+    keep_login_out_of_links(uri)
     try:
         # without its user:password@ (urllib would take it for the host); MLflow's client
         # sends it as basic auth
@@ -131,6 +217,30 @@ def check_server(uri: str, timeout: float = 3.0) -> None:
             f"answer within {timeout:.0f} s ({redact_uri(str(reason))}); start it "
             "(mlflow server --host 127.0.0.1 --port 5000 ...) or point tracking.uri elsewhere"
         ) from None
+
+
+def keep_login_out_of_links(uri: str) -> None:
+    """MLflow's client prints "View run ... at: <tracking URI>/#/..." when a run ends, with a
+    URL's user:password as written: for such a URL it prints none (the run's own log line
+    and the closing lines give the link without the login)."""
+    from urllib.parse import urlsplit
+
+    if urlsplit(uri).password is not None:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+
+def check_login(uri: str) -> None:
+    """A tracking server that refuses the login fails now, named by `login_problem`; read-only
+    (one search), for commands that must not migrate or lock a store (pull, predict)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except mlflow.exceptions.MlflowException as error:
+        status = http_status(error)
+        if status in (401, 403):
+            raise TrackingError(login_problem(uri, status, error)) from None
+        # anything else is the command's own call's to report, where it has its context
 
 
 def check_credentials(uri: str) -> None:
@@ -156,30 +266,69 @@ def check_credentials(uri: str) -> None:
         engine.dispose()
 
 
+def check_sqlite_writable(uri: str) -> None:
+    """Prove a local SQLite store can be written, with a write that is rolled back.
+
+    MLflow opens a read-only file (or one in a read-only folder, where SQLite cannot create
+    its journal) without complaint and reads it; the run's first write, after the data load,
+    would fail with a raw SQLAlchemy traceback.
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    import sqlite3
+
+    con = sqlite3.connect(uri.removeprefix("sqlite:///"), timeout=30, isolation_level=None)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        (version,) = con.execute("PRAGMA user_version").fetchone()
+        con.execute(f"PRAGMA user_version = {int(version)}")  # page 1 into the journal
+    finally:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        con.close()
+
+
+def sqlite_store_problem(uri: str, error: BaseException) -> str:
+    """A local SQLite store that cannot be used: read-only, locked or not a database."""
+    db = Path(uri.removeprefix("sqlite:///"))
+    if isinstance(error, StoreMoveError):
+        return str(error)
+    text = str(error).splitlines()[0][:300]
+    read_only = (isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM,
+                                                                 errno.EROFS)) or any(
+        word in text for word in ("readonly", "read-only", "Read-only", "unable to open"))
+    if "database is locked" in text:
+        hint = ("another process held its write lock for 30 s; wait for it to finish, or set "
+                f"{uri_setting(uri)} to another store")
+    elif read_only:
+        parts = [str(p) for p in (db, db.parent)
+                 if (p.exists() or p == db.parent) and not os.access(p, os.W_OK)]
+        hint = (f"{' and '.join(parts) or 'the file or its folder'} cannot be written; a run "
+                "or sweep records its runs there, and SQLite writes a journal file beside the "
+                f"database: make both writable (chmod u+w {db} {db.parent}), or set "
+                f"{uri_setting(uri)} to a writable store (pull.py and predict.py can still "
+                "read this one)")
+        return f"the MLflow store {db} cannot be opened for writing ({text}); {hint}"
+    else:
+        hint = ("it is not a usable MLflow SQLite database; it was not modified: move it "
+                "aside (or restore a backup) and re-run, or set tracking.uri elsewhere")
+    return f"the MLflow store {db} cannot be opened ({text}); {hint}"
+
+
 def open_store(uri: str) -> None:
-    """Create or migrate the store's schema; a corrupt or read-only SQLite file, or a
-    database that refuses the credentials, is named."""
+    """Create or migrate the store's schema and prove it writable, before any data load: a
+    corrupt, read-only or locked SQLite file, or a database that refuses the credentials,
+    is named with the fix."""
     check_credentials(uri)
     try:
         with sqlite_init_lock(uri):
             mlflow.MlflowClient(uri).search_experiments(max_results=1)
             follow_move(uri)  # a moved mlruns/ keeps its artifact and model views
-    except PermissionError as error:
-        raise TrackingError(
-            f"cannot write the MLflow store {redact_uri(uri)}: {error}; make the folder "
-            "writable or set tracking.uri (or $MLFLOW_TRACKING_URI) to a writable place"
-        ) from None
-    except Exception as error:  # noqa: BLE001 - SQLAlchemy / MLflow errors, re-raised named
+            check_sqlite_writable(uri)
+    except Exception as error:  # noqa: BLE001 - SQLAlchemy / MLflow / OS errors, re-raised named
         if not uri.startswith("sqlite:///"):
             raise TrackingError(store_problem(uri, error)) from None
-        db = Path(uri.removeprefix("sqlite:///"))
-        text = str(error).splitlines()[0][:300]
-        if "readonly" in text or "unable to open" in text:
-            hint = "make it (and its folder) writable, or set tracking.uri elsewhere"
-        else:
-            hint = ("it is not a usable MLflow SQLite database; it was not modified: move it "
-                    "aside (or restore a backup) and re-run, or set tracking.uri elsewhere")
-        raise TrackingError(f"the MLflow store {db} cannot be opened ({text}); {hint}") from None
+        raise TrackingError(sqlite_store_problem(uri, error)) from None
 
 
 def run_url(experiment_id: str, run_id: str) -> str | None:
@@ -346,12 +495,17 @@ def check_artifacts_writable(location: str) -> None:
     else:
         path = Path(location)
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is not None and not os.access(existing, os.W_OK):
+    if existing is None:
+        return
+    try:  # a real write: os.access trusts the mode bits (root, NFS root-squash, ACLs)
+        with tempfile.TemporaryFile(dir=existing, prefix=".write-check-"):
+            pass
+    except OSError as error:
         raise TrackingError(
-            f"cannot write MLflow artifacts to {path} ({existing} is read-only); make it "
-            "writable, or set tracking.artifact_root (for a new experiment) or "
-            "tracking.experiment to one whose artifacts go elsewhere"
-        )
+            f"cannot write MLflow artifacts to {path} (a file cannot be created in "
+            f"{existing}: {error.strerror}); make it writable, or set tracking.artifact_root "
+            "(for a new experiment) or tracking.experiment to one whose artifacts go elsewhere"
+        ) from None
 
 
 def flatten_config(cfg: DictConfig) -> dict[str, Any]:

@@ -9,8 +9,9 @@ when the store's own `artifacts/` folder holds the runs the database names: a st
 artifacts are meant to live elsewhere (`tracking.artifact_root`) is left alone.
 
 `python -m search.tracking.store_move [mlruns/mlflow.db]` does it; every command that opens
-the store
-(a run, a sweep, pull, predict) does it first too.
+the store (a run, a sweep, pull, predict) does it first too. The check itself only reads
+(`mode=ro`): a store that has not moved is never locked, so pull and predict run while another
+process writes it.
 """
 
 from __future__ import annotations
@@ -43,13 +44,37 @@ def _old_store(con: sqlite3.Connection, store: Path) -> Path | None:
     return None
 
 
+class StoreMoveError(RuntimeError):
+    """A moved store whose locations must be rewritten, but cannot be (read-only, locked)."""
+
+
+def _read_only(db: Path) -> sqlite3.Connection:
+    """A connection that cannot write or take a write lock (SQLite's ``mode=ro``): the check
+    runs in every command, and read-only ones (pull, predict) must never wait on a writer."""
+    return sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+
+
+def moved_from(db: Path) -> Path | None:
+    """The folder the store was at when its runs were logged, if it moved since (read-only)."""
+    con = _read_only(db)
+    try:
+        return _old_store(con, db.resolve().parent)
+    finally:
+        con.close()
+
+
 def relocate(db: Path) -> tuple[Path | None, int]:
-    """Point the locations at the store's current folder; (old folder, rows changed)."""
+    """Point the locations at the store's current folder; (old folder, rows changed).
+
+    Looks first without a write lock; only a store that moved is opened for writing.
+    """
+    if moved_from(db) is None:
+        return None, 0
     store = db.resolve().parent
     con = sqlite3.connect(db, timeout=30, isolation_level=None)
     try:
         con.execute("BEGIN IMMEDIATE")  # two commands starting at once: one rewrites
-        old = _old_store(con, store)
+        old = _old_store(con, store)  # again, under the lock: the other may have done it
         changed = 0
         if old is not None:
             tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
@@ -73,13 +98,27 @@ def relocate(db: Path) -> tuple[Path | None, int]:
 
 
 def follow_move(tracking_uri: str) -> int:
-    """For a local SQLite store: rewrite its locations if its folder moved (logged)."""
+    """For a local SQLite store: rewrite its locations if its folder moved (logged).
+
+    Raises:
+        StoreMoveError: it moved, but it cannot be written (read-only, or locked by another
+            process for 30 s); the message names the store and the fix.
+    """
     if not tracking_uri.startswith("sqlite:///"):
         return 0
     db = Path(tracking_uri.removeprefix("sqlite:///"))
     if not db.is_file():
         return 0
-    old, changed = relocate(db)
+    try:
+        old, changed = relocate(db)
+    except sqlite3.OperationalError as error:
+        raise StoreMoveError(
+            f"the MLflow store {db} moved from {moved_from(db)}: its artifact locations "
+            f"still point there and must be rewritten to {db.resolve().parent}, but it "
+            f"cannot be written now ({error}); make the file and its folder writable (or "
+            "wait for the process writing it) and re-run, or run "
+            f"`python -m search.tracking.store_move {db}` once"
+        ) from None
     if changed:
         log.warning("the MLflow store moved from %s to %s: %d artifact location(s) now point "
                     "at the new place", old, db.resolve().parent, changed)
@@ -95,7 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     if not db.is_file():
         print(f"error: no MLflow SQLite store at {db}")
         return 2
-    old, changed = relocate(db)
+    try:
+        old, changed = relocate(db)
+    except sqlite3.OperationalError as error:
+        print(f"error: {db} cannot be rewritten ({error}); make it and its folder writable "
+              "(or wait for the process writing it) and re-run")
+        return 2
     print(f"{db}: moved from {old}, {changed} location(s) rewritten" if changed
           else f"{db}: its locations already point at {db.resolve().parent}")
     return 0

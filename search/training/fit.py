@@ -29,7 +29,7 @@ from search.training.keras_callbacks import (
     LearningRateLogger,
     check_divergence,
 )
-from search.training.lifecycle import TrackedRun, resume_from
+from search.training.lifecycle import TrackedRun, best_checkpoint, resume_from
 from search.training.model_setup import BuiltModel
 from search.training.run_plan import RunPlan
 
@@ -89,7 +89,7 @@ def log_curves(history: dict[str, list[float]]) -> None:
 def fit_model(cfg: DictConfig, plan: RunPlan, data: Any, built: BuiltModel,
               tracked: TrackedRun) -> FitResult:
     """Train `built.model` on `data` (resuming a retried trial) and check what it left."""
-    checkpoint = plan.output_dir / "checkpoints" / "best.keras"
+    checkpoint = best_checkpoint(plan)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     settings = FitSettings.from_cfg(cfg, in_sweep=tracked.trial is not None)
     callbacks, resumable = build_callbacks(settings, plan, data, built, tracked, checkpoint)

@@ -7,12 +7,15 @@ and `mlflow.end_run` with FINISHED, FAILED or KILLED.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import keras
 import mlflow
@@ -141,10 +144,50 @@ def end_run(tracked: TrackedRun, objective: str) -> None:
     mlflow.end_run(status=tracked.status)
 
 
+def best_checkpoint(plan: RunPlan) -> Path:
+    """Where the fit keeps the best epoch's model (outside MLflow: in the job's folder)."""
+    return plan.output_dir / "checkpoints" / "best.keras"
+
+
+def unwritable_artifact(error: BaseException, run: mlflow.ActiveRun) -> OSError | None:
+    """The refused write into the run's local artifact folder behind ``error`` (its cause or
+    context, as `log_keras_model`'s caller wraps it), or None for any other error."""
+    try:
+        location = mlflow.get_experiment(run.info.experiment_id).artifact_location
+    except Exception:  # noqa: BLE001 - the store is gone too: not this case
+        return None
+    if not location.startswith("file:"):
+        return None  # a server or an object store: its own errors say what went wrong
+    root = Path(unquote(urlparse(location).path))
+    seen: BaseException | None = error
+    while seen is not None:
+        if (isinstance(seen, OSError) and seen.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+                and seen.filename and Path(str(seen.filename)).is_relative_to(root)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def artifact_folder_problem(refused: OSError, tracked: TrackedRun, plan: RunPlan) -> str:
+    """What a run whose artifact folder became unwritable says: the folder, what is kept."""
+    folder = Path(unquote(urlparse(tracked.run.info.artifact_uri).path))
+    checkpoint = best_checkpoint(plan)
+    kept = (f"nothing trained is lost: the best checkpoint is at {checkpoint} (load it with "
+            "keras.models.load_model(path, safe_mode=True))" if checkpoint.is_file()
+            else "no epoch had been trained yet")
+    return (f"cannot write MLflow artifacts: {refused.filename} ({refused.strerror}); the "
+            f"run's artifact folder {folder} (or one above it) became unwritable during the "
+            f"run, after the start-of-run check passed. The run ends FAILED; {kept}. Make the "
+            "folder writable and re-run, or set tracking.artifact_root (a new "
+            "tracking.experiment) to a writable place")
+
+
 @contextmanager
 def tracked_run(cfg: DictConfig, plan: RunPlan, precision: str) -> Iterator[TrackedRun]:
     """The job's MLflow run around the `with` body: FINISHED when the body returns, KILLED
-    when it is interrupted (the retry resumes from the saved state), else FAILED."""
+    when it is interrupted (the retry resumes from the saved state), else FAILED. An artifact
+    folder that becomes unwritable mid-run is named (`TrackingError`) with where the trained
+    model still is."""
     tracked = start_run(cfg, plan, precision)
     try:
         yield tracked
@@ -152,6 +195,11 @@ def tracked_run(cfg: DictConfig, plan: RunPlan, precision: str) -> Iterator[Trac
     except (KeyboardInterrupt, sweep_context.TrialInterrupted):
         tracked.status, tracked.state = "KILLED", "INTERRUPTED"
         raise
+    except Exception as error:
+        refused = unwritable_artifact(error, tracked.run)
+        if refused is None:
+            raise
+        raise mlflow_runs.TrackingError(artifact_folder_problem(refused, tracked, plan)) from None
     finally:
         end_run(tracked, plan.objectives[0])
 

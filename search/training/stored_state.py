@@ -17,12 +17,14 @@ from typing import Any
 import keras
 import numpy as np
 
+from search import sweep_context
 from search.model_registry.model_store import keras_archive_problem
 
 log = logging.getLogger("search.training.resume")  # its lines read as resume's
 
 STATE_FILE = "state.npz"
-DAMAGED = ".damaged-"  # a damaged state set aside: <name>.damaged-<time>, kept
+# a damaged state set aside: <name>.damaged-<time>, kept (the sweeper keeps it too)
+DAMAGED = sweep_context.SET_ASIDE_MARK
 FORMAT = 1
 # Callback attributes that a resumed fit must see as the interrupted one left them.
 STATEFUL: dict[type, tuple[str, ...]] = {
@@ -238,10 +240,11 @@ def set_aside(path: Path, reason: str, also: Sequence[Path] = ()) -> None:
             moved.append(target.name)
         except OSError as error:
             failed.append(f"{item.name} ({_describe(error)}; remove it)")
+    kept = (" (kept for inspection: neither the trial's end nor the sweeper removes it; "
+            "delete it when done)")
     log.warning("the resumable state %s cannot be resumed from: %s. %s; the trial starts "
                 "again from epoch 0", path, reason,
-                "; ".join([*(["Moved aside to " + ", ".join(moved) + " (kept for inspection)"]
-                             if moved else []),
+                "; ".join([*(["Moved aside to " + ", ".join(moved) + kept] if moved else []),
                            *(["Could not move aside " + ", ".join(failed)] if failed else [])]))
 
 

@@ -22,6 +22,7 @@ from search.evaluation.calibration import Calibration, fold_into_output
 from search.model_registry import model_store
 from search.model_registry import registration as registry
 from search.model_registry.model_store import LoadedModel
+from tests.faults.permissions import ordinary_user  # noqa: F401 - fixture
 
 CLASSES = ["normal", "pneumonia"]
 
@@ -232,3 +233,99 @@ def test_predict_cli_registry_uri_folder_gradcam(registry_store, chest_xray_tree
     assert len(read_csv(out / "predictions.csv")) == 16
     assert json.loads((out / "metrics.json").read_text())["n"] == 16
     assert (out / "gradcam" / "index.html").read_text().count("<img ") == 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs and stores: refused at once, named; read-only commands never take a write lock
+
+
+def test_an_out_that_cannot_be_a_folder_is_refused_before_the_model_is_loaded(
+        tmp_path, capsys, make_npz, val_xrays):
+    images, _ = val_xrays
+    path = make_npz(test_images=images[:2])
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    # no model is registered in this store: loading first would fail on that instead
+    uri = f"sqlite:///{tmp_path / 'empty.db'}"
+    try:
+        for out, message in [
+            (taken, f"--out {taken} is a file, not a folder; choose another --out"),
+            (taken / "sub", f"--out {taken / 'sub'} cannot be created ({taken} is not a "
+             "folder); choose another --out"),
+        ]:
+            assert pr.main(["models:/pneumonia-cnn@champion", str(path), "--out", str(out),
+                            "--tracking-uri", uri]) == 2
+            assert message in capsys.readouterr().err
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    assert not (tmp_path / "empty.db").exists()  # the store was never opened
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ordinary_user")
+def test_an_unwritable_out_is_named_before_the_model_or_the_store_is_read(
+        tiny_model, val_xrays, make_npz, tmp_path):
+    """As a user for whom file modes hold (tests/faults/permissions.py)."""
+    import subprocess
+    import sys
+
+    from tests.faults.permissions import as_ordinary_user, make_read_only
+
+    folder = tmp_path / "mlflow-model"
+    mlflow.keras.save_model(tiny_model.model, str(folder), metadata=tiny_model.info,
+                            pip_requirements=["keras"])
+    path = make_npz(test_images=val_xrays[0][:4])
+    shut, existing = tmp_path / "shut", tmp_path / "shut" / "existing"
+    existing.mkdir(parents=True)
+    make_read_only(existing, shut)
+    repo = Path(__file__).resolve().parents[2]
+    store = f"sqlite:///{tmp_path / 'empty.db'}"
+    for args, message in [
+        (["predict.py", str(folder), str(path), "--out", str(existing)],
+         f"cannot write the predictions to --out {existing}: it is not writable (Permission "
+         "denied); make it writable or choose another --out"),
+        # a registry URI of a store holding no model: loading first would fail on that
+        (["predict.py", "models:/pneumonia-cnn@champion", str(path), "--out", str(shut / "new")],
+         f"cannot write the predictions to --out {shut / 'new'}: {shut}, where it would be "
+         "created, is not writable"),
+        (["pull.py", "--out", str(shut / "export")],
+         f"cannot write the export to --out {shut / 'export'}: {shut}, where it would be "
+         "created, is not writable"),
+    ]:
+        proc = subprocess.run(as_ordinary_user(
+            [sys.executable, str(repo / "search" / args[0]), *args[1:], "--tracking-uri",
+             store]), cwd=repo, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+    assert not list(existing.iterdir())
+
+
+@pytest.mark.slow
+def test_pull_and_predict_read_a_store_another_process_is_writing(registry_store, val_xrays,
+                                                                  make_npz, tmp_path):
+    """Another process holds the store's write lock (an open write transaction) all along."""
+    import subprocess
+    import sys
+
+    registry.register_and_promote(registry_store.runs.good_run_id)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sqlite3, sys\n"
+         f"con = sqlite3.connect({str(registry_store.db)!r}, isolation_level=None)\n"
+         "con.execute('BEGIN IMMEDIATE')\n"
+         "con.execute('UPDATE experiments SET name = name')\n"
+         "print('held', flush=True)\n"
+         "sys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        folder = tmp_path / "champion"
+        assert pull.main(["--out", str(folder), "--tracking-uri", registry_store.uri]) == 0
+        path = make_npz(test_images=val_xrays[0][:4])
+        assert pr.main(["models:/pneumonia-cnn@champion", str(path), "--out",
+                        str(tmp_path / "pred"), "--tracking-uri", registry_store.uri]) == 0
+        assert len(read_csv(tmp_path / "pred" / "predictions.csv")) == 4
+        assert json.loads((folder / "model_info.json").read_text())["aliases"] == ["champion"]
+        assert holder.poll() is None  # the writer held its lock all along
+    finally:
+        holder.communicate("")

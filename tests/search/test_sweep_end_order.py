@@ -150,3 +150,37 @@ def test_floor_is_decided_under_the_lock_before_any_alias(registry_store):
     lines = "\n".join(descriptions.next_steps(
         registry_store.uri, "0", "parent", name, again.to_dict()))
     assert f"serve:   models:/{name}@champion (v{good.version}, unchanged)" in lines
+
+
+def _study_of_another_space(tmp: Path) -> str:
+    """A study named as the sweep's, created by an earlier sweep over another space."""
+    import optuna
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp / 'optuna.db'}", study_name="order",
+                                direction="minimize")
+    study.set_user_attr("sweeper_search_space", {"model.depth": "choice(1,9)"})
+    return "was created with another search space"
+
+
+@pytest.mark.parametrize("refusal", ["search_space", "study"])
+def test_a_sweep_its_sweeper_refuses_never_opens_a_parent_run(tmp_path, refusal):
+    """Refused after `check_sweep_config` passed, by the sweeper's own checks (a key the
+    config lacks; a stored study over another space): no parent run, not even a deleted
+    one. Hydra calls `on_multirun_start` before it builds the sweeper: the run may open
+    only at the sweeper's `on_sweep_start`."""
+    from mlflow.entities import ViewType
+
+    if refusal == "study":
+        expected = _study_of_another_space(tmp_path)
+        proc = run(tmp_path)
+    else:
+        expected = "the composed config has no key 'model.no_such_key'"
+        proc = run(tmp_path, "model.no_such_key=choice(1,2)")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and expected in out, (proc.returncode, out[-4000:])
+    client = store(tmp_path)
+    experiments = client.search_experiments(view_type=ViewType.ALL)
+    runs = client.search_runs([e.experiment_id for e in experiments],
+                              run_view_type=ViewType.ALL) if experiments else []
+    assert runs == [], [(r.info.run_name, r.info.status, r.info.lifecycle_stage) for r in runs]
+    assert "parent run" not in out, out[-4000:]

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from .. import _worker as worker
 from .. import trial_context as tc
+from .._storage import SECRET_ENV_PREFIX, redact
 from .._worker import TrialOutcome, TrialTask, WorkerSetup
 
 # Named as before the module went private, so its log lines read as they did.
@@ -52,10 +53,24 @@ def import_ray() -> Any:
     return ray
 
 
-def run_in_ray(setup: WorkerSetup, task: TrialTask, cwd: str) -> TrialOutcome:
-    """The Ray task: set the worker up once per process, then run the trial there."""
+def run_in_ray(setup: WorkerSetup, task: TrialTask, cwd: str,
+               secret_names: tuple[str, ...] = ()) -> TrialOutcome:
+    """The Ray task: set the worker up once per process, then run the trial there.
+
+    ``secret_names``: the sweeper's ``SWEEP_SECRET_*`` variables (names only), which the
+    config reads (``${oc.env:...}``) and Ray never carries: a node must have them already.
+    """
     import ray
 
+    missing = [name for name in secret_names if name not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"this Ray node's environment lacks {', '.join(missing)}: a password given on the "
+            "command line stays in the sweeper's process (it is moved to that variable) and "
+            "is never sent through Ray, whose task settings the dashboard shows. Give the "
+            "URLs with their passwords in the environment instead (MLFLOW_TRACKING_URI, "
+            "OPTUNA_STORAGE, set on every node before `ray start`), or let the sweeper "
+            "start a local Ray (hydra.sweeper.ray.address=null), which inherits them")
     if os.path.isdir(cwd):  # relative paths in the config mean the sweeper's folder
         os.chdir(cwd)
     state = worker._STATE
@@ -83,7 +98,18 @@ def forwarded_env() -> dict[str, str]:
         value = os.environ.get(name)
         if value and urlsplit(value).password is None:
             env[name] = value
-    return env
+    return without_secrets(env)
+
+
+def without_secrets(env: dict[str, str]) -> dict[str, str]:
+    """``env`` without the values that hold a credential (a URL's password, or a secret
+    this process holds): Ray shows a task's ``runtime_env`` in its dashboard and job info.
+    The study's URL still reaches the worker, in its ``WorkerSetup`` (Ray's object store)."""
+    kept = {k: v for k, v in env.items() if redact(v) == v}
+    if len(kept) < len(env):
+        log.info("Ray executor: %s kept out of the trials' runtime_env (they hold a "
+                 "credential)", ", ".join(sorted(set(env) - set(kept))))
+    return kept
 
 
 class RayExecutor:
@@ -109,28 +135,43 @@ class RayExecutor:
                 f"hold one trial of hydra.sweeper.ray.num_cpus={self.num_cpus:g}, "
                 f"num_gpus={self.num_gpus:g}")
         self.slots = max(1, min(n_jobs, int(capacity)))
+        self.setup_common, self.task_pickle = setup_common, task_pickle
+        self.max_calls = settings.trials_per_worker or 0
+        self.remote: Any = None  # the first submit builds it (see _start_remote)
+        self.setup_ref: Any = None
+        self.cwd = os.getcwd()
+        self.running: dict[int, Any] = {}
+        log.info("Ray executor: cluster %s | %d slots of %g CPU, %g GPU per trial",
+                 settings.address or "local", self.slots, self.num_cpus, self.num_gpus)
+
+    def _start_remote(self) -> None:
+        """The Ray task and its environment, built at the first trial: what the sweeper's
+        Hydra callbacks export once the sweep started (its MLflow parent run, set after this
+        executor was created) reaches the trials."""
+        ray = import_ray()
         threads = max(1, int(self.num_cpus))
-        env = {k: v for k, v in setup_common["env"].items() if k != "CUDA_VISIBLE_DEVICES"}
+        env = {k: v for k, v in self.setup_common["env"].items()
+               if k != "CUDA_VISIBLE_DEVICES"}
         env.update(forwarded_env())
         env.update({"OMP_NUM_THREADS": str(threads), "TF_NUM_INTRAOP_THREADS": str(threads),
                     "TF_NUM_INTEROP_THREADS": str(threads), "SWEEPER_THREADS_PER_WORKER":
                     str(threads)})
         # parent_pid 0: a Ray worker is not the sweeper's child (no die-with-parent);
         # the task function travels pickled by value (the script's __main__ is not Ray's).
-        self.setup = WorkerSetup(**{**setup_common, "env": env, "parent_pid": 0,
-                                           "task_pickle": task_pickle})
+        self.setup = WorkerSetup(**{**self.setup_common, "env": env, "parent_pid": 0,
+                                    "task_pickle": self.task_pickle})
         self.remote = ray.remote(
             num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=0,
-            max_calls=settings.trials_per_worker or 0, runtime_env={"env_vars": env},
+            max_calls=self.max_calls, runtime_env={"env_vars": without_secrets(env)},
         )(run_in_ray)
         self.setup_ref = ray.put(self.setup)
-        self.cwd = os.getcwd()
-        self.running: dict[int, Any] = {}
-        log.info("Ray executor: cluster %s | %d slots of %g CPU, %g GPU per trial",
-                 settings.address or "local", self.slots, self.num_cpus, self.num_gpus)
+        self.secret_names = tuple(sorted(k for k in os.environ
+                                         if k.startswith(SECRET_ENV_PREFIX)))
 
     def submit(self, slot: int, task: TrialTask) -> Future:
-        ref = self.remote.remote(self.setup_ref, task, self.cwd)
+        if self.remote is None:
+            self._start_remote()
+        ref = self.remote.remote(self.setup_ref, task, self.cwd, self.secret_names)
         self.running[slot] = ref
         return ref.future()
 
@@ -143,6 +184,9 @@ class RayExecutor:
         if isinstance(error, lost):
             first = str(error).strip().splitlines()[0][:300] if str(error) else ""
             return f"Ray worker or node lost ({type(error).__name__}: {first})", True
+        cause = getattr(error, "cause", None)  # a RayTaskError: the task's own exception
+        if isinstance(error, ray.exceptions.RayTaskError) and isinstance(cause, Exception):
+            return f"{type(cause).__name__}: {cause}", False
         return f"{type(error).__name__}: {error}", False
 
     def gpu_of(self, slot: int) -> str | None:
