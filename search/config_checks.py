@@ -449,10 +449,10 @@ def _val_setter(cfg: DictConfig, info: Mapping[str, Any]) -> tuple[str, str]:
     """(the key or folder that decided the val split, what to change)."""
     fraction = OmegaConf.select(cfg, "data.val_fraction")
     subset = float(info.get("subset_fraction", 1.0) or 1.0)
-    folds = int(OmegaConf.select(cfg, "data.cv_folds", default=0) or 0)
+    folds = OmegaConf.select(cfg, "data.cv_folds")  # absent or 0: no folds
     if folds:
         setter = (f"data.cv_folds={folds} (val is fold "
-                  f"{OmegaConf.select(cfg, 'data.cv_fold', default=0)} of train + val)")
+                  f"{OmegaConf.select(cfg, 'data.cv_fold')} of train + val)")
         fix = "Use fewer folds (registry.cv_folds / data.cv_folds) or more data"
     elif info.get("resplit"):
         setter = f"data.val_fraction={fraction} (of all images, data.resplit=true)"
