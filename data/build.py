@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
-from data.decoded_cache import decoded_images, default_cache_dir, memory_budget
+from data.decoded_cache import decoded_images, default_cache_dir, first_time, memory_budget
 from data.loaders import load_npz, scan_folder
 from data.pipeline import build_augmenter, make_dataset, preprocessing_spec
 from data.splits import (
@@ -341,7 +341,9 @@ def build_data(
         )
 
     straddling = groups_in_several_splits(splits, pool.groups)
-    if straddling:
+    fingerprint = split_fingerprint(pool.source_key, pool.ids, pool.labels, splits)
+    # Once per data fingerprint (the count stays in source_info, logged on every run).
+    if straddling and first_time(f"straddling:{fingerprint}"):
         # Only possible when given splits are kept (resplit=false): carving never splits a group.
         logger.warning(
             "%d %s occur in more than one split as given (e.g. %s); set data.resplit=true for "
@@ -380,7 +382,7 @@ def build_data(
         n_train=len(splits["train"]),
         n_val=len(splits["val"]),
         n_test=len(splits["test"]),
-        fingerprint=split_fingerprint(pool.source_key, pool.ids, pool.labels, splits),
+        fingerprint=fingerprint,
         preprocessing=preprocessing_spec(image_size, channels),
         source_info=info,
         split_ids={name: pool.ids[idx].tolist() for name, idx in splits.items()},

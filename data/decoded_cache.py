@@ -181,3 +181,28 @@ def save_decode_checks(found: dict[tuple[str, int, int], bool]) -> None:
         os.replace(temporary, path)
     except OSError as error:
         logger.debug("decode checks not saved (%s)", error)
+
+
+def _said_file() -> Path:
+    return default_cache_dir() / "warnings_said.json"
+
+
+def first_time(key: str) -> bool:
+    """True the first time ``key`` is asked about in this cache folder (then recorded), False
+    after: a warning about the same data is said once, not on every run and dry-run trial.
+    An unreadable record says yes again (a repeated warning beats a lost one)."""
+    path = _said_file()
+    try:
+        said = set(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        said = set()
+    if key in said:
+        return False
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(sorted(said | {key})))
+        os.replace(temporary, path)
+    except OSError as error:
+        logger.debug("said-warnings record not saved (%s)", error)
+    return True

@@ -4,8 +4,9 @@
     python search/predict.py exports/pneumonia-cnn-v3 chest_xray/test --gradcam --out preds
     python search/predict.py exports/pneumonia-cnn-v3 pneumoniamnist.npz --npz-key test_images
 
-MODEL: `models:/<name>@<alias>`, `models:/<name>/<version>`, a folder from search/pull.py,
-or an MLflow Keras model folder. INPUT: an image file; a folder of images (searched
+MODEL: `models:/<name>@<alias>`, `models:/<name>/<version>`, `models:/m-<id>` (MLflow 3's
+logged model, as the UI shows it), `runs:/<run id>/model`, a folder from search/pull.py, or
+an MLflow Keras model folder. INPUT: an image file; a folder of images (searched
 recursively; sub-folders named like the model's classes, case-insensitively, give labels);
 or a MedMNIST-layout .npz (`--npz-key`, default test_images if present, else the first
 *_images key; labels from `--labels-key` or the matching *_labels key).
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from search.evaluation.inputs import InputItem, batches, collect_inputs, display_image
-from search.model_registry.model_store import LoadedModel, load_model_reference
+from search.model_registry.model_store import LoadedModel, is_store_uri, load_model_reference
 
 
 @dataclass
@@ -215,14 +216,14 @@ def _predict_loaded(loaded: LoadedModel, source: str | Path, out: Path, gradcam:
         for item, p, c in zip(batch, probs, predicted, strict=True):
             row: dict[str, Any] = {key_name: item.key}
             row.update({f"prob_{name}": float(v) for name, v in zip(classes, p, strict=True)})
-            row["predicted"] = classes[int(c)]
-            row["label"] = "" if item.label is None else classes[item.label]
+            row["predicted_label"] = classes[int(c)]
+            row["true_label"] = "" if item.label is None else classes[item.label]
             rows.append(row)
         if gradcam:
             sheet += _gradcam_batch(loaded, grad_model, batch, images, predicted, probs,
                                     threshold, out, start=len(rows) - len(batch))
     files = {"predictions": out / "predictions.csv"}
-    fieldnames = [key_name, *(f"prob_{c}" for c in classes), "predicted", "label"]
+    fieldnames = [key_name, *(f"prob_{c}" for c in classes), "predicted_label", "true_label"]
     with open(files["predictions"], "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fieldnames)
         writer.writeheader()
@@ -234,10 +235,10 @@ def _predict_loaded(loaded: LoadedModel, source: str | Path, out: Path, gradcam:
             writer.writerow([key_name, "error"])
             writer.writerows(skipped)
     metrics = None
-    labelled = [i for i, row in enumerate(rows) if row["label"]]
+    labelled = [i for i, row in enumerate(rows) if row["true_label"]]
     if labelled:
         probs = np.concatenate(all_probs)[labelled]
-        labels = [classes.index(rows[i]["label"]) for i in labelled]
+        labels = [classes.index(rows[i]["true_label"]) for i in labelled]
         metrics = write_metrics(loaded, labels, probs, out)
         files["metrics"], files["confusion"] = out / "metrics.json", out / "confusion.png"
     if gradcam:
@@ -264,13 +265,8 @@ def _gradcam_batch(loaded: LoadedModel, grad_model: Any, batch: list[InputItem],
         name = Path(item.key).name if item.path is not None else f"index {item.key}"
         file_name = f"{index:05d}_{_safe_name(Path(item.key).stem)}.png"
         gc.save_png(gc.overlay(display_image(item), heatmap), out / "gradcam" / file_name)
-        c = int(predicted[index - start])
-        caption = [f"predicted {loaded.class_names[c]} (p={probs[index - start, c]:.3f})"]
-        if threshold is not None and probs.shape[1] == 2:
-            caption.append(f"P({loaded.class_names[1]}) = {probs[index - start, 1]:.3f}, "
-                           f"threshold {threshold:.3f}")
-        if item.label is not None:
-            caption.append(f"true {loaded.class_names[item.label]}")
+        caption = gc.caption(loaded.class_names, probs[index - start],
+                             int(predicted[index - start]), threshold, item.label)
         entries.append({"image": file_name, "name": name, "caption": caption})
     return entries
 
@@ -281,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="models:/name@alias, models:/name/N, or a pulled folder")
+    parser.add_argument("model", help="models:/name@alias, models:/name/N, models:/m-<id>, "
+                        "runs:/<run id>/model, or a pulled folder")
     parser.add_argument("input", help="image file, folder of images, or MedMNIST .npz")
     parser.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     parser.add_argument("--gradcam", action="store_true", help="write Grad-CAM overlays + HTML")
@@ -295,12 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace earlier predictions in --out")
     parser.add_argument("--tracking-uri", default=None,
-                        help="for models:/ URIs; default: $MLFLOW_TRACKING_URI, else the repo's "
-                        "sqlite store")
+                        help="for models:/ and runs:/ URIs; default: $MLFLOW_TRACKING_URI, "
+                        "else the repo's sqlite store")
     args = parser.parse_args(argv)
     try:
         # registry URIs need the store; a pulled folder never contacts it (works offline)
-        setup_cli(args.tracking_uri, contact=str(args.model).startswith("models:/"))
+        setup_cli(args.tracking_uri, contact=is_store_uri(args.model))
         result = predict(args.model, args.input, args.out, gradcam=args.gradcam,
                          npz_key=args.npz_key, labels_key=args.labels_key,
                          batch_size=args.batch_size, overwrite=args.overwrite, tta=args.tta)

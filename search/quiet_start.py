@@ -7,7 +7,9 @@ a machine without a GPU driver ``failed call to cuInit ... (303)``. A sweep prin
 per worker. ``quiet_native_start()`` captures the process's stderr file descriptor around the
 import and the first device query, drops exactly those known lines and writes everything
 else back (Python warnings and errors included, in order). ``XRAY_STARTUP_LOGS=1`` or
-``hydra.verbose`` shows them all.
+``hydra.verbose`` shows them all. ``start_tensorflow()`` is that start for the commands (pull,
+predict, the served model, the serve request); ``search/serve.py`` filters the model server's
+stream with ``filter_lines``.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def filter_lines(text: str, no_driver: bool) -> tuple[str, bool]:
 
 
 _NO_DRIVER = {"seen": False}
+_STARTED = {"done": False}
 
 
 @contextlib.contextmanager
@@ -74,3 +77,18 @@ def quiet_native_start(verbose: bool = False) -> Iterator[None]:
             if text:
                 sys.stderr.write(text)
                 sys.stderr.flush()
+
+
+def start_tensorflow(verbose: bool = False) -> None:
+    """Import TensorFlow and query its devices (cuInit) quietly; later calls cost nothing.
+
+    Call it before the first ``import keras``/``tensorflow`` of a command: whatever imports
+    TF afterwards finds it started, so no start-up line reaches the terminal.
+    """
+    if _STARTED["done"]:
+        return
+    with quiet_native_start(verbose):
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")
+    _STARTED["done"] = True

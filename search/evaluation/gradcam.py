@@ -168,6 +168,29 @@ def save_png(rgb: np.ndarray, path: str | Path) -> Path:
     return path
 
 
+def caption(class_names: Sequence[str], probs: Sequence[float], predicted: int,
+            threshold: float | None = None, true_label: int | None = None) -> list[str]:
+    """Caption lines for one overlay, in the predictions' vocabulary (predicted_label,
+    true_label) and with one probability throughout.
+
+    Two classes with a threshold state the rule on P(positive class), the one probability
+    the threshold applies to: "P(pneumonia) 0.918 < threshold 0.929 → normal". Otherwise the
+    predicted class's own probability (argmax): "predicted_label cat (P(cat) 0.71)".
+    """
+    probs = [float(p) for p in probs]
+    if threshold is not None and len(class_names) == 2:
+        p = probs[1]
+        sign = "≥" if p >= threshold else "<"
+        lines = [f"P({class_names[1]}) {p:.3f} {sign} threshold {threshold:.3f} "
+                 f"→ {class_names[predicted]}"]
+    else:
+        lines = [f"predicted_label {class_names[predicted]} "
+                 f"(P({class_names[predicted]}) {probs[predicted]:.3f})"]
+    if true_label is not None:
+        lines.append(f"true_label {class_names[true_label]}")
+    return lines
+
+
 def contact_sheet(entries: Sequence[dict[str, Any]], path: str | Path,
                   title: str = "Grad-CAM") -> Path:
     """An HTML page showing the overlays in a grid.

@@ -1,6 +1,7 @@
 """Registered models: URIs, versions and aliases, download, safe loading and metadata.
 
     models:/pneumonia-cnn@champion   models:/pneumonia-cnn/3   exports/pneumonia-cnn-v3/
+    models:/m-<id> (MLflow 3's logged model)   runs:/<run id>/model
 
 `export_version` writes a self-contained local folder for offline prediction:
 
@@ -10,9 +11,9 @@
     config.yaml       the run's composed Hydra config
     MODEL_CARD.md     the same, for humans (`search.model_registry.model_card`)
 
-`load_model_reference` loads a registry URI (through such an export), a pulled folder or a
-bare MLflow Keras model folder. Models are always loaded from the `.keras` file with Keras'
-safe mode on (no arbitrary code).
+`load_model_reference` loads a registry URI (through such an export), a logged-model or run
+URI, a pulled folder or a bare MLflow Keras model folder. Models are always loaded from the
+`.keras` file with Keras' safe mode on (no arbitrary code).
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ METADATA_KEYS = (
     "config_hash", "calibration",
 )
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+# MLflow 3's logged-model URI (what the UI and a run's best_model_uri tag show), and a run's
+LOGGED_MODEL_URI = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]{32})$")
+RUN_MODEL_URI = re.compile(r"^runs:/(?P<run_id>[^/]+)/(?P<path>.+)$")
 
 
 @dataclass
@@ -88,7 +92,9 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, int | None]:
     if not match:
         raise ValueError(
             f"{uri!r} is not a registry URI; expected models:/<name>@<alias> "
-            f"(e.g. models:/{DEFAULT_MODEL_NAME}@champion) or models:/<name>/<version>"
+            f"(e.g. models:/{DEFAULT_MODEL_NAME}@champion) or models:/<name>/<version>; "
+            "predict also takes models:/m-<32 hex digits> (a logged model, as the MLflow UI "
+            "shows it) and runs:/<run id>/model"
         )
     version = match.group("version")
     return match.group("name"), match.group("alias"), int(version) if version else None
@@ -183,6 +189,9 @@ def keras_file(model_dir: str | Path) -> Path:
 
 def load_keras_safely(model_dir: str | Path) -> keras.Model:
     """Load the model of an MLflow Keras folder with `safe_mode=True` (no lambda code runs)."""
+    from search.quiet_start import start_tensorflow
+
+    start_tensorflow()  # the first TF import of pull and predict: its start-up lines go
     import keras
 
     path = keras_file(model_dir)
@@ -388,13 +397,43 @@ def load_exported(folder: str | Path) -> LoadedModel:
     )
 
 
+def is_store_uri(reference: str | Path) -> bool:
+    """Whether a model reference needs the tracking store (models:/ or runs:/)."""
+    return str(reference).strip().startswith(("models:/", "runs:/"))
+
+
+def download_logged_model(uri: str, workdir: Path) -> LoadedModel:
+    """A logged model (`models:/m-<id>`) or a run's model (`runs:/<id>/<path>`), downloaded
+    with MLflow's own resolver and loaded like a bare MLflow model folder."""
+    logged = LOGGED_MODEL_URI.match(uri)
+    run = RUN_MODEL_URI.match(uri)
+    try:
+        run_id = (mlflow.get_logged_model(logged.group("model_id")).source_run_id if logged
+                  else run.group("run_id"))
+        folder = mlflow.artifacts.download_artifacts(artifact_uri=uri,
+                                                     dst_path=str(workdir / "logged-model"))
+    except MlflowException as error:
+        kind = "logged model" if logged else "run model"
+        raise LookupError(f"no {kind} {uri} in {redact_uri(mlflow.get_tracking_uri())} "
+                          f"({error.message.splitlines()[0][:200]}); check the id, or pass "
+                          "--tracking-uri of the store that logged it") from None
+    loaded = load_exported(folder)
+    loaded.info.update(model_uri=uri, run_id=run_id,
+                       run_uri=f"runs:/{run_id}" if run_id else None)
+    return loaded
+
+
 def load_model_reference(reference: str | Path, workdir: str | Path | None = None) -> LoadedModel:
-    """Load `models:/name@alias`, `models:/name/N`, a pulled folder or an MLflow model folder.
+    """Load `models:/name@alias`, `models:/name/N`, `models:/m-<id>` (MLflow 3's logged
+    model), `runs:/<id>/<path>`, a pulled folder or an MLflow model folder.
 
     Registry URIs are exported to `workdir` (a temporary folder if None) first, so predictions
     always go through the same files an offline user has.
     """
-    text = str(reference)
+    text = str(reference).strip()
+    if LOGGED_MODEL_URI.match(text) or RUN_MODEL_URI.match(text):
+        workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="pulled-"))
+        return download_logged_model(text, workdir)
     if text.startswith("models:/"):
         name, alias, version = parse_model_uri(text)
         workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="pulled-"))

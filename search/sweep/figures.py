@@ -2,13 +2,15 @@
 
 Optuna's intermediate-values plot gives each trial a legend entry and a colour from a
 10-colour cycle: past ~25 trials the legend is cut off (the best trial can go missing) and
-colours repeat. Here the legend has one entry per state plus the best trial, so the figure
-reads the same with 5 trials or 100.
+colours repeat. Here the PNG's legend has one entry per state plus the best trial, so it reads
+the same with 5 trials or 100; the interactive HTML (plotly) gives every trial its own colour,
+its run's name on hover and a legend entry that hides or shows it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -86,3 +88,70 @@ def run_curves(client, runs: Sequence, metric: str = "val_loss") -> dict[int, li
         by_step = {m.step: m.value for m in history}  # a retried epoch logs its step again
         curves[int(number)] = [by_step[s] for s in sorted(by_step)]
     return curves
+
+
+DASH = {"COMPLETE": "solid", "PRUNED": "dash", "FAIL": "dot"}
+
+
+def trial_colours(n: int) -> list[str]:
+    """`n` distinct colours: plotly's two largest qualitative sets (50 colours), then an even
+    sample of a perceptual scale for bigger sweeps (neighbours alike, every colour distinct)."""
+    import plotly.colors as pc
+
+    palette = list(pc.qualitative.Dark24) + list(pc.qualitative.Alphabet)
+    return palette[:n] if n <= len(palette) else pc.sample_colorscale("Turbo", n)
+
+
+def curves_html_figure(curves: Mapping[int, Sequence[float]], states: Mapping[int, str],
+                       best: int | None, metric: str, names: Mapping[int, str] | None = None,
+                       title: str = "", best_value: float | None = None) -> Any:
+    """Every trial's per-epoch `metric` as an interactive plotly figure: one line and one
+    colour per trial, named on hover (`names`: trial number -> its run's name), pruned trials
+    dashed with a cross where the pruner stopped them, the best drawn thick."""
+    import plotly.graph_objects as go
+
+    numbers = sorted(n for n, values in curves.items() if values)
+    fig = go.Figure()
+    for number, colour in zip(numbers, trial_colours(len(numbers)), strict=True):
+        values = list(curves[number])
+        state = states.get(number, "COMPLETE") or "COMPLETE"
+        name = (names or {}).get(number) or f"t{number:03d} {state.lower()}"
+        is_best = number == best
+        ends = ["x" if state == "PRUNED" else "circle"] * len(values)
+        fig.add_trace(go.Scatter(
+            x=list(range(1, len(values) + 1)), y=values, mode="lines+markers", name=name,
+            line={"color": colour, "dash": DASH.get(state, "solid"),
+                  "width": 4 if is_best else 1.6},
+            marker={"size": [0] * (len(values) - 1) + [9 if state == "PRUNED" else 0],
+                    "symbol": ends, "color": colour},
+            legendrank=1 if is_best else 1000,
+            hovertemplate=(f"<b>{name}</b> ({state.lower()}{', best' if is_best else ''})"
+                           f"<br>epoch %{{x}}<br>{metric} %{{y:.4f}}<extra></extra>")))
+    best_words = "" if best is None else f"; best: trial {best}" + (
+        "" if best_value is None else f" ({best_value:.4g})")
+    fig.update_layout(
+        title=(title or f"{metric} per epoch, {len(numbers)} trials") + best_words,
+        xaxis_title="epoch", yaxis_title=metric, hovermode="closest", template="plotly_white",
+        legend={"title": {"text": "trials (click: hide / show)"}}, height=620)
+    return fig
+
+
+def run_names_by_trial(runs: Sequence, metric: str = "val_loss") -> dict[int, str]:
+    """Trial number -> the name of its run holding `metric` (as `run_curves` picks it)."""
+    names = {}
+    for run in runs:
+        number = run.data.tags.get(tag_keys.OPTUNA_TRIAL_NUMBER)
+        if number is not None and metric in run.data.metrics:
+            names[int(number)] = run.info.run_name or f"t{int(number):03d}"
+    return names
+
+
+def all_trials_html(runs: Sequence, curves: Mapping[int, Sequence[float]],
+                    states: Mapping[int, str], best: Mapping[str, Any], study: str,
+                    metric: str = "val_loss") -> str:
+    """The sweep's all-trials page (self-contained HTML: MLflow's artifact view and a
+    browser offline both run its inline plotly.js)."""
+    figure = curves_html_figure(
+        curves, states, best.get("number"), metric, run_names_by_trial(runs, metric),
+        title=f"{metric} per epoch: {len(curves)} trials of {study}", best_value=best.get("value"))
+    return figure.to_html(include_plotlyjs=True, full_html=True)

@@ -322,10 +322,11 @@ def next_steps_step(end: SweepEnd, outcome: SweepOutcome, stopped: str | None = 
             note = descriptions.parent_description(
                 end.study.study_name, summary, ", ".join(end.study.metric_names or ["value"]),
                 (run.info.experiment_id, best) if best else None, decided, uri, model_name,
-                stopped)
+                stopped, experiment_id=run.info.experiment_id, parent_run_id=end.parent_run_id)
             end.client.set_tag(end.parent_run_id, tag_keys.MLFLOW_NOTE, note)
         return descriptions.next_steps(uri, run.info.experiment_id, end.parent_run_id,
-                                       model_name, decided, stopped)
+                                       model_name, decided, stopped,
+                                       artifact_uri=run.info.artifact_uri)
     except Exception:  # noqa: BLE001 - a description never fails the sweep's end
         log.warning("could not describe the sweep's parent run", exc_info=True)
         return []

@@ -26,9 +26,15 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from search import sweep_context  # noqa: E402
 from search.model_registry.model_card import with_interval  # noqa: E402
-from search.sweep.figures import curves_figure, run_curves, study_curves  # noqa: E402
+from search.sweep.figures import (  # noqa: E402
+    all_trials_html,
+    curves_figure,
+    run_curves,
+    study_curves,
+)
 from search.tracking import mlflow_runs  # noqa: E402
 from search.tracking import tags as tag_keys  # noqa: E402
+from search.tracking.descriptions import ALL_TRIALS_FIGURE  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +72,11 @@ TOP_PARAMS = 6
 
 
 def top_params(study: optuna.Study, k: int = TOP_PARAMS) -> list[str] | None:
-    """The `k` most important parameters (Optuna's fANOVA importances); None: all of them."""
+    """The `k` most important parameters (Optuna's fANOVA importances); None: all of them,
+    also below IMPORTANCE_MIN_COMPLETE complete trials, where the ranking is noise."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) < IMPORTANCE_MIN_COMPLETE:
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -114,6 +124,135 @@ def header_table(study: optuna.Study, summary: dict[str, Any],
             f"</style>{cells}</table>")
 
 
+def objective_name(study: optuna.Study) -> str:
+    """The first objective's name (`hydra.sweeper.metric_names`) for every axis: `val_loss`,
+    not Optuna's "Objective Value"."""
+    names = study.metric_names or []
+    return names[0] if names else "objective value"
+
+
+def _plot_kwargs(study: optuna.Study, name: str, top: list[str] | None) -> dict[str, Any]:
+    """Keyword arguments naming the objective on this plot's axis (and its parameters)."""
+    target = objective_name(study)
+    if name == "pareto_front":
+        return {"target_names": list(study.metric_names)} if study.metric_names else {}
+    if name == "intermediate_values":
+        return {}
+    kwargs: dict[str, Any] = {"target_name": target}
+    if len(study.directions) > 1:
+        kwargs["target"] = lambda t: t.values[0]
+    if name == "parallel_coordinate" and top:
+        kwargs["params"] = top
+    return kwargs
+
+
+def pruned_points(study: optuna.Study) -> list[tuple[int, float]]:
+    """(trial number, last reported value) of each pruned trial: Optuna's optimisation
+    history shows COMPLETE trials only, which hides most of a pruned sweep."""
+    points = []
+    for trial in study.get_trials(deepcopy=False,
+                                  states=(optuna.trial.TrialState.PRUNED,)):
+        if trial.intermediate_values:
+            points.append((trial.number, trial.intermediate_values[max(trial.intermediate_values)]))
+    return points
+
+
+# fANOVA's importances need trials: none below IMPORTANCE_MIN_COMPLETE complete trials, and a
+# caveat below max(IMPORTANCE_SOLID, 2 x parameters) (a forest on fewer points than twice its
+# inputs ranks them by noise as readily as by effect).
+IMPORTANCE_MIN_COMPLETE = 5
+IMPORTANCE_SOLID = 30
+
+
+def importance_caveat(study: optuna.Study) -> str | None:
+    """None when the importances stand on enough complete trials, else the caveat to print;
+    ValueError below IMPORTANCE_MIN_COMPLETE (the plot is then left out, saying why)."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    n_params = len({name for t in complete for name in t.params})
+    if len(complete) < IMPORTANCE_MIN_COMPLETE:
+        raise ValueError(f"not fitted on {len(complete)} complete trial(s): "
+                         f"shown from {IMPORTANCE_MIN_COMPLETE}")
+    solid = max(IMPORTANCE_SOLID, 2 * n_params)
+    if len(complete) >= solid:
+        return None
+    return (f"fitted on {len(complete)} complete trials over {n_params} parameters: "
+            f"indicative only (solid from about {solid})")
+
+
+def _decorate_plotly(fig: Any, study: optuna.Study, name: str, caveat: str | None) -> None:
+    """The objective's name, the pruned trials and the importances' caveat on a plotly plot."""
+    import plotly.graph_objects as go
+
+    target = objective_name(study)
+    if name == "optimization_history":
+        points = pruned_points(study)
+        if points:
+            fig.add_trace(go.Scatter(
+                x=[n for n, _ in points], y=[v for _, v in points], mode="markers",
+                name=f"pruned (last reported {target})",
+                marker={"symbol": "x", "color": "#999999", "size": 7}))
+    elif name == "intermediate_values":
+        fig.update_layout(yaxis_title=f"reported {target}", xaxis_title="epoch")
+    elif name == "param_importances" and caveat:
+        fig.update_layout(title=f"Hyperparameter importances: {caveat}")
+
+
+def _decorate_mpl(ax: Any, study: optuna.Study, name: str, caveat: str | None) -> None:
+    """The same decorations on Optuna's matplotlib plot."""
+    if name == "optimization_history":
+        points = pruned_points(study)
+        if points:
+            ax.scatter([n for n, _ in points], [v for _, v in points], marker="x",
+                       color="#999999", label=f"pruned (last reported {objective_name(study)})")
+            ax.legend()
+    elif name == "param_importances" and caveat:
+        # Optuna's title sits on the left: the caveat replaces it there, on a second line
+        ax.set_title(f"Hyperparameter Importances\n{caveat}", loc="left", fontsize=11)
+
+
+def _mpl_png(mpl_fn: Any, study: optuna.Study, name: str, kwargs: dict[str, Any],
+             caveat: str | None, path: Path) -> None:
+    ax = mpl_fn(study, **kwargs)
+    first = ax if hasattr(ax, "figure") else ax.flat[0]
+    _decorate_mpl(first, study, name, caveat)
+    figure = first.figure
+    figure.set_size_inches(9, 5.5)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# How many trials the report's table links to their MLflow runs (best first).
+LINKED_TRIALS = 10
+
+
+def trial_links(study: optuna.Study, k: int = LINKED_TRIALS) -> str:
+    """The best ``k`` complete trials and then the latest pruned or failed ones, each linked to
+    its MLflow run (user attrs `mlflow_run_url` / `mlflow_run_id`), as an HTML table."""
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    sign = -1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1
+    chosen = sorted(complete, key=lambda t: sign * t.values[0])[:k]
+    chosen += sorted((t for t in trials if t.state.is_finished() and t not in complete),
+                     key=lambda t: -t.number)[:max(0, k - len(chosen))]
+    rows = []
+    for trial in chosen:
+        url = trial.user_attrs.get("mlflow_run_url")
+        run_id = html.escape(str(trial.user_attrs.get("mlflow_run_id", "—")))
+        # no target=_blank: MLflow shows HTML artifacts in a sandbox (allow-scripts only) that
+        # blocks new windows, while the frame itself may still follow the link
+        cell = (f"<a href='{html.escape(str(url))}'>{run_id}</a>" if url
+                else run_id)
+        value = f"{trial.values[0]:.6g}" if trial.values else "—"
+        rows.append(f"<tr><td>{trial.number}</td><td>{trial.state.name.lower()}</td>"
+                    f"<td>{value}</td><td>{cell}</td></tr>")
+    if not rows:
+        return ""
+    return ("<h2>trials and their MLflow runs</h2><table style='font-family:sans-serif;"
+            f"font-size:14px'><tr><th>trial</th><th>state</th><th>{objective_name(study)}</th>"
+            f"<th>MLflow run</th></tr>{''.join(rows)}</table>")
+
+
 def _curves_png(study: optuna.Study, summary: dict[str, Any], path: Path) -> None:
     """The intermediate values as one readable figure (Optuna's cuts its legend at ~25)."""
     curves, states = study_curves(study.get_trials(deepcopy=False))
@@ -123,6 +262,35 @@ def _curves_png(study: optuna.Study, summary: dict[str, Any], path: Path) -> Non
                            best_value=best.get("value"))
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def _plot(study: optuna.Study, name: str, fns: tuple[Any, Any], kwargs: dict[str, Any],
+          summary: dict[str, Any], folder: Path, sections: list[str]) -> bool:
+    """One plot: its HTML section appended to ``sections`` and its PNG written (True), or a
+    section saying why it does not apply (False)."""
+    plotly_fn, mpl_fn = fns
+    heading = f"<h2>{name.replace('_', ' ')}</h2>"
+    added = False
+    try:
+        caveat = importance_caveat(study) if name == "param_importances" else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna flags its matplotlib backend experimental
+            fig = plotly_fn(study, **kwargs)
+            _decorate_plotly(fig, study, name, caveat)
+            # plotly.js embedded once, in the first plot: the page works offline.
+            first = not any("plotly" in section for section in sections)
+            sections.append(heading + fig.to_html(full_html=False, include_plotlyjs=first))
+            added = True
+            if name == "intermediate_values":
+                _curves_png(study, summary, folder / f"{name}.png")
+            else:
+                _mpl_png(mpl_fn, study, name, kwargs, caveat, folder / f"{name}.png")
+    except (ValueError, RuntimeError, ZeroDivisionError, IndexError) as exc:
+        log.info("sweep report: %s skipped (%s)", name, exc)
+        if not added:
+            sections.append(f"{heading}<p>{html.escape(str(exc))}</p>")
+        return False
+    return True
 
 
 def write_report(study: optuna.Study, folder: Path,
@@ -140,36 +308,13 @@ def write_report(study: optuna.Study, folder: Path,
     # every cell through the one redaction: user attrs and params are free text
     study.trials_dataframe().map(sweep_context.redact_tree).to_csv(table, index=False)
     written.append(table)
-    multi = len(study.directions) > 1
     summary = summarize(study)
     sections: list[str] = []
     top = top_params(study)
-    for name, (plotly_fn, mpl_fn) in _plots(study).items():
-        kwargs: dict[str, Any] = {}
-        if multi and name not in ("pareto_front", "intermediate_values"):
-            kwargs = {"target": lambda t: t.values[0], "target_name": "objective 0"}
-        if name == "parallel_coordinate" and top:
-            kwargs["params"] = top
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # Optuna flags its matplotlib backend experimental
-                fig = plotly_fn(study, **kwargs)
-                # plotly.js embedded once, in the first section: the page works offline.
-                sections.append(f"<h2>{name.replace('_', ' ')}</h2>" + fig.to_html(
-                    full_html=False, include_plotlyjs=not sections))
-                if name == "intermediate_values":
-                    _curves_png(study, summary, folder / f"{name}.png")
-                else:
-                    ax = mpl_fn(study, **kwargs)
-                    figure = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-                    figure.set_size_inches(9, 5.5)
-                    figure.tight_layout()
-                    figure.savefig(folder / f"{name}.png", dpi=110)
-                    plt.close(figure)
-        except (ValueError, RuntimeError, ZeroDivisionError, IndexError) as exc:
-            log.info("sweep report: %s skipped (%s)", name, exc)
-            continue
-        written.append(folder / f"{name}.png")
+    for name, fns in _plots(study).items():
+        if _plot(study, name, fns, _plot_kwargs(study, name, top), summary, folder, sections):
+            written.append(folder / f"{name}.png")
+    sections.append(trial_links(study))
     page = folder / "sweep_report.html"
     page.write_text(sweep_context.redact(  # the plots' hover texts show user attrs
         f"<html><head><meta charset='utf-8'><title>Sweep {study.study_name}</title></head><body>"
@@ -242,7 +387,8 @@ def log_best_trial(client: MlflowClient, study: optuna.Study, summary: dict) -> 
 
 
 def log_sweep_curves(client: MlflowClient, study: optuna.Study, summary: dict) -> None:
-    """Every trial's val_loss per epoch, from the tracked series, as one PNG on the parent."""
+    """Every trial's val_loss per epoch, from the tracked series, on the parent: a PNG, and
+    an interactive HTML at the top of its artifacts (one click from the closing lines)."""
     runs = child_runs(client, study.study_name)
     curves = run_curves(client, runs, "val_loss")
     if not curves:
@@ -256,3 +402,5 @@ def log_sweep_curves(client: MlflowClient, study: optuna.Study, summary: dict) -
                            best_value=best.get("value"))
     mlflow.log_figure(figure, "sweep/val_loss_all_trials.png")
     plt.close(figure)
+    mlflow.log_text(all_trials_html(runs, curves, states, best, study.study_name),
+                    ALL_TRIALS_FIGURE)

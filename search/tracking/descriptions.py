@@ -8,14 +8,24 @@ version's `description` on its page. Pure builders: the callers write them.
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit
 
 from search.tracking import tags as tag_keys
 from search.tracking.mlflow_runs import DEFAULT_STORE, ML_VIEW, public_uri, redact_uri
 
-LOCAL_UI = "http://127.0.0.1:5000"
-# The runs page on its chart view, model-training runs only (MLflow 3's UI query keys).
-CHART_QUERY = f"runs?{ML_VIEW}&compareRunsMode=CHART"
+# Links inside MLflow (descriptions) are relative to the page: `#/experiments/1/runs/abc`
+# opens on whatever host, port and path prefix serves the UI (its index.html sets no <base>,
+# and its Markdown sanitiser keeps relative hrefs). Printed lines are absolute only where the
+# server's URL is known (a tracking server, or the one `python search/ui.py` starts).
+
+# The parent run's interactive all-trials figure, at the top of its artifacts.
+ALL_TRIALS_FIGURE = "val_loss_all_trials.html"
+UI_SCRIPT = "search/ui.py"
+# Where `python search/ui.py` serves by default (MLflow's own default port, loopback only).
+LOCAL_HOST, LOCAL_PORT = "127.0.0.1", 5000
+LOCAL_UI = f"http://{LOCAL_HOST}:{LOCAL_PORT}"
 
 
 def headline(metrics: dict[str, float]) -> str:
@@ -32,11 +42,6 @@ def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-def ui_base(tracking_uri: str) -> str:
-    """Where the MLflow UI of this store answers: the server itself, or `mlflow ui`."""
-    return public_uri(tracking_uri) if is_server(tracking_uri) else LOCAL_UI
-
-
 def store_word(tracking_uri: str) -> str:
     """The store as a shell word for a printed command. A URL holding a password is
     `"$MLFLOW_TRACKING_URI"`: the line is printed and logged, so the password stays in the
@@ -46,19 +51,56 @@ def store_word(tracking_uri: str) -> str:
     return shlex.quote(tracking_uri)
 
 
+def is_default_store(tracking_uri: str) -> bool:
+    """Whether a command without --tracking-uri reaches this store (the repo's SQLite)."""
+    return not tracking_uri or tracking_uri == f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
+
+
 def ui_command(tracking_uri: str) -> str | None:
-    """The command that serves a local store's UI (None: a server already does)."""
+    """The command that serves a local store's UI and prints its addresses (None: a server
+    already serves it)."""
     if is_server(tracking_uri):
         return None
-    return f"mlflow ui --backend-store-uri {store_word(tracking_uri)} --host 127.0.0.1"
+    words = ["python", UI_SCRIPT]
+    if not is_default_store(tracking_uri):
+        words += ["--tracking-uri", store_word(tracking_uri)]
+    return " ".join(words)
 
 
-def chart_url(tracking_uri: str, experiment_id: str) -> str:
-    return f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/{CHART_QUERY}"
+def experiment_route(experiment_id: str) -> str:
+    """The experiment's training runs, relative to any MLflow UI page."""
+    return f"#/experiments/{experiment_id}/runs?{ML_VIEW}"
+
+
+def run_route(experiment_id: str, run_id: str) -> str:
+    """A run's page, relative to any MLflow UI page."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?{ML_VIEW}"
+
+
+def artifact_route(experiment_id: str, run_id: str, path: str) -> str:
+    """A run's artifact shown in its artifact view (HTML rendered, scripts run)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}/artifactPath/{path}?{ML_VIEW}"
+
+
+def model_route(model_name: str, version: Any) -> str:
+    """A registered version's page, relative to any MLflow UI page."""
+    return f"#/models/{quote(str(model_name), safe='')}/versions/{version}"
+
+
+def address(ui_base: str | None, route: str) -> str | None:
+    """`route` on a UI served at `ui_base` (None: no server URL known)."""
+    return f"{ui_base.rstrip('/')}/{route}" if ui_base else None
+
+
+def server_base(tracking_uri: str) -> str | None:
+    """The UI's URL when the store is a tracking server (without its login), else None."""
+    return public_uri(tracking_uri) if is_server(tracking_uri) else None
 
 
 def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    return f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}?{ML_VIEW}"
+    """A run's absolute address for pages outside MLflow (optuna-dashboard's notes): on the
+    server, or where `python search/ui.py` serves a local store by default."""
+    return address(server_base(tracking_uri) or LOCAL_UI, run_route(experiment_id, run_id))
 
 
 def pull_command(model_name: str, tracking_uri: str, alias: str = "champion") -> str:
@@ -69,7 +111,7 @@ def pull_command(model_name: str, tracking_uri: str, alias: str = "champion") ->
     words = [shlex.quote(p) for p in parts]
     if is_server(tracking_uri):
         words += ["--tracking-uri", shlex.quote(public_uri(tracking_uri))]
-    elif tracking_uri and tracking_uri != f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}":
+    elif not is_default_store(tracking_uri):
         words += ["--tracking-uri", store_word(tracking_uri)]  # no password in descriptions
     return " ".join(words)
 
@@ -80,49 +122,69 @@ def _fmt(value: Any) -> str:
 
 def parent_description(study: str, summary: dict[str, Any], objective: str,
                        best_run: tuple[str, str] | None, decision: dict[str, Any] | None,
-                       tracking_uri: str, model_name: str, stopped: str | None = None) -> str:
-    """The sweep's parent-run description (Markdown).
+                       tracking_uri: str, model_name: str, stopped: str | None = None,
+                       experiment_id: str | None = None, parent_run_id: str | None = None,
+                       ) -> str:
+    """The sweep's parent-run description (Markdown), led by what matters: MLflow's run page
+    folds a description after about 100 px (three lines), so those lines hold how the sweep
+    ended, the registry's decision with the champion's commands, and the best trial with every
+    trial's curves; the counts and the parameters follow. Links are relative (any host/port).
 
     Args:
         best_run: (experiment id, run id) of the best trial's run, when it has one.
         decision: the registry decision (`PromotionDecision.to_dict()`), when one was made.
         stopped: how the sweep's end stopped before its last step, in words (None: it ran).
+        experiment_id, parent_run_id: the parent run, for the link to its all-trials figure.
     """
+    top = [f"**Stopped:** {stopped}; the steps after it did not run."] if stopped else []
+    top += registry_lines(decision, tracking_uri, model_name)
+    top.append(best_line(summary, objective, best_run, experiment_id, parent_run_id))
     counts = ", ".join(f"{n} {s.lower()}" for s, n in summary.get("counts", {}).items())
-    lines = [f"**Sweep of study `{study}`**: {counts or 'no trials'}.", ""]
-    if stopped:
-        lines += [f"**Stopped:** {stopped}; the steps after it did not run.", ""]
+    lines = [f"- {line}" for line in top]
+    lines += ["", f"Sweep of study `{study}`: {counts or 'no trials'}."]
+    best = summary.get("best")
+    if best and best.get("params"):
+        lines += ["", f"Parameters of trial {best['number']}:"]
+        lines += [f"- `{k}` = {_fmt(v)}" for k, v in best["params"].items()]
+    return "\n".join(lines)
+
+
+def registry_lines(decision: dict[str, Any] | None, tracking_uri: str,
+                   model_name: str) -> list[str]:
+    """The registry's decision, then what to pull and predict with (or why nothing)."""
+    if not decision:
+        return ["**Registry:** nothing promoted by this sweep."]
+    held_out = decision.get("new_metrics", {}).get(decision["metric"])
+    champion = _champion_after(decision)
+    stays = ("" if decision["promoted"] or champion is None
+             or champion == decision["version"] else f"; the champion stays v{champion}")
+    lines = [f"**Registry:** `{decision['model_name']}` v{decision['version']} → "
+             f"{_alias_words(decision)} ({_verdict(decision)}: {decision['reason']}); held-out "
+             f"{decision['metric']} = {_fmt(held_out)}"
+             f"{_interval(decision.get('new_intervals'), decision['metric'])}{stays}."]
+    if champion is None:
+        return lines + [f"No version of `{model_name}` holds @champion: nothing to pull or "
+                        "serve until one passes the floor."]
+    predict = f"python search/predict.py models:/{model_name}@champion <images>"
+    return lines + [f"Pull: `{pull_command(model_name, tracking_uri)}` · predict: `{predict}`"]
+
+
+def best_line(summary: dict[str, Any], objective: str, best_run: tuple[str, str] | None,
+              experiment_id: str | None, parent_run_id: str | None) -> str:
+    """The best trial (linked to its run) and every trial's curves (linked to the figure)."""
+    curves = (f" · [every trial's val_loss]"
+              f"({artifact_route(experiment_id, parent_run_id, ALL_TRIALS_FIGURE)})"
+              if experiment_id and parent_run_id else "")
     best = summary.get("best")
     if best:
         trial = f"trial {best['number']}"
         if best_run:
-            trial = f"[{trial}]({run_link(tracking_uri, *best_run)})"
-        lines.append(f"**Best:** {trial}, {objective} = {_fmt(best['value'])}")
-        lines += [f"- `{k}` = {_fmt(v)}" for k, v in best["params"].items()]
-    elif summary.get("pareto_front"):
-        lines.append(f"**Pareto front:** {len(summary['pareto_front'])} trial(s); see "
-                     "`sweep/summary.json`.")
-    else:
-        lines.append("**No trial completed.**")
-    lines.append("")
-    if decision:
-        held_out = decision.get("new_metrics", {}).get(decision["metric"])
-        lines.append(
-            f"**Registry:** `{decision['model_name']}` v{decision['version']} → "
-            f"{_alias_words(decision)} ({_verdict(decision)}: "
-            f"{decision['reason']}); held-out {decision['metric']} = {_fmt(held_out)}"
-            f"{_interval(decision.get('new_intervals'), decision['metric'])}.")
-        if _champion_after(decision) is None:
-            lines += ["", f"No version of `{model_name}` holds @champion: nothing to pull or "
-                      "serve until one passes the floor."]
-        else:
-            lines += ["", "Pull and predict:", "```",
-                      pull_command(model_name, tracking_uri),
-                      f"python search/predict.py models:/{model_name}@champion <images> --out "
-                      "predictions", "```"]
-    else:
-        lines.append("**Registry:** nothing promoted by this sweep.")
-    return "\n".join(lines)
+            trial = f"[{trial}]({run_route(*best_run)})"
+        return f"**Best:** {trial}, {objective} = {_fmt(best['value'])}{curves}"
+    if summary.get("pareto_front"):
+        return (f"**Pareto front:** {len(summary['pareto_front'])} trial(s); see "
+                f"`sweep/summary.json`{curves}")
+    return f"**No trial completed.**{curves}"
 
 
 def _alias_words(decision: dict[str, Any]) -> str:
@@ -212,8 +274,8 @@ def contract_lines(metadata: dict[str, Any]) -> list[str]:
         f"- **Input (serving):** raw 0–255 pixels, float32 `(N, {size}, {size}, {channels})` "
         "(JSON numbers over REST); `params={\"scaled\": true}` for pixels already scaled "
         "to 0–1. Other sizes: `search/predict.py`, which decodes and resizes files.",
-        f"- **Output:** {columns} (probabilities, classes in output order), `label` (at the "
-        "threshold) and `threshold`.",
+        f"- **Output:** {columns} (probabilities, classes in output order), `predicted_label` "
+        "(at the threshold) and `threshold`.",
     ]
 
 
@@ -244,16 +306,25 @@ def model_description(model_name: str, decision: dict[str, Any], tracking_uri: s
 
 def next_steps(tracking_uri: str, experiment_id: str, parent_run_id: str,
                model_name: str, decision: dict[str, Any] | None,
-               stopped: str | None = None) -> list[str]:
-    """What to do after the sweep, printed at its end (`stopped`: how its end stopped)."""
+               stopped: str | None = None, artifact_uri: str | None = None) -> list[str]:
+    """What to do after the sweep, printed at its end (`stopped`: how its end stopped).
+
+    Addresses are printed only where the server is known (a tracking server); for a local
+    store the UI command prints them on the server it starts, and `curves` is the figure's
+    file (`artifact_uri`: the parent run's artifact location), which opens in a browser.
+    """
     lines = ["Next:"]
     if stopped:
         lines.append(f"  stopped: {stopped}; the steps after it did not run")
+    base = server_base(tracking_uri)
     command = ui_command(tracking_uri)
     if command:
-        lines.append(f"  UI:      {command}")
-    lines += [f"  curves:  {chart_url(tracking_uri, experiment_id)}  (val_loss chart)",
-              f"  sweep:   {run_link(tracking_uri, experiment_id, parent_run_id)}"]
+        lines.append(f"  UI:      {command}   (MLflow's UI on this store; it prints the "
+                     "addresses of this sweep, its curves and the champion)")
+    lines.append(f"  curves:  {curves_target(base, experiment_id, parent_run_id, artifact_uri)}"
+                 "  (every trial's val_loss, interactive)")
+    sweep = address(base, run_route(experiment_id, parent_run_id))
+    lines.append(f"  sweep:   {sweep or f'parent run {parent_run_id}, experiment {experiment_id}'}")
     if decision and decision.get("below_floor"):
         return lines + _refused_lines(tracking_uri, model_name, decision)
     if decision:
@@ -262,6 +333,18 @@ def next_steps(tracking_uri: str, experiment_id: str, parent_run_id: str,
                   f"serve models:/{model_name}@champion",
                   f"  pull:    {pull_command(model_name, tracking_uri)}"]
     return lines
+
+
+def curves_target(base: str | None, experiment_id: str, parent_run_id: str,
+                  artifact_uri: str | None) -> str:
+    """The all-trials figure in one click: its artifact view on a server, its file (a
+    file:// URI a terminal opens) for a local store, else where to find it."""
+    if base:
+        return address(base, artifact_route(experiment_id, parent_run_id, ALL_TRIALS_FIGURE))
+    if artifact_uri and urlsplit(artifact_uri).scheme in ("", "file"):
+        folder = Path(unquote(urlsplit(artifact_uri).path))
+        return (folder / ALL_TRIALS_FIGURE).as_uri()
+    return f"{ALL_TRIALS_FIGURE} on the sweep's parent run"
 
 
 def _refused_lines(tracking_uri: str, model_name: str, decision: dict[str, Any]) -> list[str]:

@@ -30,8 +30,24 @@ def _save_keras_flavor(path: str, **kwargs: Any) -> None:
     """
     os.makedirs(path, exist_ok=True)
     kwargs.pop("validate_serving_input", None)  # Model.log's switch, not the saver's
+    kwargs["model"] = without_training_state(kwargs["model"])
     mlflow.keras.save_model(path=path, **kwargs)
     serving.add_to_saved_model(path, kwargs["mlflow_model"])  # raw pixels in, names out
+
+
+def without_training_state(model: keras.Model) -> keras.Model:
+    """The same network and weights, uncompiled: no optimizer state in the logged file.
+
+    Keras 3 saves a compiled model's optimizer into `.keras` whatever `include_optimizer`
+    says; loading that file compiled (`mlflow.keras.load_model`, Keras' default) then warns
+    "Skipping variable loading for optimizer ..." for state nobody uses: the logged model is
+    for prediction. Resume states (search/training/resume.py) are saved apart and keep theirs.
+    """
+    if not getattr(model, "compiled", False):
+        return model
+    copy = type(model).from_config(model.get_config())  # from_config never compiles
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 # Stands in for the `mlflow.keras` module in Model.log (same flavour name, same saver).

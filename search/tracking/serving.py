@@ -10,7 +10,8 @@ instead (copied into each logged model as `code/serving.py`, so `mlflow models s
 files stay as they were.
 
 Self-contained on purpose (numpy, pandas, keras, yaml, and mlflow, which loads it): it must
-import where only the model folder is, without this repository.
+import where only the model folder is, without this repository (there only TF's start-up
+lines, which `search.quiet_start` drops where the repository is installed, show).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ LOADER_MODULE = "serving"  # the name under which MLflow imports the copied file
 
 
 def output_columns(class_names: list[str]) -> list[str]:
-    """`p_<class>` per class in output order, then `label` and `threshold`."""
-    return [f"p_{name}" for name in class_names] + ["label", "threshold"]
+    """`p_<class>` per class in output order, then `predicted_label` and `threshold`."""
+    return [f"p_{name}" for name in class_names] + ["predicted_label", "threshold"]
 
 
 def serving_signature(image_size: int, class_names: list[str]) -> Any:
@@ -51,7 +52,7 @@ def serving_signature(image_size: int, class_names: list[str]) -> Any:
 
     inputs = Schema([TensorSpec(np.dtype("float32"), (-1, image_size, image_size, -1))])
     outputs = Schema([ColSpec("double", f"p_{n}") for n in class_names]
-                     + [ColSpec("string", "label"), ColSpec("double", "threshold")])
+                     + [ColSpec("string", "predicted_label"), ColSpec("double", "threshold")])
     signature = ModelSignature(inputs=inputs, outputs=outputs,
                                params=ParamSchema([ParamSpec("scaled", "boolean", False)]))
     signature._is_signature_from_type_hint = True
@@ -217,13 +218,19 @@ class ServingModel:
         else:
             index = probs.argmax(axis=1)
         frame = pd.DataFrame({f"p_{n}": probs[:, i] for i, n in enumerate(self.class_names)})
-        frame["label"] = [self.class_names[i] for i in index]
+        frame["predicted_label"] = [self.class_names[i] for i in index]
         frame["threshold"] = float("nan") if self.threshold is None else float(self.threshold)
         return frame
 
 
 def _load_pyfunc(path: str) -> ServingModel:
     """MLflow's pyfunc entry point: the model folder (its MLmodel and Keras file)."""
+    try:  # the model server's TF start-up lines off (XRAY_STARTUP_LOGS=1 shows them)
+        from search.quiet_start import start_tensorflow
+    except ImportError:  # served where this repository is not installed: they show
+        pass
+    else:
+        start_tensorflow()
     import keras
     import yaml
 

@@ -106,7 +106,45 @@ def start_run(cfg: DictConfig, plan: RunPlan, precision: str) -> TrackedRun:
         url = mlflow_runs.run_url(run.info.experiment_id, run.info.run_id)
         if url:
             trial.trial.set_user_attr("mlflow_run_url", url)
+        link_trial_to_run(trial.trial, run.info.experiment_id, run.info.run_id, url)
     return tracked
+
+
+# optuna-dashboard shows user attrs as plain text but renders a trial's note as Markdown: the
+# note carries the link. Its storage (optuna_dashboard/_note.py): study system attrs
+# "dashboard:<trial_id>:note_ver" and "dashboard:<trial_id>:note_str:<i>", 2045-char pieces.
+DASHBOARD_NOTE_PIECE = 2045
+
+
+def link_trial_to_run(trial: Any, experiment_id: str, run_id: str, url: str | None) -> None:
+    """The trial's note in optuna-dashboard links its MLflow run, for a local store too: there
+    the address `mlflow ui` serves by default, said as such (another port or host: search the
+    run id). A note someone already wrote is kept; a storage that refuses it costs the link."""
+    local = url is None
+    url = url or descriptions.run_link(mlflow.get_tracking_uri(), experiment_id, run_id)
+    if local:  # the URL attr too, so the sweep report links every trial
+        trial.set_user_attr("mlflow_run_url", url)
+        trial.set_user_attr("mlflow_run_url_note", "where `python search/ui.py` (`mlflow ui`) "
+                            "serves a local store by default; on another port or host, "
+                            "search the run id")
+    body = f"MLflow run: [{run_id}]({url})" + (
+        "\n\n(where `python search/ui.py` (`mlflow ui`) serves this local store by default; "
+        "on another port or host, search the run id in the UI)" if local else "")
+    try:
+        storage = trial.storage
+        study_id = storage.get_study_id_from_name(trial.study.study_name)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        key = f"dashboard:{trial_id}:note_ver"
+        if key in storage.get_study_system_attrs(study_id):
+            return
+        for i in range(0, len(body), DASHBOARD_NOTE_PIECE):
+            storage.set_study_system_attr(study_id, f"dashboard:{trial_id}:note_str:"
+                                          f"{i // DASHBOARD_NOTE_PIECE}",
+                                          body[i:i + DASHBOARD_NOTE_PIECE])
+        storage.set_study_system_attr(study_id, key, 1)
+    except Exception as error:  # noqa: BLE001 - a convenience: no storage error (a locked
+        # SQLite, a trial object without a storage) may cost the trial its run
+        log.debug("optuna-dashboard note not written (%s)", error)
 
 
 def resume_from(tracked: TrackedRun, plan: RunPlan, model: keras.Model,

@@ -89,7 +89,8 @@ def test_workflows_follow_the_github_schema_and_the_nightly_contract():
     triggers = nightly[True]  # YAML 1.1 reads the key `on` as True
     assert "schedule" in triggers and "workflow_dispatch" in triggers
     job = nightly["jobs"]["sweep"]
-    assert "github.repository_owner" in job["if"]  # the fork guard
+    # the owner's switch (tests/deploy/test_nightly_workflow.py), not a hard-coded owner
+    assert job["needs"] == "enabled" and "repository_owner" not in json.dumps(nightly)
     steps = {s.get("name", s.get("uses")): s for s in job["steps"]}
     assert steps["actions/setup-python@v5"]["with"]["cache-dependency-path"] == "pyproject.toml"
     assert "+experiment=nightly" in steps["Nightly sweep"]["run"]
@@ -209,3 +210,39 @@ def test_the_auth_app_is_installed_for_tests_and_the_image():
         "optional-dependencies"]
     assert any(r.startswith("mlflow[auth]") for r in extras["test"])
     assert '"mlflow[auth]"' in (REPO / "Dockerfile").read_text()
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's `${NAME}` / `${NAME:-default}` interpolation, nested defaults included."""
+    import re
+
+    pattern = re.compile(r"\$\{(\w+)(?::-((?:[^${}]|\$\{[^{}]*\})*))?\}")
+    while (found := pattern.search(text)) is not None:
+        name, default = found.group(1), found.group(2)
+        value = env.get(name) or interpolate(default or "", env)
+        text = text[:found.start()] + value + text[found.end():]
+    return text
+
+
+def test_mlflow_allowed_hosts_follow_the_published_port_and_the_settings():
+    """The server answers its workers, this machine on MLFLOW_PORT and private-network IPs,
+    and the names MLFLOW_ALLOWED_HOSTS gives; other Host headers stay refused."""
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    service = compose()["services"]["mlflow"]
+    (flag,) = [a for a in service["command"] if a.startswith("--allowed-hosts=")]
+    assert flag.startswith("--allowed-hosts=${MLFLOW_ALLOWED_HOSTS:-")
+    assert "localhost:5000" not in flag.replace("${MLFLOW_PORT:-5000}", "PORT")  # no pinned port
+    worker = compose()["services"]["worker"]["environment"]["MLFLOW_TRACKING_URI"]
+
+    def allowed(env: dict[str, str], host: str) -> bool:
+        return is_allowed_host_header(interpolate(flag, env).split("=", 1)[1].split(","), host)
+
+    moved = {"MLFLOW_PORT": "8080"}
+    for host in ("localhost:8080", "127.0.0.1:8080", worker.split("//")[1], "192.168.1.20:8080",
+                 "10.0.0.7:8080", "172.20.0.3:8080"):
+        assert allowed(moved, host), host
+    for host in ("localhost:5000x", "evil.example:8080", "172.40.0.3:8080"):
+        assert not allowed(moved, host), host
+    assert allowed({}, "localhost:5000") and not allowed(moved, "gpu-box:8080")
+    assert allowed({**moved, "MLFLOW_ALLOWED_HOSTS": "gpu-box:8080,mlflow:5000"}, "gpu-box:8080")

@@ -52,7 +52,7 @@ def test_printed_commands_keep_the_password_in_the_environment_and_still_run():
     for line in (ui_command(url), pull_command("m", url)):
         # a masked `***` URL would be copied and fail; the variable runs as copied
         assert SECRET not in line and "***" not in line and '"$MLFLOW_TRACKING_URI"' in line
-    assert ui_command("sqlite:////data/m.db").endswith("sqlite:////data/m.db --host 127.0.0.1")
+    assert ui_command("sqlite:////data/m.db") == "python search/ui.py --tracking-uri sqlite:////data/m.db"
     assert "--tracking-uri http://mlflow:5000" in pull_command("m", f"http://a:{SECRET}@mlflow:5000")
 
 

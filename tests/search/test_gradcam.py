@@ -88,3 +88,14 @@ def test_overlay_and_contact_sheet(tmp_path, xrays):
     )
     text = page.read_text()
     assert 'src="a.png"' in text and "a&lt;b&gt;.png" in text and "p=0.9" in text
+
+
+def test_caption_states_one_probability_and_the_rule() -> None:
+    names = ["normal", "pneumonia"]
+    below = gc.caption(names, [0.082, 0.918], 0, threshold=0.929, true_label=1)
+    assert below == ["P(pneumonia) 0.918 < threshold 0.929 → normal", "true_label pneumonia"]
+    assert gc.caption(names, [0.05, 0.95], 1, threshold=0.929) == [
+        "P(pneumonia) 0.950 ≥ threshold 0.929 → pneumonia"]
+    assert not any("0.082" in line for line in below)  # never the other class's probability
+    assert gc.caption(["a", "b", "c"], [0.2, 0.71, 0.09], 1) == [
+        "predicted_label b (P(b) 0.710)"]

@@ -144,14 +144,15 @@ def test_folder_multiclass_sweep_registers_pulls_and_predicts_four_digits(tmp_pa
         mlflow.set_registry_uri(None)
     pixels = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files[:40]])
     frame = served.predict(pixels.astype(np.float32))
-    assert list(frame.columns) == [*(f"p_{c}" for c in classes), "label", "threshold"]
+    assert list(frame.columns) == [*(f"p_{c}" for c in classes), "predicted_label", "threshold"]
     for file, (_, answer) in zip(files[:40], frame.iterrows(), strict=True):
         row = next(r for key, r in rows.items() if key.endswith(file.relative_to(
             digits_tree).as_posix()))
-        assert answer["label"] == row["predicted"], file
+        assert answer["predicted_label"] == row["predicted_label"], file
         for c in classes:
             assert answer[f"p_{c}"] == pytest.approx(float(row[f"prob_{c}"]), abs=1e-5)
-        assert answer["label"] == classes[int(np.argmax([answer[f"p_{c}"] for c in classes]))]
+        best = int(np.argmax([answer[f"p_{c}"] for c in classes]))
+        assert answer["predicted_label"] == classes[best]
 
 
 def test_ten_digit_npz_single_run_reports_each_class(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import keras
@@ -69,8 +70,8 @@ def test_npz_default_key_labels_metrics(tiny_model, val_xrays, make_npz, tmp_pat
     p = np.array([float(r["prob_pneumonia"]) for r in rows])
     np.testing.assert_allclose(p, expected_probabilities(tiny_model.model, images), atol=1e-6)
     np.testing.assert_allclose(p + [float(r["prob_normal"]) for r in rows], 1.0, atol=1e-6)
-    assert [r["predicted"] for r in rows] == [CLASSES[int(v >= 0.5)] for v in p]
-    assert [r["label"] for r in rows] == [CLASSES[int(v)] for v in labels[:, 0]]
+    assert [r["predicted_label"] for r in rows] == [CLASSES[int(v >= 0.5)] for v in p]
+    assert [r["true_label"] for r in rows] == [CLASSES[int(v)] for v in labels[:, 0]]
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["n"] == 48 and metrics["threshold"] == 0.5
     for key in ("accuracy", "roc_auc", "sensitivity", "specificity"):
@@ -85,9 +86,9 @@ def test_npz_key_choice_and_errors(tiny_model, val_xrays, make_npz, tmp_path):
     images, labels = val_xrays
     path = make_npz(val_images=images[:5], val_labels=labels[:5], train_images=images[:3])
     rows = pr.predict(tiny_model, path, tmp_path / "a").rows  # first *_images, its labels
-    assert len(rows) == 5 and all(r["label"] for r in rows)
+    assert len(rows) == 5 and all(r["true_label"] for r in rows)
     rows = pr.predict(tiny_model, path, tmp_path / "b", npz_key="train_images").rows
-    assert len(rows) == 3 and not any(r["label"] for r in rows)  # no train_labels: unlabelled
+    assert len(rows) == 3 and not any(r["true_label"] for r in rows)  # no train_labels: unlabelled
     assert not (tmp_path / "b" / "metrics.json").exists()
     with pytest.raises(KeyError, match="nope"):
         pr.predict(tiny_model, path, tmp_path / "c", npz_key="nope")
@@ -110,7 +111,7 @@ def test_folder_labels_corrupt_files_and_gradcam(tiny_model, chest_xray_tree, tm
     assert skipped == {"broken.jpeg", "truncated.jpeg"}
     rows = read_csv(result.files["predictions"])
     assert len(rows) == 16
-    labels = {Path(r["path"]).parent.name: r["label"] for r in rows}
+    labels = {Path(r["path"]).parent.name: r["true_label"] for r in rows}
     assert labels == {"NORMAL": "normal", "PNEUMONIA": "pneumonia"}  # case-insensitive match
     skipped_rows = read_csv(result.files["skipped"])
     assert {Path(r["path"]).name for r in skipped_rows} == skipped and all(
@@ -132,7 +133,7 @@ def test_single_image_without_label(tiny_model, chest_xray_sample_files, tmp_pat
     image = chest_xray_sample_files[0]
     result = pr.predict(tiny_model, image, tmp_path / "out")
     assert len(result.rows) == 1 and result.rows[0]["path"] == str(image)
-    assert result.rows[0]["label"] == "" and result.metrics is None
+    assert result.rows[0]["true_label"] == "" and result.metrics is None
     from data.pipeline import preprocess_for_model
 
     x = preprocess_for_model(image.read_bytes(), 28, 1).numpy()[np.newaxis]
@@ -212,7 +213,7 @@ def test_pull_then_predict_matches_the_in_memory_models(registry_store, val_xray
     assert fold_into_output(checkpoint, Calibration.from_record(info["calibration"]))
     np.testing.assert_allclose(p, expected_probabilities(checkpoint, images), atol=1e-6)
     threshold = info["threshold"]
-    assert [r["predicted"] for r in result.rows] == [CLASSES[int(v >= threshold)] for v in p]
+    assert [r["predicted_label"] for r in result.rows] == [CLASSES[int(v >= threshold)] for v in p]
 
     mlflow.set_tracking_uri(registry_store.uri)
     result = pr.predict(f"models:/pneumonia-cnn/{poor.version}", path, tmp_path / "pred-poor")
@@ -233,6 +234,35 @@ def test_predict_cli_registry_uri_folder_gradcam(registry_store, chest_xray_tree
     assert len(read_csv(out / "predictions.csv")) == 16
     assert json.loads((out / "metrics.json").read_text())["n"] == 16
     assert (out / "gradcam" / "index.html").read_text().count("<img ") == 16
+
+
+@pytest.mark.slow
+def test_predict_takes_mlflow_3_logged_model_and_run_uris(registry_store, val_xrays, make_npz,
+                                                         tmp_path, capsys):
+    """`models:/m-<id>` (the URI the MLflow UI and the run's best_model_uri show) and
+    `runs:/<id>/model` predict like the registered version of the same model."""
+    runs = registry_store.runs
+    logged = mlflow.get_run(runs.good_run_id).data.tags["best_model_uri"]
+    assert re.fullmatch(r"models:/m-[0-9a-f]{32}", logged), logged
+    version = registry.register_and_promote(runs.good_run_id).version
+    images, labels = val_xrays
+    path = make_npz(test_images=images[:8], test_labels=labels[:8])
+    answers = {}
+    for uri in (logged, f"runs:/{runs.good_run_id}/model", f"models:/pneumonia-cnn/{version}"):
+        out = tmp_path / re.sub(r"\W+", "_", uri)
+        code = pr.main([uri, str(path), "--out", str(out), "--tracking-uri", registry_store.uri])
+        assert code == 0, capsys.readouterr().err
+        answers[uri] = [float(r["prob_pneumonia"]) for r in read_csv(out / "predictions.csv")]
+        model = json.loads((out / "metrics.json").read_text())["model"]
+        assert model["model_uri"] == uri and model["run_id"] == runs.good_run_id, model
+    assert len(set(map(tuple, answers.values()))) == 1, answers  # one model, three names
+    unknown = "models:/m-" + "0" * 32
+    assert pr.main([unknown, str(path), "--out", str(tmp_path / "unknown"),
+                    "--tracking-uri", registry_store.uri]) == 2
+    err = capsys.readouterr().err
+    assert f"no logged model {unknown}" in err and "Traceback" not in err, err
+    with pytest.raises(ValueError, match=r"models:/m-<32 hex digits> \(a logged model"):
+        model_store.parse_model_uri("models:/m-123")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from search.quiet_start import filter_lines
+from search.quiet_start import NO_DRIVER, NO_DRIVER_CUINIT, NOISE, filter_lines
 
 # Real lines from TF 2.21 on a CPU machine (timestamps and pids as TF prints them).
 STARTUP = """\
@@ -48,3 +50,39 @@ def test_importing_tensorflow_quietly_prints_no_startup_lines_and_can_be_asked_f
     loud = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300, env={"XRAY_STARTUP_LOGS": "1", "PATH": "/usr/bin"})
     assert "absl::InitializeLog" in loud.stderr
+
+
+def startup_lines(text: str) -> list[str]:
+    """The known TF start-up lines in a command's output (cuInit's only where no driver)."""
+    lines = text.splitlines()
+    no_driver = any(NO_DRIVER.match(line) for line in lines)
+    return [line for line in lines if any(p.match(line) for p in NOISE)
+            or (no_driver and NO_DRIVER_CUINIT.match(line))]
+
+
+@pytest.mark.slow
+def test_pull_and_predict_print_no_startup_lines_unless_asked(registry_store, tmp_path,
+                                                              chest_xray_sample_files):
+    """The commands as users type them (real processes, a real store and model)."""
+    from search.model_registry import registration
+
+    registration.register_and_promote(registry_store.runs.good_run_id)
+    image = chest_xray_sample_files[0]
+    repo = Path(__file__).resolve().parents[2]
+
+    def command(script: str, *args: str, loud: bool = False) -> str:
+        env = {**os.environ, "XRAY_STARTUP_LOGS": "1" if loud else ""}
+        done = subprocess.run([sys.executable, str(repo / "search" / script), *args],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout + done.stderr
+
+    folder = tmp_path / "champion"
+    pulled = command("pull.py", "--out", str(folder), "--tracking-uri", registry_store.uri)
+    assert "Pulled models:/pneumonia-cnn/1" in pulled and not startup_lines(pulled), pulled
+    predicted = command("predict.py", str(folder), str(image), "--out", str(tmp_path / "p"))
+    assert "1 prediction(s)" in predicted and not startup_lines(predicted), predicted
+    # XRAY_STARTUP_LOGS=1 shows them (oneDNN's and the CPU-feature lines print everywhere)
+    loud = command("predict.py", str(folder), str(image), "--out", str(tmp_path / "loud"),
+                   loud=True)
+    assert "1 prediction(s)" in loud and len(startup_lines(loud)) >= 2, loud

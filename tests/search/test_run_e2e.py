@@ -109,8 +109,8 @@ def test_folder_loader_transfer_224px_on_real_jpegs(tmp_path, chest_xray_tree):
     files = sorted(chest_xray_tree.rglob("*.jpeg"))
     pixels = np.stack([decode_to_uint8(f.read_bytes(), 224, 1).numpy() for f in files])
     frame = mlflow.pyfunc.load_model(str(model_dir)).predict(pixels.astype(np.float32))
-    assert list(frame.columns) == ["p_normal", "p_pneumonia", "label", "threshold"]
+    assert list(frame.columns) == ["p_normal", "p_pneumonia", "predicted_label", "threshold"]
     for file, (_, row) in zip(files, frame.iterrows(), strict=True):
-        assert row["label"] == by_file[file.name]["predicted"], file.name
+        assert row["predicted_label"] == by_file[file.name]["predicted_label"], file.name
         assert row["p_pneumonia"] == pytest.approx(
             float(by_file[file.name]["prob_pneumonia"]), abs=1e-5), file.name

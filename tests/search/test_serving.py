@@ -120,32 +120,39 @@ def model_dir(trained_store, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server_url(model_dir, trained_store) -> Iterator[str]:
-    """One `mlflow models serve` of that model, started as the README says, for every test
-    here; its base URL."""
+def served(model_dir, trained_store, tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """One server for every test here, started as the README says (`python -m search.serve`,
+    with no venv bin on PATH: it puts it there); its base URL and its terminal output."""
     port = free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    env = {**os.environ, "PATH": "/usr/bin:/bin",
            "MLFLOW_TRACKING_URI": f"sqlite:///{trained_store.db}"}
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", str(model_dir),
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
+    env.pop("XRAY_STARTUP_LOGS", None)
+    log = tmp_path_factory.mktemp("serve-log") / "terminal.txt"
+    with open(log, "w") as terminal:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "search.serve", str(model_dir), "--port", str(port)],
+            cwd=REPO, env=env, stdout=terminal, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180
         while True:
-            assert server.poll() is None, server.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "mlflow models serve never answered /ping"
+            assert server.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "search.serve never answered /ping"
             try:
                 urllib.request.urlopen(f"{base}/ping", timeout=2)
                 break
             except OSError:
                 time.sleep(1)
-        yield base
+        yield base, log
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server_url(served) -> str:
+    return served[0]
 
 
 def post(base: str, body: dict | str) -> tuple[int, dict]:
@@ -182,14 +189,14 @@ def test_pyfunc_and_mlflow_serve_answer_like_predict_on_raw_real_images(model_di
     with open(tmp_path / "pred" / "predictions.csv") as handle:
         rows = list(csv.DictReader(handle))
     expected = np.array([float(r["prob_pneumonia"]) for r in rows])
-    labels = [r["predicted"] for r in rows]
+    labels = [r["predicted_label"] for r in rows]
     assert len(set(labels)) == 2, labels  # both classes occur: the threshold matters
 
     pyfunc = mlflow.pyfunc.load_model(str(model_dir))
     frame = pyfunc.predict(raw[..., None].astype(np.float32))
-    assert list(frame.columns) == ["p_normal", "p_pneumonia", "label", "threshold"]
+    assert list(frame.columns) == ["p_normal", "p_pneumonia", "predicted_label", "threshold"]
     assert np.allclose(frame["p_pneumonia"], expected, atol=1e-6)
-    assert list(frame["label"]) == labels and reference.rows
+    assert list(frame["predicted_label"]) == labels and reference.rows
     meta = json.loads(json.dumps(pyfunc.metadata.metadata))
     assert frame["threshold"].iloc[0] == pytest.approx(meta["threshold"])
     with pytest.raises(Exception, match="look scaled to 0–1 already"):
@@ -208,7 +215,7 @@ def test_pyfunc_and_mlflow_serve_answer_like_predict_on_raw_real_images(model_di
             return json.loads(response.read())["predictions"]
 
     served = invoke(raw[..., None])  # JSON integers 0–255
-    assert [p["label"] for p in served] == labels
+    assert [p["predicted_label"] for p in served] == labels
     assert np.allclose([p["p_pneumonia"] for p in served], expected, atol=1e-6)
     # the full-size JPEGs, decoded and resized to the model's size by the client
     files = sorted(JPEGS.rglob("*.jpeg"))
@@ -217,7 +224,7 @@ def test_pyfunc_and_mlflow_serve_answer_like_predict_on_raw_real_images(model_di
     with open(tmp_path / "jpeg-pred" / "predictions.csv") as handle:
         by_file = {Path(r["path"]).name: r for r in csv.DictReader(handle)}
     for file, answer in zip(files, invoke(pixels), strict=True):
-        assert answer["label"] == by_file[file.name]["predicted"], file.name
+        assert answer["predicted_label"] == by_file[file.name]["predicted_label"], file.name
         assert answer["p_pneumonia"] == pytest.approx(
             float(by_file[file.name]["prob_pneumonia"]), abs=1e-5), file.name
 
@@ -235,7 +242,7 @@ def test_pyfunc_takes_uint8_rgb_and_dark_images_and_refuses_nan_by_name(model_di
         # and RGB to the grayscale model (refused by the schema before the adapter ran)
         frame = pyfunc.predict(images)
         assert np.array_equal(frame["p_pneumonia"], expected["p_pneumonia"]), images.shape
-        assert list(frame["label"]) == list(expected["label"])
+        assert list(frame["predicted_label"]) == list(expected["predicted_label"])
     dark = (raw[:2] > 128).astype(np.uint8)  # pixels 0/1: raw, not "scaled already"
     assert np.array_equal(pyfunc.predict(dark)["p_pneumonia"],
                           pyfunc.predict(dark.astype(np.float32))["p_pneumonia"])
@@ -298,3 +305,85 @@ def test_served_model_refuses_with_a_message_naming_the_fix(model_dir, server_ur
     local = pyfunc.predict(dark.astype(np.uint8))
     assert np.allclose([p["p_pneumonia"] for p in answer["predictions"]],
                        local["p_pneumonia"], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_served_without_path_edits_and_without_startup_lines(served):
+    """`python -m search.serve` starts MLflow's server with no venv bin on PATH (the bare
+    `mlflow models serve` failed there with "Return code = 127") and prints no TF start-up
+    line; the other tests here make their requests to this server."""
+    from tests.search.test_quiet_start import startup_lines
+
+    base, log = served
+    urllib.request.urlopen(f"{base}/ping", timeout=10)
+    text = log.read_text()
+    assert "Serving " in text and "Uvicorn running on" in text, text
+    assert "Return code" not in text and not startup_lines(text), text
+
+
+@pytest.mark.slow
+def test_the_pyfunc_load_prints_no_startup_lines_unless_asked(model_dir):
+    """What the model server's process runs when it loads the model (also for a bare
+    `mlflow models serve`): the serving flavour starts TF quietly."""
+    from tests.search.test_quiet_start import startup_lines
+
+    code = f"import mlflow; mlflow.pyfunc.load_model({str(model_dir)!r}); print('loaded')"
+    for loud in ("", "1"):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "XRAY_STARTUP_LOGS": loud})
+        assert done.returncode == 0 and "loaded" in done.stdout, done.stderr[-2000:]
+        assert bool(startup_lines(done.stderr)) == bool(loud), done.stderr
+
+
+@pytest.mark.slow
+def test_logged_models_carry_no_optimizer_and_load_without_warnings(model_dir):
+    """The optimizer's state was saved with the model, then dropped with a warning at every
+    compiled load ("Skipping variable loading for optimizer ...")."""
+    import io
+    import warnings
+    import zipfile
+
+    import h5py
+    import mlflow
+
+    from search.model_registry.model_store import keras_file
+
+    with zipfile.ZipFile(keras_file(model_dir)) as archive:
+        assert not json.loads(archive.read("config.json")).get("compile_config")
+        with h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r") as weights:
+            assert "optimizer" not in weights, list(weights)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        network = mlflow.keras.load_model(str(model_dir))  # MLflow's Keras flavour compiles
+        mlflow.pyfunc.load_model(str(model_dir))
+    assert not [str(w.message) for w in caught if "optimizer" in str(w.message)]
+    assert network.predict(real_images(2)[..., None] / 255.0, verbose=0).shape == (2, 1)
+
+
+def test_serve_names_a_missing_model_and_a_taken_port_before_starting(tmp_path, capsys):
+    from search import serve
+
+    store = ["--tracking-uri", f"sqlite:///{tmp_path / 'store.db'}"]
+    assert serve.main([str(tmp_path / "nowhere"), *store]) == 2
+    assert "neither a pulled folder nor an MLflow model folder" in capsys.readouterr().err
+    pulled = tmp_path / "pulled"
+    (pulled / "model").mkdir(parents=True)
+    (pulled / "model" / "MLmodel").write_text("flavors: {}\n")
+    (pulled / "model_info.json").write_text("{}")
+    assert serve.resolve_model(str(pulled)) == str(pulled / "model")  # a pulled folder serves
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert serve.main([str(pulled), "--port", str(port), *store]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_serve_puts_the_interpreters_bin_first_on_path(monkeypatch):
+    from search import serve
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    env = serve.server_environment("sqlite:///x.db")
+    bin_dir = Path(sys.executable).parent
+    assert env["PATH"].split(os.pathsep)[0] == str(bin_dir) and (bin_dir / "uvicorn").exists()
+    assert env["MLFLOW_TRACKING_URI"] == "sqlite:///x.db"

@@ -103,9 +103,9 @@ def test_parent_child_runs_report_and_best_trial(tmp_path):
     for child in children:
         trial = by_number[int(child.data.tags["optuna.trial_number"])]
         assert trial.user_attrs["mlflow_run_id"] == child.info.run_id
-        assert re.fullmatch(rf"t{trial.number:03d} · \w+ · lr \d\.\de-\d+ · d\d → "
-                            rf"val_loss {trial.value:.3f}", child.info.run_name), (
-            child.info.run_name)
+        # the outcome first, where the runs list's narrow column still shows it (issue 28)
+        assert re.fullmatch(rf"t{trial.number:03d} {trial.value:.3f} \w+ d\d lr \d\.\de-\d+",
+                            child.info.run_name), child.info.run_name
     assert parent.data.tags["best_run_id"] in {c.info.run_id for c in children}
     assert parent.data.metrics["trials_complete"] == 2
     best_child = next(c for c in children if c.info.run_id == parent.data.tags["best_run_id"])
@@ -126,7 +126,12 @@ def test_parent_child_runs_report_and_best_trial(tmp_path):
     assert "sweep/val_loss_all_trials.png" in sweep_files
     # the end of the sweep says what to do next
     out = proc.stdout + proc.stderr
-    assert "compareRunsMode=CHART" in out and "mlflow ui --backend-store-uri" in out
+    # one command to look, and the interactive all-trials figure at the parent's top level
+    assert "UI:      python search/ui.py --tracking-uri sqlite:///" in out
+    assert f"curves:  {parent.info.artifact_uri}/val_loss_all_trials.html" in out
+    assert "val_loss_all_trials.html" in {
+        a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "](#/experiments/" in note and ":5000" not in note  # links work on any host
     assert "pull:    python search/pull.py --name pneumonia-cnn" in out
     # the version and the registered model describe themselves; the config is an artifact
     version = client.get_model_version_by_alias("pneumonia-cnn", "champion")
@@ -136,11 +141,15 @@ def test_parent_child_runs_report_and_best_trial(tmp_path):
     assert "@champion" in client.get_registered_model("pneumonia-cnn").description
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep_report")}
     for name in ("optimization_history.png", "intermediate_values.png",
-                 "parallel_coordinate.png", "param_importances.png", "trials.csv",
-                 "sweep_report.html"):
+                 "parallel_coordinate.png", "trials.csv", "sweep_report.html"):
         assert f"sweep_report/{name}" in report, sorted(report)
+    # 2 complete trials: no importances (shown from 5 complete trials), and the page says so
+    assert "sweep_report/param_importances.png" not in report
     page = (tmp_path / "sweep" / "sweep_report" / "sweep_report.html").read_text()
     assert "<table" in page and "<pre>" not in page  # the header is a table, not a dict
+    assert "not fitted on 2 complete trial(s)" in page and "Objective Value" not in page
+    for child in children:  # every trial linked to its run
+        assert f">{child.info.run_id}</a>" in page
 
     check_calibration(tmp_path, client, best_child, version)
     check_ensemble(tmp_path, client, parent, children)
@@ -242,7 +251,7 @@ def test_pruned_trials_are_recorded_and_keep_their_curves(tmp_path):
     for child in children:
         assert child.data.tags["optuna.trial_state"] == "PRUNED"
         assert child.info.status == "FINISHED"  # pruned is a normal end, not a failure
-        assert child.info.run_name.endswith(" · pruned @ epoch 2"), child.info.run_name
+        assert re.match(r"t\d{3} pruned@2 ", child.info.run_name), child.info.run_name
         # pruned at its 2nd epoch (step 1): the curve up to there is kept
         assert len(client.get_metric_history(child.info.run_id, "val_loss")) == 2
         paths = {a.path for a in client.list_artifacts(child.info.run_id, "curves")}
