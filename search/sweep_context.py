@@ -40,6 +40,7 @@ RESUME_DIR_ATTR = _tc.RESUME_DIR_ATTR
 # In that folder, the mark of a damaged state set aside (``<name>.damaged-<time>``): the
 # sweeper keeps such entries when it removes the folder of a trial that is not retried.
 SET_ASIDE_MARK = _tc.SET_ASIDE_MARK
+remove_state_folder = _tc.remove_state_folder  # removes the rest of that folder
 # Where the sweeper names its study (for messages).
 STUDY_ENV_NAMES = (_tc.ENV_STUDY, _tc.ENV_STORAGE)
 # The sweeper's summary file in the sweep folder (the nightly table reads it).

@@ -258,3 +258,16 @@ def registry_store(tmp_path: Path, trained_store: TrainedStore,
     yield copy
     mlflow.set_tracking_uri(None)
     mlflow.set_registry_uri(None)
+
+
+@pytest.fixture(scope="module")
+def pg():
+    """A throw-away PostgreSQL (tests/stack's) with `optuna` and `mlflow` databases, one per
+    test module; its random password is the secret the secrets tests look for."""
+    from tests.stack.conftest import start_postgres
+
+    server, stop = start_postgres(("optuna", "mlflow"))
+    try:
+        yield server
+    finally:
+        stop()

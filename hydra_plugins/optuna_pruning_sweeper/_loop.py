@@ -28,7 +28,6 @@ import dataclasses
 import logging
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -74,27 +73,12 @@ def retry_settings(conf: OptunaPruningSweeperConf) -> dict[str, Any]:
 
 def remove_state_dir(folder: Path, number: int) -> None:
     """Remove the resumable-state folder of a trial that will not be retried, keeping the
-    damaged states its attempts set aside (``tc.SET_ASIDE_MARK``): their warning promised
-    them kept for inspection, and nothing else says why the trial started again."""
-    try:
-        children = list(folder.iterdir())
-    except OSError:  # no folder (nothing was written), or not one: nothing of ours
-        return
-    kept = [c for c in children if tc.SET_ASIDE_MARK in c.name]
-    if not kept:
-        shutil.rmtree(folder, ignore_errors=True)
-        return
-    for child in children:
-        if child in kept:
-            continue
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                child.unlink()
-    log.info("trial %d is not retried: its resumable state is removed; the damaged state(s) "
-             "set aside stay in %s for inspection: %s", number, folder,
-             ", ".join(sorted(c.name for c in kept)))
+    damaged states its attempts set aside: nothing else says why the trial started again."""
+    kept = tc.remove_state_folder(folder)
+    if kept:
+        log.info("trial %d is not retried: its resumable state is removed; the damaged "
+                 "state(s) set aside stay in %s for inspection: %s", number, folder,
+                 ", ".join(kept))
 
 
 @dataclass

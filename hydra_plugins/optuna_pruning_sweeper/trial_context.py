@@ -70,6 +70,34 @@ RESUME_DIR_ATTR = "resume_dir"  # user attr: the trial's resumable-state folder
 SET_ASIDE_MARK = ".damaged-"
 
 
+def remove_state_folder(folder: str | os.PathLike) -> list[str]:
+    """Remove a trial's resumable-state folder, keeping the entries marked ``SET_ASIDE_MARK``
+    (damaged states set aside: their warning promised them kept for inspection). Returns the
+    names kept, sorted; a folder that does not exist is nothing to remove."""
+    import contextlib
+    import shutil
+    from pathlib import Path
+
+    folder = Path(folder)
+    try:
+        children = list(folder.iterdir())
+    except OSError:  # no folder (nothing was written), or not one: nothing of ours
+        return []
+    kept = sorted(c.name for c in children if SET_ASIDE_MARK in c.name)
+    if not kept:
+        shutil.rmtree(folder, ignore_errors=True)
+        return []
+    for child in children:
+        if child.name in kept:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                child.unlink()
+    return kept
+
+
 def current_trial() -> optuna.trial.Trial | None:
     """The trial this process runs, or None outside a sweep."""
     url = os.environ.get(ENV_STORAGE)

@@ -323,21 +323,7 @@ def remove_state(plan: ResumePlan | None) -> None:
     state set aside in its folder stays there for inspection (``set_aside``)."""
     if plan is None:
         return
-    try:
-        children = list(plan.directory.iterdir())
-    except OSError:  # no folder (nothing was written), or not one: nothing of ours to remove
-        return
-    if not any(DAMAGED in child.name for child in children):
-        shutil.rmtree(plan.directory, ignore_errors=True)
-        return
-    for child in children:
-        if DAMAGED in child.name:
-            continue
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                child.unlink()
+    sweep_context.remove_state_folder(plan.directory)
 
 
 def merged_history(callback: ResumableState | None,

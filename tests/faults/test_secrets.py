@@ -135,18 +135,6 @@ def test_every_log_record_is_redacted_traceback_included(caplog):
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def pg():
-    """A throw-away cluster (tests/stack's), its random password the secret to look for."""
-    from tests.stack.conftest import start_postgres
-
-    server, stop = start_postgres(("optuna", "mlflow"))
-    try:
-        yield server
-    finally:
-        stop()
-
-
 def sweep(pg, folder: Path, name: str, via_env: bool, *extra: str,
           urls: tuple[str, str] | None = None) -> subprocess.CompletedProcess:
     """`search/run.py -m +debug=tiny`, 2 trials, the URLs on the command line or in the env."""

@@ -29,18 +29,6 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def pg():
-    """A throw-away PostgreSQL (tests/stack's); its random password is the secret."""
-    from tests.stack.conftest import start_postgres
-
-    server, stop = start_postgres(("optuna", "mlflow"))
-    try:
-        yield server
-    finally:
-        stop()
-
-
 @pytest.fixture
 def ray_tmp():
     """Ray's temp folder (RAY_TMPDIR), short: Ray's socket paths must stay under 108 bytes."""
