@@ -7,6 +7,8 @@ any training starts, naming the folder and the fix. `data.loaders` re-exports it
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import warnings
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.decoded_cache import load_decode_checks, save_decode_checks
+from data.decoded_cache import first_time, load_decode_checks, save_decode_checks
 from data.splits import SPLITS, patient_id_from_filename
 
 LABEL_MODES = ("binary", "multiclass", "cause")
@@ -140,7 +142,8 @@ def scan_folder(root: str | os.PathLike | None, label_mode: str = "binary") -> F
     """List, label and validate the images of a class-folder tree.
 
     ``root`` is either ``root/<class>/`` or the public layout ``root/{train,val,test}/<class>/``.
-    Files that TensorFlow cannot decode are skipped with one warning naming them.
+    Files that TensorFlow cannot decode are skipped, named in one warning (once for the same
+    files: `data.decoded_cache.first_time`) and in `FolderData.skipped`.
 
     Args:
         root: The folder.
@@ -193,7 +196,8 @@ def scan_folder(root: str | os.PathLike | None, label_mode: str = "binary") -> F
 
     bad = set(find_undecodable(files))
     skipped = [p.relative_to(root).as_posix() for p in files if p in bad]
-    if skipped:
+    # Once for the same files (the list stays in FolderData.skipped, logged on every run)
+    if skipped and first_time(_skipped_key(root, sorted(bad))):
         shown = ", ".join(skipped[:_MAX_NAMED])
         more = f" and {len(skipped) - _MAX_NAMED} more" if len(skipped) > _MAX_NAMED else ""
         warnings.warn(
@@ -237,6 +241,19 @@ def scan_folder(root: str | os.PathLike | None, label_mode: str = "binary") -> F
         layout=layout,
         skipped=skipped,
     )
+
+
+def _skipped_key(root: Path, bad: list[Path]) -> str:
+    """The said-once key of a skipped-files warning: the root and each file's name, size and
+    time, so a new or changed undecodable file is said again."""
+    def stamp(path: Path) -> tuple[str, int, int]:
+        try:
+            stat = path.lstat()  # lstat: a symlink loop is one of the files skipped
+            return path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns
+        except OSError:
+            return path.relative_to(root).as_posix(), -1, -1
+    text = json.dumps([str(root), [stamp(p) for p in bad]])
+    return "skipped:" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def _folder_classes(

@@ -11,8 +11,9 @@ recursively; sub-folders named like the model's classes, case-insensitively, giv
 or a MedMNIST-layout .npz (`--npz-key`, default test_images if present, else the first
 *_images key; labels from `--labels-key` or the matching *_labels key).
 
-Writes to --out: predictions.csv (path or index, probability per class, predicted label at
-the stored threshold, true label if known), skipped.csv (unreadable inputs, never fatal),
+Writes to --out: predictions.csv (path or index, `p_<class>` per class as the REST answer,
+`predicted_label` at the stored threshold, `true_label` if known), skipped.csv (unreadable
+inputs, never fatal),
 metrics.json + confusion.png when labels are known, gradcam/*.png + gradcam/index.html with
 --gradcam. Images go through `data.pipeline.preprocess_for_model`, the training pipeline's
 own decode → channels → bilinear resize → 1/255 scaling, so train and predict cannot drift.
@@ -34,6 +35,7 @@ import numpy as np
 
 from search.evaluation.inputs import InputItem, batches, collect_inputs, display_image
 from search.model_registry.model_store import LoadedModel, is_store_uri, load_model_reference
+from search.tracking.serving import probability_column
 
 
 @dataclass
@@ -215,7 +217,8 @@ def _predict_loaded(loaded: LoadedModel, source: str | Path, out: Path, gradcam:
         all_probs.append(probs)
         for item, p, c in zip(batch, probs, predicted, strict=True):
             row: dict[str, Any] = {key_name: item.key}
-            row.update({f"prob_{name}": float(v) for name, v in zip(classes, p, strict=True)})
+            row.update({probability_column(name): float(v)
+                        for name, v in zip(classes, p, strict=True)})
             row["predicted_label"] = classes[int(c)]
             row["true_label"] = "" if item.label is None else classes[item.label]
             rows.append(row)
@@ -223,7 +226,8 @@ def _predict_loaded(loaded: LoadedModel, source: str | Path, out: Path, gradcam:
             sheet += _gradcam_batch(loaded, grad_model, batch, images, predicted, probs,
                                     threshold, out, start=len(rows) - len(batch))
     files = {"predictions": out / "predictions.csv"}
-    fieldnames = [key_name, *(f"prob_{c}" for c in classes), "predicted_label", "true_label"]
+    fieldnames = [key_name, *(probability_column(c) for c in classes), "predicted_label",
+                  "true_label"]
     with open(files["predictions"], "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fieldnames)
         writer.writeheader()

@@ -66,11 +66,11 @@ def resolve_model(model: str) -> str:
 
     from search.model_registry import model_store
 
-    if model_store.LOGGED_MODEL_URI.match(model) or model.startswith("runs:/"):
+    ref = model_store.parse_reference(model)  # the one reading of a model URI (pull, predict)
+    if ref.kind in ("logged", "run"):
         return model  # MLflow's own resolver names these (the server's first lines)
-    if model.startswith("models:/"):
-        name, alias, version = model_store.parse_model_uri(model)
-        model_store.resolve_version(MlflowClient(), name, alias, version)
+    if ref.kind == "registry":
+        model_store.resolve_version(MlflowClient(), ref.name, ref.alias, ref.version)
         return model
     folder = Path(model)
     if (folder / model_store.INFO_FILE).is_file():  # a pulled folder (search/pull.py)

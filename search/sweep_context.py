@@ -65,7 +65,7 @@ TRIAL_ENV_NAMES = (_tc.ENV_STORAGE, _tc.ENV_STUDY, _tc.ENV_TRIAL_ID, _tc.ENV_TRI
 class SweepTrial:
     """The Optuna trial a job runs for, as the task sees it."""
 
-    trial: optuna.trial.Trial  # for Optuna's own callbacks (KerasPruningCallback)
+    trial: optuna.trial.Trial  # Optuna's own trial (user attrs, suggest calls)
     number: int
     study: str
     sampler: str
@@ -92,7 +92,10 @@ class SweepTrial:
         self.trial.report(value, step)
 
     def should_prune(self) -> bool:
-        """Whether the pruner wants this trial stopped (raise ``optuna.TrialPruned``)."""
+        """Whether the pruner wants this trial stopped (raise ``optuna.TrialPruned``).
+
+        Ask only where more epochs would follow: a trial that trained its last epoch (or was
+        early-stopped) completes instead (search/training/keras_callbacks.ReportToPruner)."""
         return self.trial.should_prune()
 
 

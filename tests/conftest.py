@@ -271,3 +271,23 @@ def pg():
         yield server
     finally:
         stop()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """Headless Chromium (Debian's, installed with apt when missing) driven by Playwright:
+    the browser a user opens the printed addresses in. Playwright's own browser download is
+    never used (tests never download)."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.stack.conftest import debian_package
+
+    executable = debian_package("/usr/bin/chromium", "chromium")
+    with sync_playwright() as playwright:
+        # root cannot use Chromium's sandbox; the pages are the tests' own local servers
+        chromium = playwright.chromium.launch(executable_path=str(executable),
+                                              args=["--no-sandbox"])
+        try:
+            yield chromium
+        finally:
+            chromium.close()

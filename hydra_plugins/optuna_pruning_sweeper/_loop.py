@@ -50,6 +50,7 @@ from ._executors import TrialExecutor
 from ._hooks import extend_trial
 from ._storage import AskLock, redact
 from ._study import OVERRIDES_ATTR, ask_within_budget, count_toward_budget
+from ._warm_start import own_trials
 from .config import OptunaPruningSweeperConf
 
 if TYPE_CHECKING:
@@ -244,7 +245,8 @@ class SweepLoop:
 
     def epochs_spent(self) -> int:
         """Epochs the study's trials trained: one per reported intermediate value."""
-        trials = self.storage.get_all_trials(self.study._study_id, deepcopy=False)
+        # warm-start copies trained in another study: not this study's epochs
+        trials = own_trials(self.storage.get_all_trials(self.study._study_id, deepcopy=False))
         # a resumed retry carries its earlier epochs' values: count those epochs once
         carried = sum(int(t.user_attrs.get("resumed_from_epoch") or 0) for t in trials)
         return sum(len(t.intermediate_values) for t in trials) - carried

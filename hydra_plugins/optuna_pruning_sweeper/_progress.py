@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._study import count_toward_budget
+from ._warm_start import own_best
 
 if TYPE_CHECKING:
     import optuna
@@ -60,12 +61,12 @@ def trial_finished(o: TrialOutcome, trials: Sequence[FrozenTrial], status: str) 
 
 def best_text(trials: Sequence[FrozenTrial], study: optuna.Study) -> str:
     """The best value so far (or the Pareto front's size), "-" before any COMPLETE trial."""
-    done = [t for t in trials if t.state.name == "COMPLETE"]
-    if not done:
+    best_trials = own_best(trials, study.directions)  # never a warm-start copy
+    if not best_trials:
         return "-"
     if len(study.directions) > 1:
-        return f"pareto front of {len(study.best_trials)}"
-    best = study.best_trial
+        return f"pareto front of {len(best_trials)}"
+    best = best_trials[0]
     return f"{best.value:.6g} (#{best.number})"
 
 

@@ -164,7 +164,11 @@ def storage_problem(url: str, error: BaseException) -> str:
 
 
 class AskLock:
-    """Makes count-then-ask (and study creation) atomic across sweeper processes."""
+    """Makes count-then-reserve (and study creation) atomic across sweeper processes.
+
+    ``held`` says whether this process holds it now: what runs inside should be the few
+    queries that must be serialised, never a sampler (tests/hydra_plugins/test_ask_lock_scope.py).
+    """
 
     def __init__(self, url: str, study_name: str) -> None:
         self.url = url
@@ -173,6 +177,7 @@ class AskLock:
         self._file: Any = None
         self._engine: Any = None
         self._connected = False
+        self._held = False
         self.kind = "local"
         if url.startswith("sqlite"):
             from sqlalchemy.engine import make_url
@@ -196,41 +201,55 @@ class AskLock:
         digest = hashlib.sha256(f"optuna-sweeper:{self.study_name}".encode()).digest()
         return int.from_bytes(digest[:8], "big", signed=True)
 
+    @property
+    def held(self) -> bool:
+        """Whether this process holds the lock (inside ``with lock():``)."""
+        return self._held
+
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
-        with self._local:
-            if self.kind == "flock":
-                if self._file is None:
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
-                    self._file = open(self.path, "a+")  # noqa: SIM115 - kept for the sweep
-                fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
+        with self._local, self._acquired():
+            self._held = True
+            try:
+                yield
+            finally:
+                self._held = False
+
+    @contextlib.contextmanager
+    def _acquired(self) -> Iterator[None]:
+        """The cross-process lock itself (the caller holds the process-local one)."""
+        if self.kind == "flock":
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "a+")  # noqa: SIM115 - kept for the sweep
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+        elif self.kind in ("postgresql", "mysql"):
+            import sqlalchemy
+
+            if self._engine is None:
+                self._engine = sqlalchemy.create_engine(
+                    self.url, poolclass=sqlalchemy.pool.NullPool
+                )
+            with self._connect() as conn:
+                if self.kind == "postgresql":
+                    lock = "SELECT pg_advisory_lock(:k)"
+                    unlock = "SELECT pg_advisory_unlock(:k)"
+                    args: dict[str, Any] = {"k": self._key()}
+                else:
+                    lock, unlock = "SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)"
+                    args = {"k": f"optuna-sweeper:{self.study_name}"[:64]}
+                conn.execute(sqlalchemy.text(lock), args)
                 try:
                     yield
                 finally:
-                    fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-            elif self.kind in ("postgresql", "mysql"):
-                import sqlalchemy
-
-                if self._engine is None:
-                    self._engine = sqlalchemy.create_engine(
-                        self.url, poolclass=sqlalchemy.pool.NullPool
-                    )
-                with self._connect() as conn:
-                    if self.kind == "postgresql":
-                        lock = "SELECT pg_advisory_lock(:k)"
-                        unlock = "SELECT pg_advisory_unlock(:k)"
-                        args: dict[str, Any] = {"k": self._key()}
-                    else:
-                        lock, unlock = "SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)"
-                        args = {"k": f"optuna-sweeper:{self.study_name}"[:64]}
-                    conn.execute(sqlalchemy.text(lock), args)
-                    try:
-                        yield
-                    finally:
-                        conn.execute(sqlalchemy.text(unlock), args)
-                        conn.commit()
-            else:
-                yield
+                    conn.execute(sqlalchemy.text(unlock), args)
+                    conn.commit()
+        else:
+            yield
 
     def _connect(self) -> Any:
         """A connection for the lock; a server that refuses is named, never a raw traceback."""

@@ -1,11 +1,13 @@
 """The study: open or resume it, refuse a changed search space, count the budget, ask.
 
-Counting rule for ``n_trials`` (``count_toward_budget``): COMPLETE + PRUNED + FAIL + RUNNING,
-minus each FAIL trial that was re-queued as a retry (Optuna's
+Counting rule for ``n_trials`` (``count_toward_budget``): COMPLETE + PRUNED + FAIL + RUNNING
+of this study's own trials (never a warm-start copy: another study ran it, see
+``_warm_start.own_trials``), minus each FAIL trial that was re-queued as a retry (Optuna's
 ``RetryHeartbeatStaleTrialCallback`` system attrs name it). WAITING trials (queued retries)
-do not count: the next ask runs them. The count and the ask happen under one ask lock
-(``_storage.AskLock``), so several sweeper processes on one storage hold exactly ``n_trials``
-counted trials in total.
+do not count: the next ask runs them. The count and the reservation of the trial (a queued
+one, or a new row and its number) happen under one ask lock (``_storage.AskLock``), so several
+sweeper processes on one storage hold exactly ``n_trials`` counted trials in total; building
+the ``Trial`` and all sampling happen after the lock (``ask_within_budget``).
 
 The study is opened with a RandomSampler (the sweeper sets the configured sampler once the
 session index is known, see ``open_study``); its search-space fingerprint and the list of
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ._storage import AskLock, redact
+from ._warm_start import COPY_ATTR, own_trials
 
 if TYPE_CHECKING:
     import optuna
@@ -72,7 +75,7 @@ def count_toward_budget(trials: Sequence[FrozenTrial], attempts: bool = False) -
     retried = set() if attempts else retried_numbers(trials)
     return sum(
         1
-        for t in trials
+        for t in own_trials(trials)  # warm-start copies were run by another study
         if t.state.name in COUNTED_STATE_NAMES
         and not (t.state.name == "FAIL" and t.number in retried)
     )
@@ -133,9 +136,17 @@ def open_study(
     pruner: optuna.pruners.BasePruner,
     directions: list[str],
     new_study: bool,
+    warm_start: Any = None,
 ) -> tuple[optuna.Study, int]:
-    """Load or create the study (call under the ask lock); returns it and the session index."""
+    """Load or create the study (call under the ask lock); returns it and the session index.
+
+    A fresh study is warm-started from ``warm_start`` (a ``_warm_start.Request``; see
+    ``_warm_start.apply``: an unusable source raises ``WarmStartError`` here, before any
+    trial).
+    """
     import optuna
+
+    from ._warm_start import apply as apply_warm_start
 
     existing = set(optuna.get_all_study_names(storage))
     name, k = base_name, 1
@@ -177,12 +188,77 @@ def open_study(
             )
         k += 1
         name = f"{base_name}-{k}"
+    apply_warm_start(study, storage, warm_start, fingerprint)
     sessions = list(study.user_attrs.get(SESSIONS_ATTR, []))
     study.set_user_attr(
         SESSIONS_ATTR,
         sessions + [{"host": socket.gethostname(), "pid": os.getpid(), "started": _now_iso()}],
     )
     return study, len(sessions)
+
+
+def _state_counts(storage: Any, study_id: int, attempts: bool) -> tuple[int, int]:
+    """``(counted, waiting)`` of the stored study from SQL counts, loading no trial.
+
+    The ask lock serialises every worker's ask: reading and rebuilding every trial there
+    (``get_all_trials``) grew with the study and with the number of waiting workers
+    (benchmarks/scale_workers.py). One GROUP BY gives the states; only a study with failures
+    reads the retry copies' ``retry_history`` (few rows) to apply the count rule. A storage
+    that is not an RDBStorage (no SQL tables) is counted from its trials, as before.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    if not isinstance(storage, optuna.storages.RDBStorage):
+        trials = storage.get_all_trials(study_id, deepcopy=False)
+        return (count_toward_budget(trials, attempts),
+                sum(t.state == TrialState.WAITING for t in trials))
+    from optuna.storages._rdb import models
+    from sqlalchemy import func
+
+    trials, attrs = models.TrialModel, models.TrialSystemAttributeModel
+    user = models.TrialUserAttributeModel  # warm-start copies (COPY_ATTR) were run elsewhere
+    session = storage.scoped_session()
+    try:
+        by_state = dict(session.query(trials.state, func.count(trials.trial_id))
+                        .filter(trials.study_id == study_id).group_by(trials.state).all())
+        retried_fails = 0
+        if by_state.get(TrialState.FAIL) and not attempts:
+            histories = session.query(attrs.value_json).join(
+                trials, trials.trial_id == attrs.trial_id).filter(
+                trials.study_id == study_id, attrs.key == "retry_history").all()
+            retried = {json.loads(v)[-1] for (v,) in histories if json.loads(v)}
+            failed = {n for (n,) in session.query(trials.number).filter(
+                trials.study_id == study_id, trials.state == TrialState.FAIL)}
+            retried_fails = len(failed & retried)
+        copies = session.query(func.count(user.trial_id)).join(
+            trials, trials.trial_id == user.trial_id).filter(
+            trials.study_id == study_id, user.key == COPY_ATTR).scalar() or 0
+        session.commit()  # a read: ends the transaction the queries opened
+    finally:
+        session.close()
+    counted = sum(by_state.get(TrialState[s], 0) for s in COUNTED_STATE_NAMES)
+    return counted - retried_fails - copies, by_state.get(TrialState.WAITING, 0)
+
+
+def counted_in_storage(storage: Any, study_id: int, attempts: bool = False) -> int:
+    """``count_toward_budget`` of the stored study, from SQL counts (``_state_counts``)."""
+    return _state_counts(storage, study_id, attempts)[0]
+
+
+def reserve_trial(study: optuna.Study, storage: Any, lock: AskLock, n_trials: int,
+                  attempts: bool = False) -> int | None:
+    """Under the ask lock, only what must be serialised: count, then take a queued (WAITING)
+    trial or create one (its number). Returns its storage id, or None at ``n_trials``."""
+    with lock():
+        counted, waiting = _state_counts(storage, study._study_id, attempts)
+        if counted >= n_trials:
+            return None
+        # as study.ask(): queued retries first
+        trial_id = study._pop_waiting_trial_id() if waiting else None
+        if trial_id is None:  # through the study's storage: Optuna's trial cache learns it
+            trial_id = study._storage.create_new_trial(study._study_id)
+        return trial_id
 
 
 def ask_within_budget(
@@ -193,18 +269,21 @@ def ask_within_budget(
     heartbeat_interval: int | None,
     attempts: bool = False,
 ) -> optuna.trial.Trial | None:
-    """Count, then ask if the budget allows (atomically across processes)."""
-    with lock():
-        trials = storage.get_all_trials(study._study_id, deepcopy=False)
-        if count_toward_budget(trials, attempts) >= n_trials:
-            return None
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Heartbeat of storage")
-            trial = study.ask()
-        if heartbeat_interval:
-            # A beat right away: a crash before the worker starts is detectable too.
-            storage.record_heartbeat(trial._trial_id)
-    return trial
+    """Count, then ask if the budget allows (atomically across processes).
+
+    The trial is reserved under the lock (``reserve_trial``); the rest of what ``study.ask()``
+    does, building the ``Trial`` (the sampler's ``before_trial``) and everything the sampler
+    does later when parameters are suggested (``_loop.sample_trial``), runs after it."""
+    import optuna
+
+    trial_id = reserve_trial(study, storage, lock, n_trials, attempts)
+    if trial_id is None:
+        return None
+    if heartbeat_interval:
+        # A beat right away: a crash before the worker starts is detectable too.
+        storage.record_heartbeat(trial_id)
+    study._thread_local.cached_all_trials = None  # as study.ask(): sync the trials once
+    return optuna.Trial(study, trial_id)
 
 
 def _now_iso() -> str:

@@ -21,6 +21,7 @@ import yaml
 
 from ._storage import redact, redact_tree
 from ._study import OVERRIDES_ATTR, count_toward_budget, retried_numbers
+from ._warm_start import own_best
 
 if TYPE_CHECKING:
     import optuna
@@ -47,10 +48,11 @@ def best_section(
 
     ``with_overrides`` adds the best trial's override lines (the sweeper's summary file).
     """
-    if not any(t.state.name == "COMPLETE" for t in trials):
+    best_trials = own_best(trials, study.directions)  # never a warm-start copy
+    if not best_trials:
         return {}
     if len(study.directions) == 1:
-        best = study.best_trial
+        best = best_trials[0]
         entry: dict[str, Any] = {
             "number": best.number,
             "value": float(best.value),
@@ -62,7 +64,7 @@ def best_section(
     return {
         "pareto_front": [
             {"number": t.number, "values": [float(v) for v in t.values], "params": dict(t.params)}
-            for t in study.best_trials
+            for t in best_trials
         ]
     }
 
@@ -132,16 +134,16 @@ def official_results(study: optuna.Study) -> dict[str, Any] | None:
     ``name: optuna`` with ``best_params`` / ``best_value``, or ``solutions`` (the Pareto
     front's ``params`` and ``values``) for several objectives, as hydra-optuna-sweeper writes.
     """
-    trials = study.get_trials(deepcopy=False)
-    if not any(t.state.name == "COMPLETE" for t in trials):
+    best_trials = own_best(study.get_trials(deepcopy=False), study.directions)
+    if not best_trials:
         return None
     if len(study.directions) == 1:
-        best = study.best_trial
+        best = best_trials[0]
         return {"name": "optuna", "best_params": dict(best.params), "best_value": best.value}
     return {
         "name": "optuna",
         "solutions": [
-            {"params": dict(t.params), "values": list(t.values)} for t in study.best_trials
+            {"params": dict(t.params), "values": list(t.values)} for t in best_trials
         ],
     }
 

@@ -14,6 +14,9 @@ Select the sweeper in a search-space file (``# @package _global_``)::
         direction: minimize
         storage: sqlite:///${hydra:runtime.cwd}/mlruns/optuna.db
         study_name: cnn_small
+        warm_start:
+          studies: [cnn_small_last_week]   # or {study_name: ..., storage: <URL>}
+          top_k: 3
         params:
           optimizer: choice(adam, sgd)
           optimizer.lr: tag(log, interval(1e-4, 1e-1))
@@ -225,6 +228,25 @@ class RayConf:
     num_gpus: float | None = None  # GPUs per trial; null = 1 where the cluster has GPUs
 
 
+@dataclass
+class WarmStartConf:
+    """``hydra.sweeper.warm_start.*``: earlier studies a NEW study starts from.
+
+    Their COMPLETE trials that fit this search space are added to the new study (the
+    sampler learns from them; they do not use up ``n_trials``), and the ``top_k`` best of
+    each are queued to run first. A missing source, or one of other directions or objective,
+    stops the sweep before any trial. A study that already has trials is never changed.
+    """
+
+    # Each entry: a study name in this sweep's storage, or {study_name: ..., storage: <URL>}
+    # for another storage. A name with * or ? takes the newest matching earlier study with
+    # a finished trial (none: a cold start, said once), e.g. "nightly-*".
+    studies: list[Any] = field(default_factory=list)
+    # The best distinct configs of each source (by this sweep's direction; the Pareto front
+    # for several objectives) queued to run first, as this sweep's own trials; 0 = none.
+    top_k: int = 3
+
+
 # --- the sweeper (group hydra/sweeper) ------------------------------------------------------
 
 
@@ -311,6 +333,8 @@ class OptunaPruningSweeperConf:
     ray: RayConf = field(default_factory=RayConf)
     # Resume, state folder, preemption grace and budget rule of retried trials.
     retry: RetryConf = field(default_factory=RetryConf)
+    # Earlier studies a new study starts from (their fitting trials, their best configs first).
+    warm_start: WarmStartConf = field(default_factory=WarmStartConf)
 
 
 def register_configs() -> None:

@@ -74,6 +74,7 @@ from ._samplers import (
 )
 from ._study import default_study_name, directions_of, open_study
 from ._summary import sweep_summary, write_official_results, write_summary
+from ._warm_start import request_from as warm_start_request
 from .config import OptunaPruningSweeperConf
 
 log = logging.getLogger(__name__)
@@ -243,9 +244,10 @@ class OptunaPruningSweeper(Sweeper):
         elif conf.engine != "optuna":
             raise ValueError(f"hydra.sweeper.engine={conf.engine!r}; use optuna or keras_tuner")
         pruner = build_pruner(conf.pruner)
+        warm = warm_start_request(conf.warm_start, metric_names, conf.engine)
         lock = st.AskLock(url, base_name)
         storage, study, session = open_under_lock(conf, lock, url, base_name, fingerprint,
-                                                  pruner, directions)
+                                                  pruner, directions, warm)
         if metric_names and study.metric_names != metric_names:
             set_metric_names(study, metric_names)
         sampler_name = set_sampler(study, conf, space, session, engine)
@@ -339,14 +341,15 @@ def announce_sweep_start(hydra_context: HydraContext, config: DictConfig, study_
 
 def open_under_lock(conf: OptunaPruningSweeperConf, lock: st.AskLock, url: str,
                     base_name: str, fingerprint: dict[str, Any], pruner: Any,
-                    directions: list[str]) -> tuple[Any, Any, int]:
-    """The storage and the study, created or resumed; returns (storage, study, session)."""
+                    directions: list[str], warm: Any = None) -> tuple[Any, Any, int]:
+    """The storage and the study, created or resumed (and warm-started when ``warm`` names
+    earlier studies); returns (storage, study, session)."""
     with lock():  # also serializes table creation in a fresh database
         storage = st.make_storage(
             url, conf.heartbeat_interval, conf.grace_period, conf.max_retry
         )
         study, session = open_study(
-            storage, base_name, fingerprint, pruner, directions, conf.new_study
+            storage, base_name, fingerprint, pruner, directions, conf.new_study, warm
         )
     return storage, study, session
 

@@ -31,7 +31,11 @@ way to the same end, in the sweeper process before the job starts.
 
 Report with ``trial.report(value, step)``, ask ``trial.should_prune()`` and raise
 ``optuna.TrialPruned`` to stop: the worker then stores the trial as PRUNED (keeping the last
-reported value). Do not call ``study.tell`` yourself: the worker tells the final state.
+reported value). Report every step, but ask only where more steps follow: after its last step
+(or an early stop) a trial has done its work and should return its value, not be pruned
+(optuna_integration's KerasPruningCallback asks after the last epoch too; the platform's
+``search.training.keras_callbacks.ReportToPruner`` does not). Do not call ``study.tell``
+yourself: the worker tells the final state.
 
 In the sweeper process itself (e.g. a Hydra callback at ``on_multirun_end``),
 ``OPTUNA_SWEEPER_STUDY`` / ``OPTUNA_SWEEPER_STORAGE`` name the study, but

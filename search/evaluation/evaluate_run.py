@@ -2,8 +2,9 @@
 
 The threshold is chosen on val (`evaluation.threshold_rule`, optionally re-weighted to
 `evaluation.deployment_prevalence`); test and every `evaluation.external` set are scored at
-it, with stratified bootstrap intervals; metrics, intervals, confusion matrices, reports and
-ROC/PR curves go to the active MLflow run. `search.training.trainer` calls it for every
+it, with stratified bootstrap intervals; metrics, confusion matrices, reports, ROC/PR curves
+and the intervals (a JSON artifact per held-out split, not metric series) go to the active
+MLflow run. `search.training.trainer` calls it for every
 finished trial,
 `search.sweep.top_k_ensemble` for an ensemble.
 """
@@ -26,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from search.evaluation import calibration as cal
 from search.evaluation import metrics as ev
 from search.evaluation.external import ExternalSets, external_specs, score_sets
-from search.evaluation.intervals import BootstrapSpec
+from search.evaluation.intervals import INTERVALS_ARTIFACT, BootstrapSpec, metric_prefix
 from search.tracking import tags as tag_keys
 
 # its lines read as the trainer's, as before the split
@@ -63,8 +64,9 @@ def bootstrap_spec(cfg: DictConfig) -> BootstrapSpec:
 
 
 def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: Any, binary: bool) -> dict:
-    """Evaluate val, test and the external sets at a threshold chosen on val; log metrics with
-    bootstrap intervals, matrices and curves."""
+    """Evaluate val, test and the external sets at a threshold chosen on val; log metrics,
+    matrices, curves and bootstrap intervals. The returned results hold the intervals as
+    `<split>_<metric>_ci_low/_ci_high` for the run description; the run has them as JSON."""
     results: dict[str, float] = {}
     bootstrap = bootstrap_spec(cfg)
     prevalence = OmegaConf.select(cfg, "evaluation.deployment_prevalence")
@@ -93,8 +95,7 @@ def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: Any, binary: boo
                                    bootstrap=None if split == "val" else bootstrap)
         results.update({f"{split}_{k}": v for k, v in result.metrics.items()})
         results.update(result.interval_metrics(f"{split}_"))
-        # eval_ prefix: val_loss/val_accuracy already name Keras' per-epoch series.
-        log_split(result, f"eval_{split}_", y, scores)
+        log_split(result, y, scores)
         log.info("%s: loss %.4f  %s", split, result.metrics["loss"], ev.headline(result.metrics))
     if calibration is not None:
         log_calibration(calibration, data.y_val, val_before, val_scores, splits,
@@ -106,7 +107,7 @@ def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: Any, binary: boo
                                        list(data.class_names), threshold, bootstrap).items():
             results.update({f"ext_{name}_{k}": v for k, v in result.metrics.items()})
             results.update(result.interval_metrics(f"ext_{name}_"))
-            log_split(result, f"ext_{name}_", result.extra["y"], result.extra["scores"])
+            log_split(result, result.extra["y"], result.extra["scores"])
             log.info("external %s (%d images, never used for selection): %s", name,
                      result.extra["n"], ev.headline(result.metrics))
     if threshold is not None:
@@ -168,14 +169,16 @@ def external_sets(cfg: DictConfig, class_names: list[str]) -> ExternalSets:
     return _external_sets(json.dumps(items, sort_keys=True), tuple(class_names))
 
 
-def log_split(result: ev.SplitEvaluation, prefix: str, y: np.ndarray,
-              scores: np.ndarray) -> None:
-    """Metrics (with `_ci_low` / `_ci_high`), confusion matrix, report and curves of a split."""
+def log_split(result: ev.SplitEvaluation, y: np.ndarray, scores: np.ndarray) -> None:
+    """Metrics (`eval_<split>_*`, `ext_<name>_*`), confusion matrix, report, curves and the
+    intervals of a split.
+
+    The intervals go to `evaluation/<split>_intervals.json` only: as `_ci_low`/`_ci_high`
+    series they were two more per metric, 43 series on a trial instead of 29 (issue 28)."""
     split = result.split
+    prefix = metric_prefix(split)  # eval_: val_loss/val_accuracy name Keras' epoch series
     mlflow.log_metrics({f"{prefix}{k}": v for k, v in result.metrics.items()
                         if k not in NOT_LOGGED and math.isfinite(v)})
-    mlflow.log_metrics({f"{prefix}{k}": v for k, v in result.interval_metrics("").items()
-                        if k.rsplit("_ci_", 1)[0] not in NOT_LOGGED})
     undefined = sorted(k for k, v in result.metrics.items()
                        if k not in NOT_LOGGED and not math.isfinite(v))
     if undefined:  # never dropped silently
@@ -190,6 +193,6 @@ def log_split(result: ev.SplitEvaluation, prefix: str, y: np.ndarray,
     mlflow.log_dict(result.report, f"evaluation/{split}_classification_report.json")
     if result.intervals:
         mlflow.log_dict(ev.json_ready({k: list(v) for k, v in result.intervals.items()}),
-                        f"evaluation/{split}_intervals.json")
+                        INTERVALS_ARTIFACT.format(split=split))
     log_figure(ev.roc_pr_figure(split, y, scores, result.class_names),
                f"evaluation/{split}_roc_pr.png")

@@ -10,11 +10,16 @@ sweep pays per trial.
 `paired_difference` resamples the same images for two models (one index matrix), so a
 challenger is judged on how it differs from the champion image by image, not on two
 independent intervals.
+
+A run keeps its intervals in `evaluation/<split>_intervals.json` (`INTERVALS_ARTIFACT`), not
+as metric series; `flat_intervals` gives them the `<metric>_ci_low/_ci_high` keys that the run
+description, model_info.json and the model card read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,3 +144,36 @@ def paired_difference(y: np.ndarray, new: np.ndarray, new_threshold: float | Non
     ])
     low, high = _percentiles(diffs, spec.level)
     return PairedDifference(metric, float(point), low, high, spec.level, len(y), resamples)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a run keeps its intervals: one JSON artifact per held-out split, not metric series
+# (two extra series per metric buried a trial's ~29 series under 14 more, issue 28).
+
+INTERVALS_ARTIFACT = "evaluation/{split}_intervals.json"  # {metric: [low, high]}
+_ARTIFACT = re.compile(r"^evaluation/(?P<split>[A-Za-z0-9_]+)_intervals\.json$")
+
+
+def metric_prefix(split: str) -> str:
+    """The run-metric prefix of a split's values: `eval_test_` (Keras' per-epoch series own
+    `val_*`), `ext_<name>_` for an external set (whose split is `ext_<name>`)."""
+    return f"{split}_" if split.startswith("ext_") else f"eval_{split}_"
+
+
+def artifact_split(path: str) -> str | None:
+    """The split an `evaluation/<split>_intervals.json` artifact path holds, else None."""
+    found = _ARTIFACT.match(path)
+    return found["split"] if found else None
+
+
+def flat_intervals(found: Mapping[str, Sequence[float | None] | None],
+                   prefix: str) -> dict[str, float]:
+    """`{prefix}{metric}_ci_low/_ci_high` for every finite interval: the keys the run
+    description, model_info.json and the model card read."""
+    out = {}
+    for name, pair in found.items():
+        low, high = (list(pair or []) + [None, None])[:2]
+        if low is not None and high is not None and np.isfinite(low) and np.isfinite(high):
+            out[f"{prefix}{name}_ci_low"], out[f"{prefix}{name}_ci_high"] = (float(low),
+                                                                            float(high))
+    return out

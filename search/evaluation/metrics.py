@@ -25,7 +25,7 @@ from sklearn.metrics import (  # noqa: E402
     roc_curve,
 )
 
-from search.evaluation.intervals import BootstrapSpec  # noqa: E402
+from search.evaluation.intervals import BootstrapSpec, flat_intervals  # noqa: E402
 from search.evaluation.intervals import intervals as bootstrap_intervals  # noqa: E402
 from search.evaluation.metric_maths import (  # noqa: E402
     DEFAULT_THRESHOLD,
@@ -52,12 +52,9 @@ class SplitEvaluation:
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # metric: (low, high)
 
     def interval_metrics(self, prefix: str) -> dict[str, float]:
-        """`{prefix}{metric}_ci_low/_ci_high` for every finite interval."""
-        out = {}
-        for name, (low, high) in self.intervals.items():
-            if np.isfinite(low) and np.isfinite(high):
-                out[f"{prefix}{name}_ci_low"], out[f"{prefix}{name}_ci_high"] = low, high
-        return out
+        """`{prefix}{metric}_ci_low/_ci_high` for every finite interval: in-memory results for
+        the run description (a run logs its intervals as a JSON artifact, not as metrics)."""
+        return flat_intervals(self.intervals, prefix)
 
 
 def json_ready(value: Any) -> Any:

@@ -33,7 +33,10 @@ def calibrated(info: dict[str, Any]) -> str:
 
 
 def with_interval(metrics: dict[str, float], key: str) -> str:
-    """`0.9712 [0.9500, 0.9861]`, the point value alone without an interval, `-` if absent."""
+    """`0.9712 [0.9500, 0.9861]`, the point value alone without an interval, `-` if absent.
+
+    The interval is `{key}_ci_low/_ci_high` in ``metrics``: model_info.json's metrics, where
+    `model_store.run_metrics` put the run's `evaluation/*_intervals.json` (not metric series)."""
     if metrics.get(key) is None:
         return "-"
     low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")

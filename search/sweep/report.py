@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from search import sweep_context  # noqa: E402
 from search.model_registry.model_card import with_interval  # noqa: E402
+from search.model_registry.model_store import run_intervals  # noqa: E402
 from search.sweep.figures import (  # noqa: E402
     all_trials_html,
     curves_figure,
@@ -86,8 +87,18 @@ def top_params(study: optuna.Study, k: int = TOP_PARAMS) -> list[str] | None:
     return ranked[:k] if len(ranked) > k else None
 
 
+def best_trial_intervals(study: optuna.Study, summary: dict[str, Any]) -> dict[str, float]:
+    """The best trial's 95 % intervals (`<metric>_ci_low/_ci_high`), from its run's
+    `evaluation/*_intervals.json`: runs keep intervals as artifacts, not metric series."""
+    best = summary.get("best")
+    trials = [t for t in study.get_trials(deepcopy=False) if best and t.number == best["number"]]
+    run_id = trials[0].user_attrs.get("mlflow_run_id") if trials else None
+    return run_intervals(MlflowClient(), str(run_id)) if run_id else {}
+
+
 def held_out_rows(metrics: dict[str, float] | None) -> list[tuple[str, str]]:
-    """The best trial's held-out and external figures with their 95 % intervals."""
+    """The best trial's held-out and external figures with their 95 % intervals (as
+    `<metric>_ci_low/_ci_high` entries beside the point values)."""
     metrics = metrics or {}
     rows = []
     prefixes = [("held-out test", "eval_test_")] + [
@@ -297,7 +308,8 @@ def write_report(study: optuna.Study, folder: Path,
                  held_out: dict[str, float] | None = None) -> list[Path]:
     """Write the sweep's plots (HTML + PNG) and its trials table (CSV) into ``folder``.
 
-    ``held_out``: the best trial's run metrics (eval_test_*, ext_*), shown with intervals.
+    ``held_out``: the best trial's run metrics (eval_test_*, ext_*), shown with the
+    intervals of that trial's run (`best_trial_intervals`).
 
     A plot that does not apply (e.g. importances with fewer than two finished trials) is
     skipped with a log line rather than failing the sweep's end.
@@ -309,6 +321,8 @@ def write_report(study: optuna.Study, folder: Path,
     study.trials_dataframe().map(sweep_context.redact_tree).to_csv(table, index=False)
     written.append(table)
     summary = summarize(study)
+    if held_out is not None:
+        held_out = {**best_trial_intervals(study, summary), **held_out}
     sections: list[str] = []
     top = top_params(study)
     for name, fns in _plots(study).items():

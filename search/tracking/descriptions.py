@@ -83,8 +83,9 @@ def artifact_route(experiment_id: str, run_id: str, path: str) -> str:
 
 
 def model_route(model_name: str, version: Any) -> str:
-    """A registered version's page, relative to any MLflow UI page."""
-    return f"#/models/{quote(str(model_name), safe='')}/versions/{version}"
+    """A registered version's page, relative to any MLflow UI page (in the model-training
+    view: without it MLflow 3 shows the registry under its GenAI navigation)."""
+    return f"#/models/{quote(str(model_name), safe='')}/versions/{version}?{ML_VIEW}"
 
 
 def address(ui_base: str | None, route: str) -> str | None:

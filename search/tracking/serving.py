@@ -28,9 +28,15 @@ SERVING_FILE = Path(__file__).resolve()
 LOADER_MODULE = "serving"  # the name under which MLflow imports the copied file
 
 
+
+def probability_column(class_name: str) -> str:
+    """One class's probability column, the same word in the REST answer, the pyfunc output
+    and predict.py's predictions.csv: `p_<class>`."""
+    return f"p_{class_name}"
+
 def output_columns(class_names: list[str]) -> list[str]:
     """`p_<class>` per class in output order, then `predicted_label` and `threshold`."""
-    return [f"p_{name}" for name in class_names] + ["predicted_label", "threshold"]
+    return [probability_column(name) for name in class_names] + ["predicted_label", "threshold"]
 
 
 def serving_signature(image_size: int, class_names: list[str]) -> Any:
@@ -51,7 +57,7 @@ def serving_signature(image_size: int, class_names: list[str]) -> Any:
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     inputs = Schema([TensorSpec(np.dtype("float32"), (-1, image_size, image_size, -1))])
-    outputs = Schema([ColSpec("double", f"p_{n}") for n in class_names]
+    outputs = Schema([ColSpec("double", probability_column(n)) for n in class_names]
                      + [ColSpec("string", "predicted_label"), ColSpec("double", "threshold")])
     signature = ModelSignature(inputs=inputs, outputs=outputs,
                                params=ParamSchema([ParamSpec("scaled", "boolean", False)]))
@@ -217,7 +223,8 @@ class ServingModel:
             index = (probs[:, 1] >= self.threshold).astype(int)
         else:
             index = probs.argmax(axis=1)
-        frame = pd.DataFrame({f"p_{n}": probs[:, i] for i, n in enumerate(self.class_names)})
+        frame = pd.DataFrame({probability_column(n): probs[:, i]
+                              for i, n in enumerate(self.class_names)})
         frame["predicted_label"] = [self.class_names[i] for i in index]
         frame["threshold"] = float("nan") if self.threshold is None else float(self.threshold)
         return frame

@@ -27,6 +27,7 @@ from search.training.keras_callbacks import (
     EpochMetricsToMlflow,
     FaultInEpoch,
     LearningRateLogger,
+    ReportToPruner,
     check_divergence,
 )
 from search.training.lifecycle import TrackedRun, best_checkpoint, resume_from
@@ -132,12 +133,11 @@ def build_callbacks(settings: FitSettings, plan: RunPlan, data: Any, built: Buil
     if armed("mid_epoch") or armed("tracking_outage") or armed("preempt"):
         callbacks.append(FaultInEpoch())
     if settings.prune_on is not None:
-        from optuna_integration import KerasPruningCallback
-
         if settings.prune_on != monitor:
             log.info("pruning on %s (trainer.monitor=%s runs against objective=%s)",
                      settings.prune_on, monitor, settings.objective)
-        callbacks.append(KerasPruningCallback(tracked.trial.trial, settings.prune_on))
+        # last: it reads the stop_training that EarlyStopping (above) set for this epoch
+        callbacks.append(ReportToPruner(tracked.trial, settings.prune_on))
     return callbacks, resumable
 
 

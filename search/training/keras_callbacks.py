@@ -11,13 +11,18 @@ from __future__ import annotations
 import errno
 import math
 import os
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import mlflow
+import optuna
 
 from search.faults import fault_epoch, fault_point, fires, pause_point, signal_point
+
+if TYPE_CHECKING:
+    from search.sweep_context import SweepTrial
 
 
 class LearningRateLogger(keras.callbacks.Callback):
@@ -101,6 +106,43 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
         if written.exists():
             fault_point("checkpoint_write")
             os.replace(written, self.final_path)
+
+
+class ReportToPruner(keras.callbacks.Callback):
+    """Reports `monitor` to the sweep's trial every epoch; asks the pruner only where more
+    epochs follow.
+
+    optuna_integration's KerasPruningCallback asks after every epoch, the last included: the
+    default Hyperband sweep pruned trials after their 10th and last epoch, throwing away
+    fully trained models. Here an epoch after which training ends anyway (the last of
+    `epochs`, or one where an earlier callback such as EarlyStopping set
+    `model.stop_training`) is still reported (other trials' pruners compare against it),
+    and the trial then completes and is evaluated. Append it after EarlyStopping.
+    """
+
+    def __init__(self, trial: SweepTrial, monitor: str) -> None:
+        super().__init__()
+        self.trial = trial
+        self.monitor = monitor
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            warnings.warn(f"the pruning metric '{self.monitor}' is not in the epoch logs; "
+                          "nothing was reported to the pruner", stacklevel=2)
+            return
+        self.trial.report(float(value), epoch)
+        if not self.more_epochs_follow(epoch):
+            return
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"Trial was pruned at epoch {epoch}.")
+
+    def more_epochs_follow(self, epoch: int) -> bool:
+        """Whether `model.fit` trains another epoch after `epoch` (0-based)."""
+        if getattr(self.model, "stop_training", False):  # EarlyStopping, TerminateOnNaN
+            return False
+        epochs = (self.params or {}).get("epochs")
+        return epochs is None or epoch + 1 < int(epochs)
 
 
 class FaultInEpoch(keras.callbacks.Callback):

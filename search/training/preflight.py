@@ -44,13 +44,14 @@ def _data(cfg: DictConfig) -> Any:
 
 def check_trial(cfg: DictConfig) -> None:
     """Raise what the trial would raise before its first epoch; build nothing that stays."""
-    from search.quiet_start import quiet_native_start
+    from search.quiet_start import start_tensorflow
 
-    with quiet_native_start():  # TF's native start-up lines, once per dry run
-        import keras
+    # TF's native start-up lines, the first device query's cuInit included, once per dry run
+    start_tensorflow()
+    import keras
 
-        from search.evaluation.evaluate_run import bootstrap_spec
-        from search.training.model_setup import check_label_smoothing, compile_model
+    from search.evaluation.evaluate_run import bootstrap_spec
+    from search.training.model_setup import check_label_smoothing, compile_model
 
     check_run_config(cfg)
     bootstrap_spec(cfg)

@@ -49,10 +49,11 @@ def test_without_a_server_the_store_is_carried_from_night_to_night(tmp_path) -> 
     steps = _steps("sweep")
     chosen = _bash(steps["Choose the MLflow store"]["run"],
                    {"SERVER_URI": "", "SERVER_USER": "", "SERVER_PASSWORD": ""}, tmp_path)
+    studies = "sqlite:////w/mlruns/nightly-optuna.db"  # carried with the store: warm starts
     assert chosen == {"MLFLOW_TRACKING_URI": "sqlite:////w/mlruns/mlflow.db",
-                      "NIGHTLY_STORE": "carried"}
-    restore = steps["Restore the last night's MLflow store"]
-    save = steps["Keep tonight's MLflow store for the next night"]
+                      "NIGHTLY_STORE": "carried", "NIGHTLY_OPTUNA_STORAGE": studies}
+    restore = steps["Restore the last night's MLflow store and studies"]
+    save = steps["Keep tonight's MLflow store and studies for the next night"]
     assert restore["uses"].startswith("actions/cache/restore@")
     assert save["uses"].startswith("actions/cache/save@")
     assert restore["with"]["path"] == save["with"]["path"] == "mlruns"  # where the URI points
@@ -61,10 +62,13 @@ def test_without_a_server_the_store_is_carried_from_night_to_night(tmp_path) -> 
     assert restore["with"]["key"] == save["with"]["key"]
     assert "always()" in save["if"] and "hashFiles('mlruns/mlflow.db')" in save["if"]
     order = list(steps)
-    assert order.index("Choose the MLflow store") < order.index(
-        "Restore the last night's MLflow store") < order.index("Nightly sweep") < order.index(
-        "Keep tonight's MLflow store for the next night") < order.index(
-        "Fail on a missed floor or a failed sweep")
+    assert [order.index(s) for s in (
+        "Choose the MLflow store", "Restore the last night's MLflow store and studies",
+        "Nightly sweep", "Keep tonight's MLflow store and studies for the next night",
+        "Fail on a missed floor or a failed sweep")] == sorted(order.index(s) for s in (
+        "Choose the MLflow store", "Restore the last night's MLflow store and studies",
+        "Nightly sweep", "Keep tonight's MLflow store and studies for the next night",
+        "Fail on a missed floor or a failed sweep"))
     review = steps["Upload the MLflow store for review"]
     assert review["with"]["path"].rstrip("/") == "mlruns"
 
@@ -74,8 +78,25 @@ def test_a_server_secret_replaces_the_carried_store(tmp_path) -> None:
     chosen = _bash(step["run"], {"SERVER_URI": "https://mlflow.example", "SERVER_USER": "",
                                  "SERVER_PASSWORD": ""}, tmp_path)
     # no empty login variables: MLflow's client would send an empty user
-    assert chosen == {"MLFLOW_TRACKING_URI": "https://mlflow.example", "NIGHTLY_STORE": "server"}
+    assert chosen == {"MLFLOW_TRACKING_URI": "https://mlflow.example", "NIGHTLY_STORE": "server",
+                      "NIGHTLY_OPTUNA_STORAGE": "sqlite:////w/mlruns/nightly-optuna.db"}
     chosen = _bash(step["run"], {"SERVER_URI": "https://mlflow.example", "SERVER_USER": "ci",
                                  "SERVER_PASSWORD": "pw"}, tmp_path)
     assert chosen["MLFLOW_TRACKING_USERNAME"] == "ci" and chosen["MLFLOW_TRACKING_PASSWORD"] == "pw"
     assert "MLFLOW_TRACKING_URI" not in _jobs()["sweep"].get("env", {})  # chosen, not fixed
+
+
+def test_each_night_warm_starts_from_the_last_nights_study() -> None:
+    """The recipe's study is tonight's own, in the carried database, warm-started from the
+    newest earlier night (the workflow's NIGHTLY_OPTUNA_STORAGE; unset: the sweep folder)."""
+    recipe = yaml.safe_load((WORKFLOW.parents[2] / "conf" / "experiment" / "nightly.yaml")
+                            .read_text())
+    sweeper = recipe["hydra"]["sweeper"]
+    assert sweeper["warm_start"]["studies"] == ["nightly-*"]
+    assert sweeper["study_name"].startswith("nightly-${now:")
+    assert sweeper["storage"] == "${oc.env:NIGHTLY_OPTUNA_STORAGE,null}"
+    steps = _steps("sweep")
+    restore = steps["Restore the last night's MLflow store and studies"]
+    assert "if" not in restore  # the studies are carried with a tracking server too
+    save = steps["Keep tonight's MLflow store and studies for the next night"]
+    assert "hashFiles('mlruns/nightly-optuna.db')" in save["if"]

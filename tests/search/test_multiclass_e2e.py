@@ -150,7 +150,7 @@ def test_folder_multiclass_sweep_registers_pulls_and_predicts_four_digits(tmp_pa
             digits_tree).as_posix()))
         assert answer["predicted_label"] == row["predicted_label"], file
         for c in classes:
-            assert answer[f"p_{c}"] == pytest.approx(float(row[f"prob_{c}"]), abs=1e-5)
+            assert answer[f"p_{c}"] == pytest.approx(float(row[f"p_{c}"]), abs=1e-5)
         best = int(np.argmax([answer[f"p_{c}"] for c in classes]))
         assert answer["predicted_label"] == classes[best]
 

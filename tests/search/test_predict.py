@@ -67,9 +67,9 @@ def test_npz_default_key_labels_metrics(tiny_model, val_xrays, make_npz, tmp_pat
     result = pr.predict(tiny_model, path, tmp_path / "out")
     rows = read_csv(result.files["predictions"])
     assert [r["index"] for r in rows] == [str(i) for i in range(48)]  # test_images chosen
-    p = np.array([float(r["prob_pneumonia"]) for r in rows])
+    p = np.array([float(r["p_pneumonia"]) for r in rows])
     np.testing.assert_allclose(p, expected_probabilities(tiny_model.model, images), atol=1e-6)
-    np.testing.assert_allclose(p + [float(r["prob_normal"]) for r in rows], 1.0, atol=1e-6)
+    np.testing.assert_allclose(p + [float(r["p_normal"]) for r in rows], 1.0, atol=1e-6)
     assert [r["predicted_label"] for r in rows] == [CLASSES[int(v >= 0.5)] for v in p]
     assert [r["true_label"] for r in rows] == [CLASSES[int(v)] for v in labels[:, 0]]
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -138,7 +138,7 @@ def test_single_image_without_label(tiny_model, chest_xray_sample_files, tmp_pat
 
     x = preprocess_for_model(image.read_bytes(), 28, 1).numpy()[np.newaxis]
     expected = float(tiny_model.model.predict(x, verbose=0)[0, 0])
-    assert result.rows[0]["prob_pneumonia"] == pytest.approx(expected, abs=1e-6)
+    assert result.rows[0]["p_pneumonia"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_cli_on_an_mlflow_model_folder(tiny_model, val_xrays, make_npz, tmp_path, capsys,
@@ -206,7 +206,7 @@ def test_pull_then_predict_matches_the_in_memory_models(registry_store, val_xray
     path = make_npz(test_images=images, test_labels=labels)
     mlflow.set_tracking_uri("sqlite:////nonexistent/offline.db")  # the folder needs no store
     result = pr.predict(folder, path, tmp_path / "pred-champion")
-    p = np.array([r["prob_pneumonia"] for r in result.rows])
+    p = np.array([r["p_pneumonia"] for r in result.rows])
     # the served model is the checkpoint, in float32 (it may have trained in mixed precision),
     # with the recorded val calibration folded in
     checkpoint = as_float32(keras.models.load_model(runs.good_checkpoint, safe_mode=True))
@@ -217,7 +217,7 @@ def test_pull_then_predict_matches_the_in_memory_models(registry_store, val_xray
 
     mlflow.set_tracking_uri(registry_store.uri)
     result = pr.predict(f"models:/pneumonia-cnn/{poor.version}", path, tmp_path / "pred-poor")
-    p = np.array([r["prob_pneumonia"] for r in result.rows])
+    p = np.array([r["p_pneumonia"] for r in result.rows])
     np.testing.assert_allclose(p, expected_probabilities(runs.poor_model, images), atol=1e-6)
 
 
@@ -252,7 +252,7 @@ def test_predict_takes_mlflow_3_logged_model_and_run_uris(registry_store, val_xr
         out = tmp_path / re.sub(r"\W+", "_", uri)
         code = pr.main([uri, str(path), "--out", str(out), "--tracking-uri", registry_store.uri])
         assert code == 0, capsys.readouterr().err
-        answers[uri] = [float(r["prob_pneumonia"]) for r in read_csv(out / "predictions.csv")]
+        answers[uri] = [float(r["p_pneumonia"]) for r in read_csv(out / "predictions.csv")]
         model = json.loads((out / "metrics.json").read_text())["model"]
         assert model["model_uri"] == uri and model["run_id"] == runs.good_run_id, model
     assert len(set(map(tuple, answers.values()))) == 1, answers  # one model, three names

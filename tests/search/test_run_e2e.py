@@ -113,4 +113,4 @@ def test_folder_loader_transfer_224px_on_real_jpegs(tmp_path, chest_xray_tree):
     for file, (_, row) in zip(files, frame.iterrows(), strict=True):
         assert row["predicted_label"] == by_file[file.name]["predicted_label"], file.name
         assert row["p_pneumonia"] == pytest.approx(
-            float(by_file[file.name]["prob_pneumonia"]), abs=1e-5), file.name
+            float(by_file[file.name]["p_pneumonia"]), abs=1e-5), file.name

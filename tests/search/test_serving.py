@@ -188,7 +188,7 @@ def test_pyfunc_and_mlflow_serve_answer_like_predict_on_raw_real_images(model_di
                         npz_key="val_images")
     with open(tmp_path / "pred" / "predictions.csv") as handle:
         rows = list(csv.DictReader(handle))
-    expected = np.array([float(r["prob_pneumonia"]) for r in rows])
+    expected = np.array([float(r["p_pneumonia"]) for r in rows])
     labels = [r["predicted_label"] for r in rows]
     assert len(set(labels)) == 2, labels  # both classes occur: the threshold matters
 
@@ -226,7 +226,7 @@ def test_pyfunc_and_mlflow_serve_answer_like_predict_on_raw_real_images(model_di
     for file, answer in zip(files, invoke(pixels), strict=True):
         assert answer["predicted_label"] == by_file[file.name]["predicted_label"], file.name
         assert answer["p_pneumonia"] == pytest.approx(
-            float(by_file[file.name]["prob_pneumonia"]), abs=1e-5), file.name
+            float(by_file[file.name]["p_pneumonia"]), abs=1e-5), file.name
 
 
 @pytest.mark.slow

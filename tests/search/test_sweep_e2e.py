@@ -47,6 +47,8 @@ def runs_of(tmp_path: Path, study: str) -> tuple[MlflowClient, list, list]:
 
 
 def test_parent_child_runs_report_and_best_trial(tmp_path):
+    from search.model_registry import model_store
+
     external = f"evaluation.external=[{{name: xray16, path: '{CHEST_XRAY_SAMPLE / 'val'}'}}]"
     proc = sweep(tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.study_name=e2e",
                  "hydra/sweeper/pruner=nop", external, "registry.ensemble.top_k=2")
@@ -79,15 +81,18 @@ def test_parent_child_runs_report_and_best_trial(tmp_path):
     for child in children:
         params, metrics = child.data.params, child.data.metrics
         trial = by_trial[int(child.data.tags["optuna.trial_number"])]
-        # intervals sit next to their point values; external sets have their own prefix
-        plain = [k for k in metrics if "_ci_" not in k and not k.startswith("ext_")]
+        # intervals are the run's evaluation/*_intervals.json, not two series per metric
+        # (issue 28); external sets have their own prefix
+        assert not [k for k in metrics if "_ci_" in k], sorted(metrics)
+        plain = [k for k in metrics if not k.startswith("ext_")]
         assert len(params) < 40 and len(plain) < 30, (sorted(params), sorted(metrics))
+        found = model_store.run_intervals(client, child.info.run_id)
         for name in ("eval_test_roc_auc", "eval_test_sensitivity", "ext_xray16_roc_auc",
                      "ext_xray16_specificity"):
-            low, high = metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"]
+            low, high = found[f"{name}_ci_low"], found[f"{name}_ci_high"]
             assert low <= metrics[name] <= high, (name, low, high)  # [1, 1] when all caught
-        assert metrics["eval_test_roc_auc_ci_low"] < metrics["eval_test_roc_auc_ci_high"]
-        assert not [k for k in metrics if k.startswith("eval_val_") and "_ci_" in k]
+        assert found["eval_test_roc_auc_ci_low"] < found["eval_test_roc_auc_ci_high"]
+        assert not [k for k in found if k.startswith("eval_val_")]  # val chose the model
         assert not [k for k in params if "_target_" in k or k.startswith("optimizer_")]
         assert {k: params[k] for k in trial.params} == {k: str(v) for k, v in
                                                          trial.params.items()}
@@ -215,8 +220,9 @@ def check_ensemble(tmp_path: Path, client: MlflowClient, parent, children) -> No
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     members = run.data.tags["ensemble.members"].split(",")
     assert sorted(members) == sorted(c.info.run_id for c in children)
-    assert {"threshold", "eval_test_roc_auc", "eval_test_roc_auc_ci_low",
-            "ext_xray16_roc_auc"} <= set(run.data.metrics)
+    assert {"threshold", "eval_test_roc_auc", "ext_xray16_roc_auc"} <= set(run.data.metrics)
+    assert {"eval_test_roc_auc_ci_low", "ext_xray16_roc_auc_ci_high"} <= set(
+        model_store.run_intervals(client, run.info.run_id))
     assert "ensemble_gain_roc_auc" in parent.data.metrics
     version = client.get_model_version("pneumonia-cnn", tags["ensemble.version"])
     assert version.run_id == run.info.run_id and tags["ensemble.alias"] in version.aliases
@@ -226,7 +232,7 @@ def check_ensemble(tmp_path: Path, client: MlflowClient, parent, children) -> No
                       "--tracking-uri", uri]) == 0
     try:
         out = pr.predict(folder, CHEST_XRAY_SAMPLE / "val", tmp_path / "pred", gradcam=True)
-        pulled = np.array([r["prob_pneumonia"] for r in out.rows])
+        pulled = np.array([r["p_pneumonia"] for r in out.rows])
         loaded = [model_store.load_keras_safely(mlflow.artifacts.download_artifacts(
             client.get_run(m).data.tags["best_model_uri"], dst_path=str(tmp_path / m)))
             for m in members]

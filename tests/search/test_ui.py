@@ -142,7 +142,8 @@ def test_ui_starts_on_the_store_and_its_addresses_open_the_sweep(sweep_store, tm
                                   "?workflowType=machine_learning")
         assert found["curves"] == (f"{base}/#/experiments/{eid}/runs/{parent}/artifactPath/"
                                    "val_loss_all_trials.html?workflowType=machine_learning")
-        assert found["champion"] == f"{base}/#/models/ui-cnn/versions/{sweep_store.version}"
+        assert found["champion"] == (f"{base}/#/models/ui-cnn/versions/{sweep_store.version}"
+                                      "?workflowType=machine_learning")
         for url in found.values():  # the page a browser loads for each: the UI's own
             status, body = fetch(url.split("#")[0])
             assert status == 200 and b"<title>MLflow</title>" in body

@@ -41,23 +41,27 @@ def wait_for_package_installs(limit_s: float = 900) -> None:
         time.sleep(2)
 
 
-def pg_bin() -> Path:
-    """The PostgreSQL server binaries; `apt-get install postgresql` first when missing."""
+def debian_package(pattern: str, package: str) -> Path:
+    """The newest path matching `pattern`; `apt-get install <package>` first when missing
+    (root only; .ci/run may be installing it in the background: wait for apt, not fail)."""
     wait_for_package_installs()
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    found = sorted(glob.glob(pattern))
     if not found and os.geteuid() == 0 and shutil.which("apt-get"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        # .ci/run may be installing it in the background: wait for apt's lock, not fail on it
         wait = ["-o", "DPkg::Lock::Timeout=900", "-o", "Acquire::Lock::Timeout=900"]
-        if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):
-            subprocess.run(["apt-get", "update", "-qq", *wait], check=True, env=env, timeout=900)
-            subprocess.run(["apt-get", "install", "-y", "-qq", *wait, "postgresql"], check=True,
-                           env=env, timeout=900)
-        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        subprocess.run(["apt-get", "update", "-qq", *wait], check=True, env=env, timeout=900)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *wait, package], check=True,
+                       env=env, timeout=900)
+        found = sorted(glob.glob(pattern))
     if not found:
-        pytest.fail("PostgreSQL's server is not installed and cannot be (apt-get install "
-                    "postgresql needs root)")
-    return Path(found[-1]).parent
+        pytest.fail(f"{pattern} is not installed and cannot be (apt-get install {package} "
+                    "needs root)")
+    return Path(found[-1])
+
+
+def pg_bin() -> Path:
+    """The PostgreSQL server binaries' folder (Debian's postgresql package)."""
+    return debian_package("/usr/lib/postgresql/*/bin/initdb", "postgresql").parent
 
 
 def as_postgres(*cmd: str, **kwargs) -> subprocess.CompletedProcess:
