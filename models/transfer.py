@@ -306,6 +306,69 @@ def build_transfer(
     return keras.Model(inputs, outputs, name=name or f"transfer_{backbone}")
 
 
+@dataclass(frozen=True)
+class FrozenSplit:
+    """A transfer model cut where its frozen part ends; every layer is shared with it.
+
+    Attributes:
+        bottom: image -> the backbone's output at the cut (all frozen, inference mode).
+        head: that output -> predictions: the rest of the backbone, then the head.
+        cut: Name of the backbone layer whose output `bottom` returns.
+    """
+
+    bottom: keras.Model
+    head: keras.Model
+    cut: str
+
+
+def frozen_cut(backbone: keras.Model, trainable_layers: int) -> int:
+    """Index of the last backbone layer that is frozen and whose output alone feeds every
+    layer above it (a residual block's inside is no cut: its shortcut also crosses).
+
+    0 (the input) means nothing frozen is worth caching; -1 (all trainable) raises.
+    """
+    if trainable_layers == -1:
+        raise ValueError("model.trainable_layers=-1 trains the whole backbone: no frozen part")
+    layers = backbone.layers
+    index = {id(layer): i for i, layer in enumerate(layers)}
+    # lowest layer each layer reads from; a cut c is valid when no layer above it reads below c
+    lowest = [min((index[id(t._keras_history.operation)] for node in layer._inbound_nodes[:1]
+                   for t in node.input_tensors), default=i) for i, layer in enumerate(layers)]
+    last_frozen = len(layers) - 1 - trainable_layers
+    above = len(layers)  # min of `lowest` over the layers above the candidate
+    for c in range(len(layers) - 1, -1, -1):
+        if c <= last_frozen and above >= c:
+            return c
+        above = min(above, lowest[c])
+    return 0
+
+
+def split_frozen(model: keras.Model, trainable_layers: int) -> FrozenSplit:
+    """Cut a `build_transfer` model at `frozen_cut`: `head(bottom(x))` computes `model(x)`.
+
+    Both pieces reuse the model's own layers, so training `head` trains `model`. The
+    backbone runs in inference mode in both, as it does in `model` when not fully trainable.
+    """
+    base = model.get_layer(BACKBONE_LAYER_NAME)
+    cut = frozen_cut(base, trainable_layers)
+    cut_output = base.layers[cut].output
+    image = keras.Input(shape=model.input_shape[1:], name="image")
+    x = image
+    for layer in model.layers[1:model.layers.index(base)]:  # to_rgb, preprocess
+        x = layer([x, x, x]) if layer.name == "to_rgb" else layer(x)
+    to_cut = keras.Model(base.input, cut_output, name=f"{BACKBONE_LAYER_NAME}_to_cut")
+    bottom = keras.Model(image, to_cut(x, training=False), name=f"{model.name}_bottom")
+    features = keras.Input(shape=tuple(cut_output.shape[1:]), name="features")
+    x = features
+    if cut < len(base.layers) - 1:  # Keras makes an Input for the inner tensor, layers shared
+        rest = keras.Model(cut_output, base.output, name=f"{BACKBONE_LAYER_NAME}_from_cut")
+        x = rest(x, training=False)
+    for layer in model.layers[model.layers.index(base) + 1:]:  # build_transfer's head: a chain
+        x = layer(x)
+    return FrozenSplit(bottom, keras.Model(features, x, name=f"{model.name}_head"),
+                       base.layers[cut].name)
+
+
 # Layers whose 4D output is not a "conv feature map" for Grad-CAM: they only resample,
 # pad or drop what the last conv/activation produced.
 _NOT_FEATURE_MAPS = (

@@ -31,7 +31,7 @@ from search.faults import fault_point
 from search.quiet_start import quiet_native_start
 from search.tracking import mlflow_runs
 from search.tracking.model_logging import config_hash, log_keras_model
-from search.training import lifecycle
+from search.training import feature_cache, lifecycle
 from search.training.best_model import evaluate_best, objective_values, record_objective
 from search.training.fit import fit_model, log_curves, smooth_labels
 from search.training.lifecycle import run_tags
@@ -123,7 +123,9 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> float | list[float
     built = build_model(cfg, data, plan)
     with lifecycle.tracked_run(cfg, plan, built.precision) as tracked:
         describe = lifecycle.log_run_inputs(cfg, tracked, data, built.model)
-        fitted = fit_model(cfg, plan, data, built, tracked)
+        fit_on = feature_cache.route(cfg, plan, data, built)  # a frozen backbone: its features
+        with fit_on.assembled(lifecycle.best_checkpoint(plan)):  # the full image model after
+            fitted = fit_model(cfg, plan, fit_on.data, fit_on.built, tracked)
         results = evaluate_best(cfg, plan, data, built, fitted, describe,
                                 tracked.config_hash)
         tracked.values = objective_values(plan.objectives, results)
