@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,6 +67,13 @@ class Hour:
     @property
     def uri(self) -> str:
         return self.env["MLFLOW_TRACKING_URI"]
+
+    def client(self) -> Any:
+        """The hour's store, tracking and registry (not whatever registry an earlier test set
+        process-wide)."""
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
     def localise(self, step: str) -> list[str]:
         """The README's command, pointed at this hour's store, folders and ports."""
@@ -178,12 +186,11 @@ def test_no_step_prints_a_tensorflow_start_up_line(hour: Hour) -> None:
 
 
 def test_the_printed_ui_addresses_open_on_the_training_runs(hour: Hour, browser) -> None:
-    from mlflow.tracking import MlflowClient
 
     printed = step_output(hour, "search/ui.py")
     found = dict(re.findall(r"^\s+(runs|sweep|curves|champion):\s+(\S+)", printed, re.MULTILINE))
     assert set(found) == {"runs", "sweep", "curves", "champion"}, printed
-    client = MlflowClient(hour.uri)
+    client = hour.client()
     parent = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                 "tags.`sweep.parent` = 'true'")[0]
     trials = [r.info.run_name for r in client.search_runs([parent.info.experiment_id],
@@ -236,9 +243,8 @@ def test_the_pulled_card_shows_its_images_where_it_links_them(hour: Hour) -> Non
 
 
 def test_no_description_holds_the_default_port(hour: Hour) -> None:
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(hour.uri)
+    client = hour.client()
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     texts = [r.data.tags.get("mlflow.note.content", "") for r in runs]
     texts += [m.description or "" for m in client.search_registered_models()]
@@ -248,9 +254,8 @@ def test_no_description_holds_the_default_port(hour: Hour) -> None:
 
 
 def test_the_logged_model_uri_predicts(hour: Hour) -> None:
-    from mlflow.tracking import MlflowClient
 
-    source = MlflowClient(hour.uri).get_model_version("pneumonia-cnn", "1").source
+    source = hour.client().get_model_version("pneumonia-cnn", "1").source
     assert source.startswith("models:/m-")  # the logged model the UI's "Source Model" opens
     out = hour.work / "predictions-logged"
     proc = subprocess.run([sys.executable, str(REPO / "search" / "predict.py"), source,
@@ -274,9 +279,8 @@ def test_one_label_vocabulary_in_csv_and_rest(hour: Hour) -> None:
 
 
 def test_no_trial_run_has_more_than_about_30_series(hour: Hour) -> None:
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(hour.uri)
+    client = hour.client()
     trials = [r for r in client.search_runs([e.experiment_id
                                              for e in client.search_experiments()])
               if r.data.tags.get("mlflow.parentRunId")]
