@@ -325,11 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     if result.skipped:
         print(f"{len(result.skipped)} input(s) skipped -> {result.files['skipped']}")
     if result.metrics:
-        from search.tracking.descriptions import headline
+        from search.tracking.descriptions import headline, short_number
 
         m = result.metrics["metrics"]
         print(f"metrics on {result.metrics['n']} labelled image(s) at threshold "
-              f"{result.metrics['threshold']}: {headline(m)}")
+              f"{short_number(result.metrics['threshold'])}: {headline(m)}")
         print(f"  confusion (rows true, columns predicted) "
               f"{result.metrics['confusion_matrix']['matrix']} -> {result.files['metrics']}")
     if "gradcam" in result.files:

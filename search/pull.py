@@ -76,6 +76,7 @@ def pulled_line(info: dict[str, Any], out: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     from search.model_registry.model_store import export_model
     from search.predict import check_writable_folder
+    from search.tracking.descriptions import short_number
     from search.tracking.mlflow_runs import TrackingError, setup_cli
 
     args = parse_args(argv)
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     info = json.loads((out / INFO_FILE).read_text())
     print(pulled_line(info, out))
-    print(f"  threshold {info.get('threshold')}, classes {info['class_names']}, "
+    print(f"  threshold {short_number(info.get('threshold'))}, classes {info['class_names']}, "
           f"run {info.get('run_uri')}")
     print(f"  predict: python search/predict.py {out} INPUT")
     return 0

@@ -19,6 +19,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -81,14 +82,22 @@ def resolve_model(model: str) -> str:
     return str(folder)
 
 
+# MLflow's own start-up narration of `mlflow models serve` (the backend it picked, the uvicorn
+# command line): our first line already says what is served where.
+MLFLOW_NARRATION = re.compile(r"^\S+ \S+ INFO mlflow\.(models\.flavor_backend_registry: Selected "
+                              r"backend|pyfunc\.backend: === Running command)")
+
+
 def pump_quietly(stream: object) -> None:
-    """Copy the server's stderr to ours, without TensorFlow's known start-up lines."""
+    """Copy the server's stderr to ours, without TensorFlow's known start-up lines and
+    MLflow's start-up narration (``XRAY_STARTUP_LOGS=1`` shows both)."""
     from search.quiet_start import filter_lines, wanted
 
     show_all, no_driver = wanted(), False
     for line in stream:  # type: ignore[attr-defined]
         if not show_all:
             line, no_driver = filter_lines(line, no_driver)
+            line = "" if MLFLOW_NARRATION.match(line) else line
         if line:
             sys.stderr.write(line)
             sys.stderr.flush()

@@ -185,6 +185,18 @@ def test_no_step_prints_a_tensorflow_start_up_line(hour: Hour) -> None:
     assert set(hour.printed) == {s.rstrip("& ").split(" > ")[0].strip() for s in readme_steps()}
 
 
+def test_no_step_narrates_its_libraries_start_in_another_format(hour: Hour) -> None:
+    """MLflow's schema creation, Optuna's study creation and `mlflow models serve`'s backend
+    narration say again, in their own formats, what the steps' own lines say."""
+    narration = re.compile(r"mlflow\.store\.db\.utils|A new study created in RDB|"
+                           r"=== Running command|Selected backend for flavor")
+    found = {step: narration.findall(text) for step, text in hour.printed.items()
+             if narration.search(text)}
+    assert not found, found
+    pulled = step_output(hour, "search/pull.py")
+    assert re.search(r"threshold 0\.\d{1,4},", pulled), pulled  # as the card says it
+
+
 def test_the_printed_ui_addresses_open_on_the_training_runs(hour: Hour, browser) -> None:
 
     printed = step_output(hour, "search/ui.py")

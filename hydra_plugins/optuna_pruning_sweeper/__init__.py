@@ -25,7 +25,8 @@ in the order a sweep uses them:
 - ``_worker``: runs one trial's Hydra job inside a worker process and tells its state;
 - ``_console``: the workers' terminal (warnings once per sweep, INFO to the job log);
 - ``_preemption``: SIGTERM in a worker: the grace period, then "interrupted";
-- ``_warm_start``: earlier studies' fitting trials added to a new study, their best configs queued first;
+- ``_warm_start``: earlier studies' fitting trials added to a new study, their best configs
+  queued first;
 - ``_trial_cache``: the process's storage, study and trial objects (read by ``trial_context``);
 - ``_summary``: the study summary, computed once for the sweeper and the tracking callback.
 

@@ -148,6 +148,9 @@ def open_study(
 
     from ._warm_start import apply as apply_warm_start
 
+    # Optuna's "A new study created in RDB with name: ..." says, in its own format, what the
+    # sweeper's banner says next (study, storage, session); its warnings still show.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     existing = set(optuna.get_all_study_names(storage))
     name, k = base_name, 1
     while True:

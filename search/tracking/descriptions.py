@@ -117,8 +117,12 @@ def pull_command(model_name: str, tracking_uri: str, alias: str = "champion") ->
     return " ".join(words)
 
 
-def _fmt(value: Any) -> str:
+def short_number(value: Any) -> str:
+    """A figure as people read it (4 significant digits: 0.7018); anything else as it is."""
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+_fmt = short_number
 
 
 def parent_description(study: str, summary: dict[str, Any], objective: str,

@@ -259,6 +259,9 @@ def open_store(uri: str) -> None:
     corrupt, read-only or locked SQLite file, or a database that refuses the credentials,
     is named with the fix."""
     check_credentials(uri)
+    # MLflow announces a new or migrated schema at INFO in its own format ("Creating initial
+    # MLflow database tables...", "Updating database tables"); its warnings still show.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     try:
         with sqlite_init_lock(uri):
             mlflow.MlflowClient(uri).search_experiments(max_results=1)
