@@ -8,19 +8,28 @@ process that has already run one of each (a reused sweep worker, warm imports):
 - plain: the data built by the platform's builder, the model built, compiled and fitted with
   `model.fit(train, validation_data=val, class_weight=...)`, as a notebook would, in the
   precision the trial resolves (`trainer.precision`) with the fused batch-norm;
-- platform: `search.training.trainer.train(cfg)`: tracking, per-epoch MLflow metrics, best-only
-  checkpoint, early stopping, evaluation of val and test with intervals and calibration,
-  figures, the logged MLflow model with its metadata.
+- platform: `search.training.trainer.train(cfg)` as a sweep worker runs it (the sweeper's
+  trial variables set, for a trial asked from a SQLite Optuna study): tracking, per-epoch
+  MLflow metrics and pruner reports, best-only checkpoint, early stopping, evaluation of val
+  and test with intervals and calibration, the logged MLflow model with its metadata, in two
+  cases side by side:
+  - *outside top k*, the common case: the study already holds more better COMPLETE trials
+    than `evaluation.figures_top_k`, so the trial renders no figures (its JSONs and metrics
+    are all logged);
+  - *inside top k*: the study holds none, so the trial renders every figure (confusion,
+    ROC/PR, calibration, curves), as a single run and every registry candidate do.
 
 Each side's wall time splits at its first and last epoch end (a Keras callback for plain,
 the timestamps of the per-epoch `val_loss` MLflow records for the platform): *before* is the
 start to the first epoch's end minus one epoch, *per epoch* the mean between epoch ends,
-*after* the last epoch's end to the return. The last line is the headline ratio.
+*after* the last epoch's end to the return. The last line is the headline ratio: the common
+case (a sweep trial outside the running top k) over plain.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -63,15 +72,44 @@ def plain(cfg: object) -> dict[str, float]:
     return split(started, ends, time.time())
 
 
-def platform(cfg: object, workdir: Path, i: int) -> dict[str, float]:
-    """One trial as the sweeper's worker runs it: `search.training.trainer.train`."""
+# Better COMPLETE trials in the "outside top k" study: more than any figures_top_k in use.
+OUTSIDE = 50
+
+
+def study(workdir: Path, name: str, better: int) -> object:
+    """A SQLite study with `better` COMPLETE trials of a perfect val_loss (0.0)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    made = optuna.create_study(study_name=name, storage=f"sqlite:///{workdir / 'optuna.db'}",
+                               load_if_exists=True)
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1e6)}
+    for i in range(better):
+        made.add_trial(optuna.trial.create_trial(params={"x": float(i)}, distributions=dist,
+                                                 value=0.0))
+    return made
+
+
+def platform(cfg: object, workdir: Path, i: int, sweep: object) -> dict[str, float]:
+    """One trial as the sweeper's worker runs it: `search.training.trainer.train` with the
+    sweeper's trial variables for a trial asked from `sweep` (an Optuna study)."""
     import mlflow
 
     from search.training.trainer import train
 
-    started = time.time()
-    train(cfg, output_dir=workdir / f"trial{i}")
-    finished = time.time()
+    asked = sweep.ask()
+    trial_env = {"OPTUNA_SWEEPER_STORAGE": f"sqlite:///{workdir / 'optuna.db'}",
+                 "OPTUNA_SWEEPER_STUDY": sweep.study_name,
+                 "OPTUNA_SWEEPER_TRIAL_ID": str(asked._trial_id),
+                 "OPTUNA_SWEEPER_TRIAL_NUMBER": str(asked.number)}
+    os.environ.update(trial_env)
+    try:
+        started = time.time()
+        train(cfg, output_dir=workdir / f"{sweep.study_name}{i}")
+        finished = time.time()
+    finally:
+        for key in trial_env:
+            os.environ.pop(key)
     client = mlflow.MlflowClient()
     run = client.search_runs(
         [mlflow.get_experiment_by_name("trial-overhead").experiment_id],
@@ -93,26 +131,35 @@ def main(argv: list[str] | None = None) -> int:
     cfg = compose([f"trainer.max_epochs={args.epochs}", "trainer.patience=1000",
                    "trainer.verbose=0", "optimizer=adam", "lr_schedule=constant",
                    "tracking.experiment=trial-overhead"])
+    studies = {"trial, outside top k": study(workdir, "outside", OUTSIDE),
+               "trial, inside top k": study(workdir, "inside", 0)}
     plain(cfg)  # warm-up: imports, TF's first graph, MLflow's store
-    platform(cfg, workdir, 0)
-    rows: dict[str, list[dict[str, float]]] = {"plain model.fit": [], "platform trial": []}
-    for i in range(1, args.repeats + 1):  # alternate, so drift hits both alike
+    for sweep in studies.values():
+        platform(cfg, workdir, 0, sweep)
+    rows: dict[str, list[dict[str, float]]] = {"plain model.fit": [],
+                                               **{name: [] for name in studies}}
+    for i in range(1, args.repeats + 1):  # alternate, so drift hits all alike
         rows["plain model.fit"].append(plain(cfg))
-        rows["platform trial"].append(platform(cfg, workdir, i))
+        for name, sweep in studies.items():
+            rows[name].append(platform(cfg, workdir, i, sweep))
 
     med = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
            for name, runs in rows.items()}
     print(f"{args.epochs} epochs of the default CNN on the built-in data, median of "
           f"{args.repeats} runs each after a warm-up, one process")
-    print(f"{'':18s} {'before s':>9s} {'per epoch s':>12s} {'after s':>8s} {'total s':>8s}")
+    print(f"{'':22s} {'before s':>9s} {'per epoch s':>12s} {'after s':>8s} {'total s':>8s}"
+          f" {'fixed s':>8s} {'/ plain':>8s}")
+    p = med["plain model.fit"]
     for name, m in med.items():
-        print(f"{name:18s} {m['before']:9.2f} {m['per_epoch']:12.2f} {m['after']:8.2f} "
-              f"{m['total']:8.2f}")
-    p, q = med["plain model.fit"], med["platform trial"]
-    fixed = (q["before"] - p["before"]) + (q["after"] - p["after"])
-    print(f"platform fixed part (before + after, over plain): {fixed:.2f} s; per epoch "
-          f"{q['per_epoch'] / p['per_epoch']:.3f}x plain")
-    print(f"headline: platform / plain total = {q['total'] / p['total']:.3f}")
+        fixed = (m["before"] - p["before"]) + (m["after"] - p["after"])
+        print(f"{name:22s} {m['before']:9.2f} {m['per_epoch']:12.2f} {m['after']:8.2f} "
+              f"{m['total']:8.2f} {fixed:8.2f} {m['total'] / p['total']:8.3f}")
+    for name in studies:
+        q = med[name]
+        print(f"{name}: per epoch {q['per_epoch'] / p['per_epoch']:.3f}x plain")
+    q = med["trial, outside top k"]  # the common case: most of a sweep's trials
+    print(f"headline: platform trial (outside top k) / plain total = "
+          f"{q['total'] / p['total']:.3f}")
     return 0
 
 

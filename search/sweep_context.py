@@ -22,6 +22,7 @@ from hydra_plugins.optuna_pruning_sweeper import (
     _preemption,
     _storage,
     _summary,
+    _warm_start,
 )
 from hydra_plugins.optuna_pruning_sweeper import sweeper as _sweeper
 from hydra_plugins.optuna_pruning_sweeper import trial_context as _tc
@@ -90,6 +91,25 @@ class SweepTrial:
     def report(self, value: float, step: int) -> None:
         """Report an intermediate objective value (the pruner decides on these)."""
         self.trial.report(value, step)
+
+    def beaten_by(self, values: list[float]) -> int:
+        """How many distinct configurations among the study's own COMPLETE trials beat
+        ``values`` (this trial's objectives) now: strictly better with one objective,
+        dominating with several. Warm-start copies do not count (no run of this sweep holds
+        their model), and repeats of one configuration count once, as the top-k ensemble
+        picks (so a trial of the sweep's final top k always counted fewer than k here)."""
+        import optuna
+
+        signs = [1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0
+                 for d in self.trial.study.directions]
+        mine = [s * float(v) for s, v in zip(signs, values, strict=True)]
+        better = set()
+        for other in _warm_start.own_trials(self.trial.study.get_trials(
+                deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))):
+            theirs = [s * float(v) for s, v in zip(signs, other.values, strict=True)]
+            if all(t <= m for t, m in zip(theirs, mine, strict=True)) and theirs != mine:
+                better.add(tuple(sorted(other.params.items(), key=lambda kv: kv[0])))
+        return len(better)
 
     def should_prune(self) -> bool:
         """Whether the pruner wants this trial stopped (raise ``optuna.TrialPruned``).

@@ -18,7 +18,8 @@ at val's prevalence).
 Why by hand: scikit-learn's ``CalibratedClassifierCV`` wraps an sklearn estimator and keeps its
 maps private; here the map must become Keras weights. Platt's fit still is scikit-learn's
 ``LogisticRegression``, the temperature a bounded 1-D SciPy minimisation, the scores
-scikit-learn's ``log_loss`` / ``brier_score_loss`` / ``CalibrationDisplay``.
+``log_loss``'s NLL (computed directly, see ``nll``) and scikit-learn's ``brier_score_loss`` /
+``CalibrationDisplay``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import numpy as np  # noqa: E402
 from scipy.optimize import minimize_scalar  # noqa: E402
 from sklearn.calibration import CalibrationDisplay  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
-from sklearn.metrics import brier_score_loss, log_loss  # noqa: E402
+from sklearn.metrics import brier_score_loss  # noqa: E402
 
 from search.evaluation.metric_maths import CALIBRATION_METHODS as METHODS  # noqa: E402
 
@@ -89,10 +90,20 @@ def _from_logits(z: np.ndarray, ndim: int) -> np.ndarray:
 
 
 def nll(y: np.ndarray, probs: np.ndarray) -> float:
-    """Mean negative log-likelihood of the true labels (binary: p of class 1)."""
+    """Mean negative log-likelihood of the true labels (binary: p of class 1).
+
+    scikit-learn's ``log_loss`` computed directly (the same clipping: binary at EPS, then
+    both at float64's eps): the temperature fit calls it ~30 times per trial, and
+    ``log_loss``'s input validation was most of its cost."""
+    y = np.asarray(y).astype(int).ravel()
+    probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim == 1:
-        return float(log_loss(y, np.clip(probs, EPS, 1 - EPS), labels=[0, 1]))
-    return float(log_loss(y, probs, labels=list(range(probs.shape[1]))))
+        p = np.clip(probs, EPS, 1 - EPS)
+        truth = np.where(y == 1, p, 1.0 - p)
+    else:
+        truth = probs[np.arange(len(y)), y]
+    eps = np.finfo(np.float64).eps
+    return float(np.mean(-np.log(np.clip(truth, eps, 1 - eps))))
 
 
 def ece(y: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float:

@@ -15,6 +15,8 @@ import functools
 import json
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import keras
@@ -48,6 +50,56 @@ def log_figure(figure: plt.Figure, path: str) -> None:
         plt.close(figure)
 
 
+@dataclass
+class Figures:
+    """The figures an evaluation would log, drawn only when `render` is called: a sweep
+    trial decides after its metrics whether anyone will look at them (best_model)."""
+
+    pending: list[tuple[Callable[[], plt.Figure], str]] = field(default_factory=list)
+
+    def add(self, draw: Callable[[], plt.Figure], path: str) -> None:
+        """Keep `draw` (no matplotlib work yet) for the artifact `path`."""
+        self.pending.append((draw, path))
+
+    def render(self) -> list[str]:
+        """Draw and log every pending figure; the artifact paths logged."""
+        paths = [path for _, path in self.pending]
+        for draw, path in self.pending:
+            log_figure(draw(), path)
+        self.pending.clear()
+        return paths
+
+
+# The compiled losses whose value `model.evaluate` would return, computed here from the
+# predictions instead (no second pass over the split); any other loss is evaluated by Keras.
+PREDICTION_LOSSES = ("binary_crossentropy", "sparse_categorical_crossentropy")
+# Below this true-class probability a float32 output no longer pins the loss Keras computes
+# from the logits (1 - p is quantised near p = 1): such a split is evaluated by Keras.
+TRUSTED_PROBABILITY = 1e-4
+
+
+def heldout_loss(model: keras.Model, dataset: tf.data.Dataset, y: np.ndarray,
+                 scores: np.ndarray) -> float:
+    """`model.evaluate(dataset)["loss"]` from the split's predictions `scores`.
+
+    The same quantity: the unweighted mean cross-entropy of the labels (evaluate applies no
+    class weights, and the compiled loss has no label smoothing: trainer.label_smoothing
+    smooths train batches only) plus the model's regularisation penalties (`model.losses`:
+    Keras adds them to every batch's loss). Keras reads the logits behind the sigmoid or
+    softmax; from probabilities the value agrees to float precision unless a prediction is
+    confidently wrong beyond `TRUSTED_PROBABILITY`, and then Keras evaluates."""
+    loss = model.loss if isinstance(model.loss, str) else None
+    if loss in PREDICTION_LOSSES and len(y):
+        labels = np.asarray(y).astype(np.int64).ravel()
+        probs = np.asarray(scores, dtype=np.float64)
+        truth = (np.where(labels == 1, probs, 1.0 - probs) if probs.ndim == 1
+                 else probs[np.arange(len(labels)), labels])
+        if truth.min() >= TRUSTED_PROBABILITY:
+            penalty = sum(float(keras.ops.convert_to_numpy(p)) for p in model.losses)
+            return float(np.mean(-np.log(truth)) + penalty)
+    return float(model.evaluate(dataset, verbose=0, return_dict=True)["loss"])
+
+
 def predict_split(model: keras.Model, dataset: tf.data.Dataset) -> np.ndarray:
     """Full predictions of a split (binary: positive-class scores)."""
     return ev.positive_scores(model.predict(dataset, verbose=0))
@@ -63,16 +115,18 @@ def bootstrap_spec(cfg: DictConfig) -> BootstrapSpec:
         OmegaConf.to_container(section) if section is not None else None)
 
 
-def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: Any, binary: bool) -> dict:
+def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: Any, binary: bool,
+                     figures: Figures | None = None) -> dict:
     """Evaluate val, test and the external sets at a threshold chosen on val; log metrics,
     matrices, curves and bootstrap intervals. The returned results hold the intervals as
-    `<split>_<metric>_ci_low/_ci_high` for the run description; the run has them as JSON."""
+    `<split>_<metric>_ci_low/_ci_high` for the run description; the run has them as JSON;
+    the PNGs to `figures`, for the caller to render or not (none given: rendered here)."""
     results: dict[str, float] = {}
+    figures, render_here = figures if figures is not None else Figures(), figures is None
     bootstrap = bootstrap_spec(cfg)
     prevalence = OmegaConf.select(cfg, "evaluation.deployment_prevalence")
-    val_loss = float(model.evaluate(data.val, verbose=0, return_dict=True)["loss"])
-    val_scores = predict_split(model, data.val)
-    val_before = val_scores
+    val_before = val_scores = predict_split(model, data.val)
+    val_loss = heldout_loss(model, data.val, data.y_val, val_scores)
     calibration = calibrate(cfg, model, data.y_val, val_scores)
     if calibration is not None:  # the folded model's own val scores choose the threshold
         val_scores = predict_split(model, data.val)
@@ -87,19 +141,20 @@ def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: Any, binary: boo
         mlflow.log_metric("threshold", threshold)
     splits = [("val", data.y_val, val_scores, val_loss)]
     if data.n_test:
-        test_loss = float(model.evaluate(data.test, verbose=0, return_dict=True)["loss"])
-        splits.append(("test", data.y_test, predict_split(model, data.test), test_loss))
+        scores = predict_split(model, data.test)
+        splits.append(("test", data.y_test, scores, heldout_loss(model, data.test,
+                                                                 data.y_test, scores)))
     for split, y, scores, loss in splits:
         # Intervals for held-out splits only: val chose the checkpoint and the threshold.
         result = ev.evaluate_split(split, y, scores, data.class_names, threshold, loss,
                                    bootstrap=None if split == "val" else bootstrap)
         results.update({f"{split}_{k}": v for k, v in result.metrics.items()})
         results.update(result.interval_metrics(f"{split}_"))
-        log_split(result, y, scores)
+        log_split(result, y, scores, figures)
         log.info("%s: loss %.4f  %s", split, result.metrics["loss"], ev.headline(result.metrics))
     if calibration is not None:
         log_calibration(calibration, data.y_val, val_before, val_scores, splits,
-                        list(data.class_names))
+                        list(data.class_names), figures)
     sets = external_sets(cfg, list(data.class_names))
     if sets:
         prep = data.preprocessing
@@ -107,7 +162,7 @@ def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: Any, binary: boo
                                        list(data.class_names), threshold, bootstrap).items():
             results.update({f"ext_{name}_{k}": v for k, v in result.metrics.items()})
             results.update(result.interval_metrics(f"ext_{name}_"))
-            log_split(result, result.extra["y"], result.extra["scores"])
+            log_split(result, result.extra["y"], result.extra["scores"], figures)
             log.info("external %s (%d images, never used for selection): %s", name,
                      result.extra["n"], ev.headline(result.metrics))
     if threshold is not None:
@@ -117,6 +172,8 @@ def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: Any, binary: boo
              "deployment_prevalence": prevalence},
             "evaluation/threshold.json",
         )
+    if render_here:
+        figures.render()
     return results
 
 
@@ -136,7 +193,8 @@ def calibrate(cfg: DictConfig, model: keras.Model, y_val: np.ndarray,
 
 
 def log_calibration(calibration: cal.Calibration, y_val: np.ndarray, before: np.ndarray,
-                    after: np.ndarray, splits: list, class_names: list[str]) -> None:
+                    after: np.ndarray, splits: list, class_names: list[str],
+                    figures: Figures) -> None:
     """The map, val (fitted there) and test (held out) NLL/Brier/ECE before and after, and
     the val reliability curves."""
     # A tag, not a metric: the run's metrics stay one per evaluated quantity (the map's
@@ -150,8 +208,8 @@ def log_calibration(calibration: cal.Calibration, y_val: np.ndarray, before: np.
         record[split] = {"before": cal.quality(y, calibration.invert(scores)),
                          "after": cal.quality(y, scores)}
     mlflow.log_dict(ev.json_ready(record), "evaluation/calibration.json")
-    log_figure(cal.reliability_figure(y_val, before, after, calibration, class_names),
-               "evaluation/calibration.png")
+    figures.add(lambda: cal.reliability_figure(y_val, before, after, calibration, class_names),
+                "evaluation/calibration.png")
     log.info("calibration (%s, T=%.3f): val ECE %.4f -> %.4f", calibration.method,
              calibration.temperature, record["val"]["before"]["ece"],
              record["val"]["after"]["ece"])
@@ -169,7 +227,8 @@ def external_sets(cfg: DictConfig, class_names: list[str]) -> ExternalSets:
     return _external_sets(json.dumps(items, sort_keys=True), tuple(class_names))
 
 
-def log_split(result: ev.SplitEvaluation, y: np.ndarray, scores: np.ndarray) -> None:
+def log_split(result: ev.SplitEvaluation, y: np.ndarray, scores: np.ndarray,
+              figures: Figures) -> None:
     """Metrics (`eval_<split>_*`, `ext_<name>_*`), confusion matrix, report, curves and the
     intervals of a split.
 
@@ -184,7 +243,7 @@ def log_split(result: ev.SplitEvaluation, y: np.ndarray, scores: np.ndarray) -> 
     if undefined:  # never dropped silently
         log.warning("%s: %s undefined (NaN: a class is missing from the %s split), not "
                     "logged", split, ", ".join(undefined), split)
-    log_figure(ev.confusion_figure(result), f"evaluation/{split}_confusion.png")
+    figures.add(lambda: ev.confusion_figure(result), f"evaluation/{split}_confusion.png")
     mlflow.log_dict(
         {"labels": result.class_names, "matrix": result.confusion.tolist(),
          "threshold": result.threshold, "rows": "true", "columns": "predicted"},
@@ -194,5 +253,5 @@ def log_split(result: ev.SplitEvaluation, y: np.ndarray, scores: np.ndarray) -> 
     if result.intervals:
         mlflow.log_dict(ev.json_ready({k: list(v) for k, v in result.intervals.items()}),
                         INTERVALS_ARTIFACT.format(split=split))
-    log_figure(ev.roc_pr_figure(split, y, scores, result.class_names),
-               f"evaluation/{split}_roc_pr.png")
+    figures.add(lambda: ev.roc_pr_figure(split, y, scores, result.class_names),
+                f"evaluation/{split}_roc_pr.png")

@@ -63,6 +63,7 @@ class EvaluationSettings:
     deployment_prevalence: float | None
     bootstrap: BootstrapSettings
     external: list[Any]
+    figures_top_k: int | None  # figures only for a sweep trial in the running top k
 
 
 DEFAULTS: EvaluationSettings = load_defaults(EvaluationSettings, "evaluation")

@@ -34,6 +34,10 @@ MODEL_BUILDER = "model.builder"
 BEST_MODEL_URI = "best_model_uri"
 # The fitted calibration map, e.g. "temperature T=1.2345" (a run tag; see VERSION_CALIBRATION).
 CALIBRATION = "calibration"
+# Set on a sweep trial whose evaluation figures (confusion, ROC/PR, calibration, curve PNGs)
+# were not rendered: why (outside the study's running top k, `evaluation.figures_top_k`); its
+# JSON artifacts and metrics are all there.
+FIGURES_SKIPPED = "evaluation.figures_skipped"
 # Prefix of the package-version tags: version.tensorflow, version.keras, ...
 PACKAGE_VERSION_PREFIX = "version."
 # Host (and PID namespace) of the process that owns a run.

@@ -102,9 +102,12 @@ def fit_model(cfg: DictConfig, plan: RunPlan, data: Any, built: BuiltModel,
                           settings.prune_on, plan.initial_epoch)
     run_fit(settings, plan, data, built, tracked, callbacks, resumable)
     history = resume.merged_history(resumable, built.model.history.history)
-    log_curves(history)
-    losses = check_training(history, checkpoint, plan.monitor, settings.divergence_factor,
-                            built.n_classes)
+    try:
+        losses = check_training(history, checkpoint, plan.monitor, settings.divergence_factor,
+                                built.n_classes)
+    except Exception:  # a failed fit's curve says why; a good one's waits for evaluation
+        log_curves(history)  # (best_model: rendered for the trials that matter)
+        raise
     return FitResult(history, losses, checkpoint)
 
 
