@@ -10,7 +10,8 @@ process that has already run one of each (a reused sweep worker, warm imports):
   precision the trial resolves (`trainer.precision`) with the fused batch-norm;
 - platform: `search.training.trainer.train(cfg)` as a sweep worker runs it (the sweeper's
   trial variables set, for a trial asked from a SQLite Optuna study): tracking, per-epoch
-  MLflow metrics and pruner reports, best-only checkpoint, early stopping, evaluation of val
+  MLflow metrics and pruner reports, the resumable state (the sweep's default
+  `hydra.sweeper.retry`: every epoch), best-only checkpoint, early stopping, evaluation of val
   and test with intervals and calibration, the logged MLflow model with its metadata, in two
   cases side by side:
   - *outside top k*, the common case: the study already holds more better COMPLETE trials
@@ -29,6 +30,8 @@ case (a sweep trial outside the running top k) over plain.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import statistics
 import time
@@ -95,10 +98,15 @@ def platform(cfg: object, workdir: Path, i: int, sweep: object) -> dict[str, flo
     sweeper's trial variables for a trial asked from `sweep` (an Optuna study)."""
     import mlflow
 
+    from hydra_plugins.optuna_pruning_sweeper.config import RetryConf
     from search.training.trainer import train
 
     asked = sweep.ask()
-    trial_env = {"OPTUNA_SWEEPER_STORAGE": f"sqlite:///{workdir / 'optuna.db'}",
+    # the sweep's default hydra.sweeper.retry: a sweep trial writes its resumable state
+    # every epoch, so this side pays for it as a sweep worker does
+    retry = json.dumps(dataclasses.asdict(RetryConf()))
+    trial_env = {"OPTUNA_SWEEPER_RETRY": retry,
+                 "OPTUNA_SWEEPER_STORAGE": f"sqlite:///{workdir / 'optuna.db'}",
                  "OPTUNA_SWEEPER_STUDY": sweep.study_name,
                  "OPTUNA_SWEEPER_TRIAL_ID": str(asked._trial_id),
                  "OPTUNA_SWEEPER_TRIAL_NUMBER": str(asked.number)}
