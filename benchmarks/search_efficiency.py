@@ -13,7 +13,8 @@ printed too). `n_jobs=2`, no registry:
 - random: Optuna's random search without pruning;
 - kt-hyperband, kt-bayesian: keras-tuner's oracles through `hydra.sweeper.engine=keras_tuner`;
 - warm (only when named): the default, warm-started (`hydra.sweeper.warm_start`) from the
-  default sweep of the previous seed in `--seeds` (cyclically), its "last night".
+  default sweep of the previous seed in `--seeds` (the first from the last), its "last
+  night"; `--seeds 2 3 --contenders warm` warm-starts seed 3 from seed 2's default.
 Each search seed gives each contender one sweep; the data seed stays fixed, so the
 contenders compare on the same split. For each one it prints mean ± sd over seeds of: the
 best val_loss; that trial's val ROC AUC; its test ROC AUC and accuracy (the test split carved
@@ -169,13 +170,20 @@ def overrides(args, contender: str, seed: int) -> list[str]:
               "hydra.sweeper.timeout=null",
               f"hydra.sweeper.keras_tuner.max_epochs={args.max_epochs}"]
     if contender.startswith("kt"):
-        return [*common, *CONTENDERS[contender], f"hydra.sweeper.keras_tuner.seed={seed}"]
+        return [*common, *CONTENDERS[contender],
+                f"hydra.sweeper.keras_tuner.seed={keras_tuner_seed(seed)}"]
     extra = [*CONTENDERS[contender], f"hydra.sweeper.sampler.seed={seed}"]
     if contender in ("default", "warm"):  # Hyperband's largest rung: the trials' epochs
         extra.append(f"hydra.sweeper.pruner.max_resource={args.max_epochs}")
     if contender == "warm":
         extra.append(f"hydra.sweeper.warm_start.studies=[{warm_source(args, seed)}]")
     return [*common, *extra]
+
+
+def keras_tuner_seed(seed: int) -> int:
+    """keras-tuner draws its n-th configuration with `seed + n`, so adjacent seeds share most
+    draws (seeds 1 and 2 found the same trial); 1, 1001, 2001, ... keep its runs apart."""
+    return 1 + 1000 * (seed - 1)
 
 
 def warm_source(args, seed: int) -> str:
@@ -198,6 +206,7 @@ def run_one(args, work: Path, contender: str, seed: int) -> dict:
            "test_auc": metrics.get("eval_test_roc_auc"),
            "test_acc": metrics.get("eval_test_accuracy"),
            "wasted": wasted_epochs(study, args.max_epochs),
+           "source": warm_source(args, seed) if contender == "warm" else None,
            "states": {s: states.count(s) for s in ("COMPLETE", "PRUNED", "FAIL")}}
     print(f"    best val_loss {best.value:.4f}, {len(states)} trials, "
           f"{row['trajectory'][-1][0]} epochs, {wall:.0f} s", flush=True)
@@ -242,13 +251,14 @@ def print_warm(args, results: dict[str, list[dict]]) -> None:
     """Cold against warm: epochs to reach the source study's best (the previous seed's)."""
     cold = {r["seed"]: r for r in results.get("default", [])}
     warm = {r["seed"]: r for r in results.get("warm", [])}
-    seeds = [s for s in args.seeds if s in cold and s in warm]
+    seeds = [s for s in args.seeds if s in cold and s in warm
+             and int(warm[s]["source"].rsplit("-s", 1)[1]) in cold]
     if not seeds:
         return
     print("\n| seed | previous best (source) | cold: epochs to reach it | warm: epochs to reach "
           "it | cold best | warm best |\n|---|---|---|---|---|---|")
     for seed in seeds:
-        source = int(warm_source(args, seed).rsplit("-s", 1)[1])
+        source = int(warm[seed]["source"].rsplit("-s", 1)[1])  # the default it started from
         target = {seed: cold[source]["best"]}
         (c,), (w,) = reach([cold[seed]], target), reach([warm[seed]], target)
         print(f"| {seed} | {target[seed]:.4f} (default s{source}) | {'-' if c is None else c} | "

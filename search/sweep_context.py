@@ -115,7 +115,10 @@ class SweepTrial:
         """Whether the pruner wants this trial stopped (raise ``optuna.TrialPruned``).
 
         Ask only where more epochs would follow: a trial that trained its last epoch (or was
-        early-stopped) completes instead (search/training/keras_callbacks.ReportToPruner)."""
+        early-stopped) completes instead (search/training/keras_callbacks.ReportToPruner). A
+        warm start's top configuration is never pruned: it was queued to be measured."""
+        if _warm_start.never_pruned(self.trial.user_attrs):
+            return False
         return self.trial.should_prune()
 
 

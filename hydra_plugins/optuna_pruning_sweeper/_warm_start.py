@@ -17,7 +17,9 @@ Rules that keep a warm start honest:
   setting).
 - Copies are not this sweep's trials: ``own_trials`` leaves them out of the budget count,
   the epoch budget and the best trial. The enqueued top-k are this sweep's trials: they run,
-  and count, as any other.
+  and count, as any other, except that the pruner never stops them (``never_pruned``): a
+  Hyperband bracket had pruned a source's best configuration after 4 epochs, so the warm
+  sweep never measured the best it was given (benchmarks/search_efficiency.py, warm).
 
 Optuna is imported inside the functions (the plugin scan imports ``_study``, which imports
 this module).
@@ -124,6 +126,12 @@ def _source(entry: Any) -> Source:
 def is_copy(trial: FrozenTrial) -> bool:
     """Whether ``trial`` was added by a warm start (not run by this study)."""
     return COPY_ATTR in trial.user_attrs
+
+
+def never_pruned(user_attrs: dict[str, Any]) -> bool:
+    """Whether a trial (by its user attrs) is a warm start's enqueued top configuration: it
+    trains to its end (it still reports, so other trials' pruners compare against it)."""
+    return TOP_ATTR in user_attrs
 
 
 def own_trials(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:

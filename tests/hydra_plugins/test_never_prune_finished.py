@@ -124,3 +124,22 @@ def test_a_sweep_trial_that_trained_to_its_end_completes_and_is_evaluated(
     assert not re.search(r"pruned", run.info.run_name), run.info.run_name
     assert "eval_test_roc_auc" in run.data.metrics  # evaluated
     assert run.data.tags.get("best_model_uri")  # a logged model: a registry candidate
+
+
+def test_a_warm_starts_top_configuration_is_never_pruned(tmp_path):
+    """Enqueued by a warm start (its source's best), a trial trains to its end: a Hyperband
+    bracket had pruned the source's best after 4 epochs in benchmarks/search_efficiency.py."""
+    from hydra_plugins.optuna_pruning_sweeper._warm_start import TOP_ATTR
+
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+        pruner=optuna.pruners.ThresholdPruner(upper=0.0))
+    study.enqueue_trial({}, user_attrs={TOP_ATTR: {"study": "last-night", "number": 3}})
+    top = study.ask()
+    assert fit(SweepTrial(trial=top, number=top.number, study=study.study_name,
+                          sampler="RandomSampler", pruner="ThresholdPruner"), 3) == 3
+    assert sorted(study.trials[0].intermediate_values) == [0, 1, 2]  # reported every epoch
+    other = study.ask()  # the same pruner stops a trial the warm start did not queue
+    with pytest.raises(optuna.TrialPruned):
+        fit(SweepTrial(trial=other, number=other.number, study=study.study_name,
+                       sampler="RandomSampler", pruner="ThresholdPruner"), 3)
