@@ -170,7 +170,11 @@ def overrides(args, contender: str, seed: int) -> list[str]:
               "hydra.sweeper.timeout=null",
               f"hydra.sweeper.keras_tuner.max_epochs={args.max_epochs}"]
     if contender.startswith("kt"):
-        return [*common, *CONTENDERS[contender],
+        # keras-tuner's Hyperband stops after hyperband_iterations (1: about 100 epochs of
+        # 10-epoch trials) whatever the budget; enough iterations to spend it, as a user
+        # with that budget would set (the epoch budget ends the last one)
+        rounds = [f"hydra.sweeper.keras_tuner.hyperband_iterations={args.budget // 50 + 1}"]
+        return [*common, *CONTENDERS[contender], *(rounds if contender == "kt-hyperband" else []),
                 f"hydra.sweeper.keras_tuner.seed={keras_tuner_seed(seed)}"]
     extra = [*CONTENDERS[contender], f"hydra.sweeper.sampler.seed={seed}"]
     if contender in ("default", "warm"):  # Hyperband's largest rung: the trials' epochs
